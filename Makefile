@@ -1,0 +1,28 @@
+# Two entry points that do all the set-up themselves on a fresh machine:
+#   make demo   creates .venv, then runs the main job on the built-in data
+#   make test   creates .venv, then runs the test suite (what .ci/run calls)
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+OUT ?= runs/demo
+
+.PHONY: demo test bench-store clean
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,plot]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) pipelines/store_demo.py --out $(OUT)
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+bench-store: $(VENV)/.installed
+	$(PY) pipelines/bench_store.py
+
+clean:
+	rm -rf $(VENV) runs

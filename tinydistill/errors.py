@@ -1,0 +1,25 @@
+"""Errors a user can cause. The CLI turns each into a one-line message and a non-zero exit."""
+
+
+class TinydistillError(Exception):
+    """Base class: anything the user can fix (bad path, mismatched store, bad option)."""
+
+
+class StoreError(TinydistillError):
+    """The path is not a usable logit store."""
+
+
+class NotAStoreError(StoreError):
+    """The path does not exist or holds no tinydistill store."""
+
+
+class FormatVersionError(StoreError):
+    """The store was written in a format this version cannot read."""
+
+
+class CorruptStoreError(StoreError):
+    """Stored bytes fail their checksum, or a shard recorded complete is missing data."""
+
+
+class IncompleteError(StoreError):
+    """Rows were asked for that no writer has finished yet."""

@@ -1,0 +1,103 @@
+"""What ``tinydistill inspect`` reports: teacher statistics read from whole chunks, and a plot."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import TinydistillError
+from .store import LogitStore
+
+
+def summarize(store: LogitStore, max_views: int = 200_000, seed: int = 0) -> dict:
+    """Statistics over up to ``max_views`` complete views, sampled as whole chunks.
+
+    Returns a JSON-able dict (``info`` plus ``stats``) and, under ``"_arrays"``, the per-view
+    values the plot needs (top-1 probability, top-K mass, per-class confidence).
+    """
+    info = store.info
+    mask = store.complete_mask()
+    units = [
+        (e, c)
+        for e in range(store.epochs)
+        for c in range(-(-store.num_rows // store.chunk_rows))
+        if mask[e, (c * store.chunk_rows) // store.shard_rows]
+    ]
+    rng = np.random.default_rng(seed)
+    rng.shuffle(units)
+    labels = store.labels
+    top1, mass, pred, lab, p_label = [], [], [], [], []
+    seen = 0
+    for e, c in units:
+        if seen >= max_views:
+            break
+        lo, hi = c * store.chunk_rows, min((c + 1) * store.chunk_rows, store.num_rows)
+        logp, idx = store.topk(e, slice(lo, hi), order="desc")
+        p = np.exp(logp)
+        y = labels[lo:hi]
+        total = p.sum(1)
+        hit = idx == y[:, None]
+        # probability the (smoothed) teacher gives the true class
+        rest = np.clip(1 - total, 0, None) / max(store.num_classes - store.k, 1)
+        p_label.append(np.where(hit.any(1), (p * hit).sum(1), rest))
+        top1.append(p[:, 0]), mass.append(total), pred.append(idx[:, 0]), lab.append(y)
+        seen += hi - lo
+    stats: dict = {"views_sampled": int(seen)}
+    arrays: dict = {}
+    if seen:
+        top1_a, mass_a = np.concatenate(top1), np.concatenate(mass)
+        pred_a, lab_a, pl_a = np.concatenate(pred), np.concatenate(lab), np.concatenate(p_label)
+        known = lab_a >= 0
+        stats.update(
+            mean_top1_prob=float(top1_a.mean()),
+            mean_topk_mass=float(mass_a.mean()),
+            top1_agreement=float((pred_a[known] == lab_a[known]).mean()) if known.any() else None,
+        )
+        per_class = np.full(store.num_classes, np.nan)
+        if known.any():
+            sums = np.bincount(lab_a[known], weights=pl_a[known], minlength=store.num_classes)
+            counts = np.bincount(lab_a[known], minlength=store.num_classes)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                per_class = sums / counts
+        arrays = {"top1": top1_a, "mass": mass_a, "per_class": per_class}
+    return {"info": info, "completed": store.completed().tolist(), "stats": stats, "_arrays": arrays}
+
+
+def plot_summary(summary: dict, class_names: list[str], path: str) -> None:
+    """Three panels: top-1 probability, top-K mass, and per-class confidence on the true class."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise TinydistillError("--plot needs matplotlib: pip install 'tinydistill[plot]'") from e
+    arrays = summary["_arrays"]
+    if not arrays:
+        raise TinydistillError(f"{summary['info']['path']}: no complete views to plot")
+    info = summary["info"]
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+    ax[0].hist(arrays["top1"], bins=50, range=(0, 1), color="tab:blue")
+    ax[0].set(title="teacher top-1 probability", xlabel="probability", ylabel="views")
+    ax[1].hist(arrays["mass"], bins=50, range=(0, 1), color="tab:orange")
+    ax[1].set(title=f"top-{info['k']} mass", xlabel="sum of top-K probabilities", ylabel="views")
+    pc = arrays["per_class"]
+    if np.isfinite(pc).any():
+        if len(pc) <= 40:
+            ax[2].bar(range(len(pc)), np.nan_to_num(pc), color="tab:green")
+            ax[2].set_xticks(range(len(pc)), [n[:12] for n in class_names], rotation=90, fontsize=7)
+        else:
+            ax[2].plot(np.sort(pc[np.isfinite(pc)])[::-1], color="tab:green")
+            ax[2].set_xlabel("classes, most confident first")
+        ax[2].set(title="mean teacher probability of the true class", ylabel="probability", ylim=(0, 1))
+    else:
+        ax[2].text(0.5, 0.5, "no ground-truth labels in store", ha="center", va="center")
+        ax[2].set_axis_off()
+    teacher = info["teacher"].get("name", "unknown teacher")
+    fig.suptitle(f"{info['path']}  ({teacher}, {summary['stats']['views_sampled']} views sampled)")
+    fig.tight_layout()
+    try:
+        fig.savefig(path, dpi=110)
+    except OSError as e:
+        raise TinydistillError(f"{path}: cannot write plot ({e.strerror or e})") from e
+    finally:
+        plt.close(fig)
