@@ -69,13 +69,18 @@ def _delta(dtype: str):
     return [Delta(dtype=dtype)]
 
 
+def _local(path: str) -> str:
+    """file:// URLs are local paths: open them with LocalStore, which can fsync."""
+    return path[len("file://"):] if path.startswith("file://") else path
+
+
 def _is_url(path: str) -> bool:
-    return "://" in path
+    return "://" in _local(path)
 
 
 def _open_group(path: str, mode: str, storage_options: dict | None):
     kwargs = {"storage_options": storage_options} if storage_options else {}
-    return zarr.open_group(path, mode=mode, zarr_format=3, **kwargs)
+    return zarr.open_group(_local(path), mode=mode, zarr_format=3, **kwargs)
 
 
 async def _list(store, prefix: str) -> list[str]:
@@ -132,7 +137,8 @@ def create_store(
     shard_rows = shard_rows or chunk_rows * DEFAULT_SHARD_CHUNKS
     if chunk_rows < 1 or shard_rows % chunk_rows:
         raise StoreError(f"{path}: shard_rows={shard_rows} must be a multiple of chunk_rows={chunk_rows}")
-    if not _is_url(path) and Path(path).exists() and any(Path(path).iterdir()) and not overwrite:
+    local = Path(_local(path))
+    if not _is_url(path) and local.exists() and (not local.is_dir() or any(local.iterdir())) and not overwrite:
         raise StoreError(f"{path}: already exists and is not empty (use --overwrite to replace it)")
 
     n_shards = -(-n // shard_rows)
@@ -197,7 +203,7 @@ class LogitStore:
             raise ValueError(f"mode must be 'r' or 'r+', got {mode!r}")
         self.path = path
         self.mode = mode
-        if not _is_url(path) and not Path(path).exists():
+        if not _is_url(path) and not Path(_local(path)).exists():
             raise NotAStoreError(f"{path}: no such file or directory")
         try:
             self._group = _open_group(path, mode, storage_options)

@@ -31,7 +31,7 @@ def dense_targets(
         rest = torch.zeros_like(total)
     else:
         p = torch.where(total > 1, p / total, p)
-        rest = (1 - p.sum(-1, keepdim=True)).clamp_min(0) / (num_classes - k)
+        rest = (1 - total).clamp_min(0) / (num_classes - k)
     out = rest.expand(n, num_classes).clone()
     out.scatter_(-1, index.long(), p)
     if temperature != 1.0:

@@ -1,0 +1,40 @@
+import numpy as np
+import pytest
+import torch
+
+import tinydistill as td
+
+
+def fake_topk(n, num_classes, k, seed):
+    """Top-K log-probs (descending, fp32) and ids of a random peaky teacher."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, num_classes, generator=g) * 3
+    logits[torch.arange(n), torch.randint(0, num_classes, (n,), generator=g)] += 6
+    v, i = torch.log_softmax(logits, 1).topk(k, 1)
+    return v.numpy(), i.numpy()
+
+
+def unit_data(store, epoch, shard):
+    """Deterministic contents of one (epoch, shard) unit, so any reader can check them."""
+    a, b = store.shard_bounds(shard)
+    logp, idx = fake_topk(b - a, store.num_classes, store.k, seed=1000 * epoch + shard)
+    seed = np.arange(a, b, dtype=np.uint64) + np.uint64(epoch * store.num_rows)
+    return logp, idx, seed
+
+
+def fill(store, epochs=None):
+    for e in range(store.epochs) if epochs is None else epochs:
+        for s in range(store.num_shards):
+            store.write_shard(e, s, *unit_data(store, e, s))
+
+
+@pytest.fixture
+def small_store(tmp_path):
+    """2 epochs x 1000 rows, 50 classes, K=5, 4 shards of 256 rows (chunks of 128)."""
+    n = 1000
+    return td.create_store(
+        tmp_path / "s.zarr", num_classes=50, k=5, epochs=2,
+        keys=[f"img{i:04d}" for i in range(n)], labels=np.arange(n) % 50,
+        class_names=[f"class{c}" for c in range(50)], chunk_rows=128, shard_rows=256,
+        teacher={"name": "resnet18", "weights_digest": "abc"}, augmentation={"img_size": 32},
+    )
