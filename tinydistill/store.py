@@ -4,7 +4,8 @@ Layout (E epochs, N rows, K kept classes, S = ceil(N / shard_rows) shards per ep
 
     logp      (E, N, K) float16   top-K log-probabilities at T=1 (fill NaN = never written)
     index     (E, N, K) int16     class ids (int32 when num_classes > 32767), fill -1
-    seed      (E, N)    uint64    encoded per-view seed (fill 2**64-1 = never written)
+    seed      (E, N)    uint64    encoded per-view seed (fill 2**64-1 = never written,
+                                  2**64-2 = view skipped: unreadable image, NaN log-probs)
     key       (N,)      string    sample keys, in store order
     label     (N,)      int32     ground-truth labels, -1 when unknown
     complete  (E, S)    uint8     1 once (epoch, shard) is durably written
@@ -52,6 +53,7 @@ DEFAULT_CHUNK_ROWS = 4096
 DEFAULT_SHARD_CHUNKS = 16  # shard = 16 chunks = 65,536 rows by default
 FP16_MIN = float(np.finfo(np.float16).min)
 SEED_UNSET = np.iinfo(np.uint64).max  # fill value of ``seed``: a seed that was never written
+SEED_SKIPPED = SEED_UNSET - np.uint64(1)  # seed of a view whose image could not be read (--skip-bad)
 
 # the delta filter is numcodecs' (zarr-python reads it; other implementations may not)
 warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3", category=UserWarning)
@@ -235,6 +237,7 @@ class LogitStore:
         self._mask: np.ndarray | None = None
         self._keys: np.ndarray | None = None
         self._labels: np.ndarray | None = None
+        self._replay: dict = {}
 
     def __repr__(self) -> str:
         return (f"LogitStore({self.path!r}, epochs={self.epochs}, rows={self.num_rows}, "
@@ -421,10 +424,13 @@ class LogitStore:
         bad = np.isnan(logp).any(1) | (index < 0).any(1)
         if bad.any():
             rows_bad = (np.arange(self.num_rows)[sel] if isinstance(sel, slice) else sel)[bad]
-            raise CorruptStoreError(
-                f"{self.path}: epoch {epoch} rows {rows_bad[:5].tolist()} are recorded complete "
-                "but hold no data (shard truncated or deleted)"
-            )
+            if not (self._read(self._seed, epoch, rows_bad) == SEED_SKIPPED).all():
+                raise CorruptStoreError(
+                    f"{self.path}: epoch {epoch} rows {rows_bad[:5].tolist()} are recorded complete "
+                    "but hold no data (shard truncated or deleted)"
+                )
+            # skipped views (unreadable images) keep NaN log-probs and id -1: never a fake target
+            return logp, index
         if order == "desc":
             o = np.argsort(-logp, axis=1, kind="stable")
             logp = np.take_along_axis(logp, o, 1)
@@ -467,13 +473,38 @@ class LogitStore:
                     bad.append((int(e), int(s), str(err)))
         return bad
 
+    def view(self, epoch: int, row: int, data):
+        """The view (epoch, row) as the teacher saw it: a :class:`tinydistill.views.View`.
+
+        ``data`` is the SRC string (or an opened source) the store was made from; the first
+        call checks it and the replay canary, and refuses if the views no longer match.
+        """
+        from .sources import Source, open_source
+        from .views import View, check_replay, render_views
+
+        self._rows(epoch, row)  # bounds
+        name = data.name if isinstance(data, Source) else str(data)
+        if name not in self._replay:
+            source = data if isinstance(data, Source) else open_source(name)
+            self._replay[name] = (source, check_replay(self, source))
+        source, spec = self._replay[name]
+        v = render_views(source, spec, int(self.attrs.get("base_seed", 0)), [(epoch, int(row))], skip_bad=True)[0]
+        return View(epoch=epoch, row=int(row), key=source.keys[int(row)], seed=v["seed"], image=v["image"],
+                    label=v["label"], partner=v["partner"], partner_label=v["partner_label"], lam=v["lam"])
+
     # ---- writing ----------------------------------------------------------------------------
 
-    def write_shard(self, epoch: int, shard: int, logp, index, seed) -> None:
+    def skipped(self, epoch: int, rows) -> np.ndarray:
+        """Bool [n]: views skipped because their image could not be read (``--skip-bad``)."""
+        return self.seeds(epoch, rows) == SEED_SKIPPED
+
+    def write_shard(self, epoch: int, shard: int, logp, index, seed, skipped=None) -> None:
         """Write one whole (epoch, shard) unit, then mark it complete.
 
         ``logp`` [n, K] are top-K log-probabilities (any order, any float dtype), ``index``
         [n, K] their class ids, ``seed`` [n] the encoded view seeds, n = the shard's rows.
+        ``skipped`` (bool [n]) marks views whose image could not be read: they are stored with
+        NaN log-probs, ids -1 and seed ``SEED_SKIPPED``, whatever ``logp``/``index`` hold.
         One writer per unit: concurrent writers must take disjoint (epoch, shard) units.
         """
         if self.mode != "r+":
@@ -491,10 +522,16 @@ class LogitStore:
                 f"{where}: expected logp/index [{n}, {self.k}] and seed [{n}], got "
                 f"{list(logp.shape)}, {list(index.shape)}, {list(seed.shape)}"
             )
+        skip = np.zeros(n, bool) if skipped is None else np.asarray(skipped, bool)
+        if skip.shape != (n,):
+            raise StoreError(f"{where}: skipped must be a bool mask of {n} rows")
+        seed = np.where(skip, SEED_SKIPPED, seed.astype(np.uint64))
+        index = np.where(skip[:, None], np.arange(self.k), index)  # placeholders, replaced below
+        logp = np.where(skip[:, None], 0.0, logp)
         if np.isnan(logp).any():
             raise StoreError(f"{where}: log-probabilities contain NaN")
-        if (seed.astype(np.uint64) == SEED_UNSET).any():
-            raise StoreError(f"{where}: seed value 2**64-1 is reserved for 'never written'")
+        if (seed[~skip] >= SEED_SKIPPED).any():
+            raise StoreError(f"{where}: seed values 2**64-2 and 2**64-1 are reserved")
         if ((index < 0) | (index >= self.num_classes)).any():
             raise StoreError(f"{where}: class ids outside [0, {self.num_classes})")
         order = np.argsort(index, axis=1, kind="stable")
@@ -504,13 +541,14 @@ class LogitStore:
             raise StoreError(f"{where}: a row repeats a class id")
         # fp16 holds log-probs down to -65504; anything lower is probability 0 anyway
         logp = np.clip(logp, FP16_MIN, 0.0).astype(np.float16)
+        logp[skip], index[skip] = np.nan, -1
         marker = self._marker_key(epoch, shard)
         try:
             if self.is_complete(epoch, shard):  # rewriting: unmark first, never mark stale data
                 sync(self._group.store.delete(marker))
             self._logp[epoch, start:stop] = logp
             self._index[epoch, start:stop] = index.astype(self._index.dtype)
-            self._seed[epoch, start:stop] = seed.astype(np.uint64)
+            self._seed[epoch, start:stop] = seed
             self._fsync([self._shard_key(a, epoch, shard) for a in (self._logp, self._index, self._seed)])
             self._complete[epoch, shard] = 1
             self._fsync([marker])

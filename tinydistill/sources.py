@@ -1,0 +1,221 @@
+"""Data sources, named by one string SRC: an ImageFolder directory, webdataset shards, or digits.
+
+Every source has stable unique keys, labels, class names and a fixed *store order*: row r of
+the store is ``source.keys[r]``. :meth:`Source.read` yields decoded images for rows in
+ascending order; webdataset sources stream their tars in order and never seek per sample.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from ._util import keys_fingerprint
+from .errors import TinydistillError
+
+ORDER_SEED = 0  # the permutation that gives an ImageFolder its store order
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "pgm", "tif", "tiff")
+
+
+class SourceError(TinydistillError):
+    """SRC does not name a readable data source."""
+
+
+class BadSampleError(TinydistillError):
+    """An image that cannot be read or decoded."""
+
+
+class Source:
+    """Base: subclasses fill ``name``, ``keys``, ``labels``, ``class_names`` and ``_load``."""
+
+    name: str
+    keys: list[str]
+    labels: np.ndarray
+    class_names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def fingerprint(self) -> str:
+        return keys_fingerprint(self.keys)
+
+    def read(self, rows: Sequence[int]) -> Iterator[tuple[int, "object"]]:
+        """Yield (row, PIL image or BadSampleError) for ascending ``rows``, decoding each once."""
+        for r in rows:
+            try:
+                yield int(r), self._load(int(r))
+            except Exception as e:  # corrupt file, truncated JPEG, vanished path ...
+                yield int(r), BadSampleError(f"{self.name}: {self.keys[r]}: cannot read image ({_one_line(e)})")
+
+    def _load(self, row: int):
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, rows={len(self)}, classes={self.num_classes})"
+
+
+def _one_line(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {msg[0]}" if msg else type(e).__name__
+
+
+def _decode(data: bytes):
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data))
+    img.load()  # decode now, so a truncated file fails here and not inside a transform
+    return img
+
+
+class DigitsSource(Source):
+    """The UCI handwritten digits scikit-learn ships: 1,797 8x8 grey images, 10 classes.
+
+    Fixed split: original index i % 5 == 4 is ``val`` (359 images), the rest ``train`` (1,438).
+    Store order is a seeded permutation, so chunks are not single-class.
+    """
+
+    def __init__(self, split: str = "train"):
+        if split not in ("train", "val"):
+            raise SourceError(f"digits:{split}: unknown split (use digits:train or digits:val)")
+        try:
+            from sklearn.datasets import load_digits
+        except ImportError as e:
+            raise SourceError("digits needs scikit-learn: pip install scikit-learn") from e
+        d = load_digits()
+        idx = np.arange(len(d.target))
+        chosen = idx[idx % 5 == 4] if split == "val" else idx[idx % 5 != 4]
+        order = np.random.default_rng(ORDER_SEED).permutation(chosen)
+        self.name = f"digits:{split}"
+        self._images = np.round(d.images[order] * (255 / 16)).astype(np.uint8)
+        self.keys = [f"digits/{i:04d}" for i in order]
+        self.labels = d.target[order].astype(np.int64)
+        self.class_names = [str(c) for c in range(10)]
+
+    def _load(self, row: int):
+        from PIL import Image
+
+        return Image.fromarray(self._images[row], mode="L")
+
+
+class ImageFolderSource(Source):
+    """A directory with one sub-folder per class. Store order: a seeded permutation of the files."""
+
+    def __init__(self, root: str):
+        from torchvision.datasets.folder import find_classes, make_dataset
+
+        self.name = root
+        try:
+            classes, class_to_idx = find_classes(root)
+            samples = make_dataset(root, class_to_idx, extensions=tuple("." + e for e in IMAGE_EXTS), allow_empty=True)
+        except (FileNotFoundError, OSError) as e:
+            raise SourceError(f"{root}: not an ImageFolder directory ({_one_line(e)})") from e
+        if not samples:
+            raise SourceError(f"{root}: no images in its class folders")
+        order = np.random.default_rng(ORDER_SEED).permutation(len(samples))
+        self._paths = [samples[i][0] for i in order]
+        self.keys = [os.path.relpath(p, root).replace(os.sep, "/") for p in self._paths]
+        self.labels = np.array([samples[i][1] for i in order], dtype=np.int64)
+        self.class_names = list(classes)
+
+    def _load(self, row: int):
+        return _decode(Path(self._paths[row]).read_bytes())
+
+
+class WebDatasetSource(Source):
+    """Webdataset tar shards (a brace pattern, or several joined with ``::``), in tar order.
+
+    Opening lists every sample once (a sequential pass over the shards). Labels come from a
+    ``cls``/``cls.txt``/``label`` member; keys are ``<shard name>/<__key__>``.
+    """
+
+    def __init__(self, spec: str):
+        from webdataset.shardlists import expand_urls
+
+        self.name = spec
+        self.urls = expand_urls(spec)
+        keys, labels, counts = [], [], []
+        for url in self.urls:
+            n = 0
+            for sample in self._stream([url]):
+                keys.append(f"{_shard_name(url)}/{sample['__key__']}")
+                labels.append(_label(sample))
+                n += 1
+            counts.append(n)
+        if not keys:
+            raise SourceError(f"{spec}: the shards hold no samples")
+        if len(set(keys)) != len(keys):
+            raise SourceError(f"{spec}: sample keys are not unique")
+        self.keys = keys
+        self.labels = np.array(labels, dtype=np.int64)
+        self._starts = np.concatenate([[0], np.cumsum(counts)])
+        self.class_names = [str(c) for c in range(max(int(self.labels.max()) + 1, 1))]
+
+    def _stream(self, urls):
+        import webdataset as wds
+
+        try:
+            ds = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False)
+            yield from ds
+        except TinydistillError:
+            raise
+        except Exception as e:
+            raise SourceError(f"{self.name}: cannot read shards {urls[0]}... ({_one_line(e)})") from e
+
+    def read(self, rows):
+        rows = [int(r) for r in rows]
+        if not rows:
+            return
+        first = int(np.searchsorted(self._starts, rows[0], side="right") - 1)
+        last = int(np.searchsorted(self._starts, rows[-1], side="right") - 1)
+        want = iter(rows)
+        target = next(want)
+        row = int(self._starts[first])
+        for sample in self._stream(self.urls[first:last + 1]):
+            if row == target:
+                try:
+                    ext = next(e for e in IMAGE_EXTS if e in sample)
+                    item = _decode(sample[ext])
+                except Exception as e:
+                    item = BadSampleError(f"{self.name}: {self.keys[row]}: cannot read image ({_one_line(e)})")
+                yield row, item
+                target = next(want, None)
+                if target is None:
+                    return
+            row += 1
+
+
+def _shard_name(url: str) -> str:
+    name = url.rstrip("/").split("/")[-1]
+    return name[:-4] if name.endswith(".tar") else name
+
+
+def _label(sample: dict) -> int:
+    for k in ("cls", "cls.txt", "label", "class"):
+        if k in sample:
+            v = sample[k]
+            return int(v.decode() if isinstance(v, bytes) else v)
+    return -1
+
+
+def open_source(src: str) -> Source:
+    """The data source named by SRC: ``digits[:train|:val]``, a directory, or .tar shards."""
+    src = str(src)
+    if src == "digits" or src.startswith("digits:"):
+        return DigitsSource(src.split(":", 1)[1] if ":" in src else "train")
+    if ".tar" in src or "::" in src or src.startswith("pipe:"):
+        return WebDatasetSource(src)
+    if Path(src).is_dir():
+        return ImageFolderSource(src)
+    if not Path(src).exists():
+        raise SourceError(f"{src}: no such directory or shards")
+    raise SourceError(f"{src}: not a data source (expected an ImageFolder directory, webdataset "
+                      ".tar shards, or digits[:train|:val])")
