@@ -146,3 +146,19 @@ def test_fsspec_urls(tmp_path, scheme):
     assert r.completed().tolist() == [1.0]
     np.testing.assert_array_equal(r.topk(0, slice(200, 300))[1], unit_data(r, 0, 1)[1])
     assert r.info["bytes_per_view"] > 0
+
+
+def test_skipped_views_are_marked_not_filled(small_store):
+    logp, idx, seed = unit_data(small_store, 0, 0)
+    skip = np.zeros(256, bool)
+    skip[[3, 200]] = True
+    small_store.write_shard(0, 0, logp, idx, seed, skipped=skip)
+    st = td.open_store(small_store.path)
+    lp, ix = st.topk(0, slice(0, 256))
+    assert np.isnan(lp[skip]).all() and (ix[skip] == -1).all()  # no fake target for them
+    np.testing.assert_array_equal(np.sort(ix[~skip], 1), np.sort(idx[~skip], 1))
+    assert st.skipped(0, slice(0, 256)).nonzero()[0].tolist() == [3, 200]
+    from tinydistill.summary import summarize
+    stats = summarize(st)["stats"]
+    assert stats["views_skipped"] == 2 and stats["views_sampled"] == 254
+    assert not np.isnan(stats["mean_top1_prob"])

@@ -93,7 +93,8 @@ def inspect(store, as_json, plot, max_views, check):
         ]
         if stats["views_sampled"]:
             lines += [
-                ("top-1 prob", f"mean {stats['mean_top1_prob']:.4f}  ({stats['views_sampled']} views sampled)"),
+                ("top-1 prob", f"mean {stats['mean_top1_prob']:.4f}  ({stats['views_sampled']} views sampled"
+                               + (f", {stats['views_skipped']} skipped as unreadable)" if stats["views_skipped"] else ")")),
                 ("top-K mass", f"mean {stats['mean_topk_mass']:.4f}"),
                 ("agreement", "no labels" if stats["top1_agreement"] is None
                  else f"teacher top-1 = label on {100 * stats['top1_agreement']:.2f}% of views"),

@@ -430,7 +430,6 @@ class LogitStore:
                     "but hold no data (shard truncated or deleted)"
                 )
             # skipped views (unreadable images) keep NaN log-probs and id -1: never a fake target
-            return logp, index
         if order == "desc":
             o = np.argsort(-logp, axis=1, kind="stable")
             logp = np.take_along_axis(logp, o, 1)

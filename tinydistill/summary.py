@@ -26,22 +26,25 @@ def summarize(store: LogitStore, max_views: int = 200_000, seed: int = 0) -> dic
     rng.shuffle(units)
     labels = store.labels
     top1, mass, pred, lab, p_label = [], [], [], [], []
-    seen = 0
+    seen = skipped = 0
     for e, c in units:
         if seen >= max_views:
             break
         lo, hi = c * store.chunk_rows, min((c + 1) * store.chunk_rows, store.num_rows)
         logp, idx = store.topk(e, slice(lo, hi), order="desc")
+        ok = ~np.isnan(logp[:, 0])  # skipped views (unreadable images) have no outputs
+        skipped += int((~ok).sum())
+        logp, idx = logp[ok], idx[ok]
         p = np.exp(logp)
-        y = labels[lo:hi]
+        y = labels[lo:hi][ok]
         total = p.sum(1)
         hit = idx == y[:, None]
         # probability the (smoothed) teacher gives the true class
         rest = np.clip(1 - total, 0, None) / max(store.num_classes - store.k, 1)
         p_label.append(np.where(hit.any(1), (p * hit).sum(1), rest))
         top1.append(p[:, 0]), mass.append(total), pred.append(idx[:, 0]), lab.append(y)
-        seen += hi - lo
-    stats: dict = {"views_sampled": int(seen)}
+        seen += int(ok.sum())
+    stats: dict = {"views_sampled": int(seen), "views_skipped": skipped}
     arrays: dict = {}
     if seen:
         top1_a, mass_a = np.concatenate(top1), np.concatenate(mass)
