@@ -11,6 +11,15 @@ from . import __version__
 from .errors import TinydistillError
 
 
+def _one_line(e: BaseException) -> str:
+    """The user-facing line of an error; DataLoader workers wrap theirs in a traceback."""
+    msg = str(e).strip()
+    if "Original Traceback" in msg:  # re-raised from a DataLoader worker
+        last = msg.splitlines()[-1]
+        msg = last.split(": ", 1)[1] if ": " in last and "Error" in last.split(": ", 1)[0] else last
+    return " ".join(msg.split())
+
+
 class _Group(click.Group):
     """Turns every error a user can cause into a one-line message and exit status 1."""
 
@@ -18,10 +27,12 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except TinydistillError as e:
-            raise click.ClickException(str(e).replace("\n", " ")) from None
+            raise click.ClickException(_one_line(e)) from None
         except OSError as e:
             where = f"{e.filename}: " if getattr(e, "filename", None) else ""
             raise click.ClickException(f"{where}{e.strerror or e}") from None
+        except KeyboardInterrupt:
+            raise click.ClickException("interrupted; completed shards are kept, re-run the same command to resume") from None
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -108,6 +119,198 @@ def inspect(store, as_json, plot, max_views, check):
         w = max(len(k) for k, _ in lines)
         for k, v in lines:
             click.echo(f"{k:<{w}}  {v}")
+
+
+# ---- shared options --------------------------------------------------------------------------
+
+SECTIONS = ("gen_logits", "train_student", "verify", "quickstart")
+
+
+def _load_config(ctx, param, value):
+    """YAML recipe -> defaults for this command's options; the command line still wins."""
+    if not value:
+        return value
+    import yaml
+
+    try:
+        with open(value) as f:
+            raw = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise click.BadParameter(f"{value}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise click.BadParameter(f"{value}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise click.BadParameter(f"{value}: expected a mapping of option names to values")
+    flat = {}
+    section = ctx.command.name.replace("-", "_")
+    for k, v in raw.items():
+        k = k.replace("-", "_")
+        if k == "augmentation" and isinstance(v, dict):
+            flat.update({kk.replace("-", "_"): vv for kk, vv in v.items()})
+        elif k == section and isinstance(v, dict):
+            flat.update({kk.replace("-", "_"): vv for kk, vv in v.items()})
+        elif k not in SECTIONS:
+            flat[k] = v
+    known = {p.name for p in ctx.command.params}
+    unknown = sorted(set(flat) - known)
+    if unknown:
+        raise click.BadParameter(f"{value}: unknown option(s) {unknown} for {ctx.command.name}")
+    ctx.default_map = {**(ctx.default_map or {}), **flat}
+    return value
+
+
+def config_option(f):
+    return click.option("--config", type=click.Path(dir_okay=False), callback=_load_config, is_eager=True,
+                        expose_value=False, help="YAML recipe; options given on the command line override it.")(f)
+
+
+AUG_OPTIONS = [
+    ("--img-size", dict(type=int, help="View size the store renders (consumers resize).")),
+    ("--scale", dict(type=(float, float), help="RandomResizedCrop area range, e.g. 0.08 1.0.")),
+    ("--ratio", dict(type=(float, float), help="RandomResizedCrop aspect range.")),
+    ("--hflip", dict(type=float, help="Horizontal flip probability.")),
+    ("--vflip", dict(type=float, help="Vertical flip probability.")),
+    ("--color-jitter", dict(type=float, help="Colour jitter strength (0 = off; off under auto_augment).")),
+    ("--auto-augment", dict(type=str, help="timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1.")),
+    ("--interpolation", dict(type=str, help="bicubic, bilinear, random, ...")),
+    ("--re-prob", dict(type=float, help="Random erasing probability.")),
+    ("--re-mode", dict(type=str, help="Random erasing fill: const, rand, pixel.")),
+    ("--re-count", dict(type=int, help="Random erasing max count.")),
+    ("--mixup", dict(type=float, help="Mixup Beta alpha (0 = off).")),
+    ("--cutmix", dict(type=float, help="CutMix Beta alpha (0 = off).")),
+    ("--mix-prob", dict(type=float, help="Probability a view is mixed.")),
+    ("--switch-prob", dict(type=float, help="Probability of CutMix over Mixup when both are on.")),
+    ("--mix-group", dict(type=int, help="Rows per mix-pairing group (power of two, divides chunk rows).")),
+]
+
+
+def aug_options(f):
+    for name, kw in reversed(AUG_OPTIONS):
+        f = click.option(name, default=None, show_default=False, **kw)(f)
+    return f
+
+
+def spec_from_options(opts: dict):
+    from .augment import AugSpec
+
+    fields = {n.lstrip("-").replace("-", "_") for n, _ in AUG_OPTIONS}
+    given = {k: opts.pop(k) for k in list(opts) if k in fields}
+    return AugSpec.from_dict({k: v for k, v in given.items() if v is not None}, source="augmentation options")
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _setup_logging(rank0: bool = True):
+    """tinydistill's own messages to stderr (other libraries keep their own handlers)."""
+    import logging
+
+    log = logging.getLogger("tinydistill")
+    if not log.handlers:
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("tinydistill: %(message)s"))
+        log.addHandler(h)
+        log.propagate = False
+    log.setLevel(logging.INFO if rank0 else logging.WARNING)
+
+
+# ---- gen-logits ----------------------------------------------------------------------------------
+
+@main.command("gen-logits")
+@config_option
+@click.option("--data", required=True, help="SRC: ImageFolder directory, webdataset shards, or digits[:train|:val].")
+@click.option("--teacher", required=True, help="timm model name, timm:NAME, an alias (see `tinydistill teachers`), or open_clip:ARCH/PRETRAINED.")
+@click.option("--k", type=click.IntRange(min=1), default=10, show_default=True, help="Classes kept per view.")
+@click.option("--epochs", default="1", show_default=True, help="E (epochs 0..E-1) or a range A:B, so several jobs can fill one store.")
+@click.option("--total-epochs", type=click.IntRange(min=1), help="Epochs the store holds when it is created by a job filling a range.")
+@click.option("--out", required=True, help="Store path or URL (s3://, gs://, file://).")
+@click.option("--teacher-weights", type=click.Path(dir_okay=False), help="Local checkpoint or .safetensors state_dict.")
+@click.option("--teacher-input-size", type=click.IntRange(min=1), help="Teacher input size [default: its pretrained config's].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Base seed of every view.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=4, show_default=True, help="DataLoader workers.")
+@click.option("--device", default=None, help="cpu or cuda [default: cuda when available].")
+@click.option("--amp", type=click.Choice(["bf16", "fp16", "none"]), default=None, help="[default: bf16 on cuda, none on cpu]")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the teacher.")
+@click.option("--chunk-rows", type=click.IntRange(min=2), default=4096, show_default=True)
+@click.option("--shard-rows", type=click.IntRange(min=2), default=None, help="Rows per shard (the unit of work) [default: 16 chunks].")
+@click.option("--skip-bad", is_flag=True, help="Skip unreadable images (counted, recorded in the store) instead of stopping.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing store instead of resuming it.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@aug_options
+def gen_logits_cmd(**opts):
+    """Run a teacher once over every view of every epoch and store its top-K outputs.
+
+    Re-running the same command resumes. Under torchrun, rank 0 creates the store and the
+    (epoch, shard) units are split across ranks. Prints a one-line JSON summary on stdout.
+    """
+    from .generate import GenConfig, gen_logits, parse_epochs, summary_line
+
+    spec = spec_from_options(opts)
+    device = opts["device"] or _default_device()
+    amp = opts["amp"] or ("bf16" if device.startswith("cuda") else "none")
+    rank = int(__import__("os").environ.get("RANK", 0))
+    _setup_logging(rank == 0)
+    cfg = GenConfig(
+        data=opts["data"], teacher=opts["teacher"], out=opts["out"], k=opts["k"],
+        epochs=parse_epochs(opts["epochs"]), total_epochs=opts["total_epochs"],
+        teacher_weights=opts["teacher_weights"], teacher_input_size=opts["teacher_input_size"], seed=opts["seed"], batch_size=opts["batch_size"],
+        workers=opts["workers"], device=device, amp=amp, spec=spec, overwrite=opts["overwrite"],
+        skip_bad=opts["skip_bad"], compile=opts["compile_"], chunk_rows=opts["chunk_rows"],
+        shard_rows=opts["shard_rows"], progress=not opts["no_progress"],
+    )
+    summary = gen_logits(cfg)
+    if summary["rank"] == 0:
+        click.echo(summary_line(summary))
+
+
+@main.command()
+@click.argument("store")
+@click.option("--data", required=True, help="SRC the store was made from.")
+@click.option("--teacher", required=True, help="The teacher the store was made with.")
+@click.option("--teacher-weights", type=click.Path(dir_okay=False))
+@click.option("--samples", type=click.IntRange(min=1), default=64, show_default=True, help="Random views to replay.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Which random views.")
+@click.option("--device", default=None, help="[default: cuda when available]")
+@click.option("--amp", type=click.Choice(["bf16", "fp16", "none"]), default=None, help="[default: the store's]")
+@click.option("--max-logp-diff", type=float, default=0.0, show_default=True,
+              help="Largest allowed |delta log-prob| (after fp16 rounding). 0 = exact: same hardware and dtype.")
+@click.option("--min-id-agreement", type=float, default=1.0, show_default=True,
+              help="Smallest allowed fraction of views with the same top-K class ids.")
+def verify(store, data, teacher, teacher_weights, samples, seed, device, amp, max_logp_diff, min_id_agreement):
+    """Replay random stored views, re-run the teacher and compare with the store.
+
+    Exits 1 when the agreement is below --min-id-agreement or the largest difference is above
+    --max-logp-diff. On the hardware, dtype and thread count that made the store the
+    default tolerance (exact) holds.
+    """
+    from .verify import verify_store
+
+    _setup_logging()
+    r = verify_store(store, data, teacher, teacher_weights, samples=samples, seed=seed,
+                     device=device or _default_device(), amp=amp)
+    click.echo(json.dumps(r))
+    if r["topk_id_agreement"] < min_id_agreement or r["max_abs_logp_diff"] > max_logp_diff:
+        raise click.ClickException(
+            f"{store}: top-K ids agree on {100 * r['topk_id_agreement']:.2f}% of {r['views_checked']} views "
+            f"(need {100 * min_id_agreement:.2f}%), largest |delta log-prob| {r['max_abs_logp_diff']:.3g} "
+            f"(allowed {max_logp_diff:g})")
+
+
+@main.command()
+def teachers():
+    """List teacher aliases and the other ways to name a teacher."""
+    from .teachers import ALIASES
+
+    w = max(len(a) for a in ALIASES)
+    for alias, name in ALIASES.items():
+        click.echo(f"{alias:<{w}}  timm:{name}")
+    click.echo("\nAlso: any timm model name (bare or timm:NAME), with --teacher-weights for local weights;"
+               "\n      open_clip:ARCH/PRETRAINED, a zero-shot classifier over the data's class names"
+               " (pip install 'tinydistill[clip]').")
 
 
 if __name__ == "__main__":  # pragma: no cover

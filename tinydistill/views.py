@@ -65,6 +65,10 @@ class ViewStream(IterableDataset):
     Yields dicts: ``epoch``, ``row``, ``seed``, ``image`` (float32 [3, S, S]), ``label``,
     ``partner``, ``partner_label``, ``lam``, ``valid`` (False for a skipped unreadable image,
     whose ``image`` is zeros). Collate with a plain DataLoader; rows come in unit order.
+
+    With ``batch_size`` it yields collated batches instead (use ``DataLoader(batch_size=None)``):
+    each unit is cut into the same consecutive batches whatever else runs, so a model's
+    outputs for a unit do not depend on which units ran before it (resume, ranks, workers).
     """
 
     def __init__(
@@ -77,8 +81,10 @@ class ViewStream(IterableDataset):
         units: Iterable[tuple[int, int]] | None = None,
         order_seed: int | None = None,
         skip_bad: bool = False,
+        batch_size: int | None = None,
     ):
         self.source, self.spec, self.base_seed = source, spec, int(base_seed)
+        self.batch_size = batch_size
         self.num_rows = len(source)
         self.unit_rows = int(unit_rows)
         if self.unit_rows % spec.mix_group and self.unit_rows < self.num_rows:
@@ -112,13 +118,32 @@ class ViewStream(IterableDataset):
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
         return self.units[rank * nw + wid :: world * nw]
 
+    def rank_views(self, num_workers: int) -> int:
+        """How many views this rank yields in total over its ``num_workers`` DataLoader workers."""
+        rank, world = dist_rank_world()
+        nw = max(num_workers, 1)
+        units = [u for w in range(nw) for u in self.units[rank * nw + w :: world * nw]]
+        return sum(b - a for _, u in units for a, b in [self.unit_bounds(u)])
+
     def __len__(self) -> int:
         return sum(b - a for _, u in self.units for a, b in [self.unit_bounds(u)])
 
     def __iter__(self) -> Iterator[dict]:
+        from torch.utils.data import default_collate
+
         for epoch, unit in self.my_units():
             lo, hi = self.unit_bounds(unit)
-            yield from self.rows_views(epoch, range(lo, hi))
+            if not self.batch_size:
+                yield from self.rows_views(epoch, range(lo, hi))
+                continue
+            batch = []
+            for v in self.rows_views(epoch, range(lo, hi)):
+                batch.append(v)
+                if len(batch) == self.batch_size:
+                    yield default_collate(batch)
+                    batch = []
+            if batch:
+                yield default_collate(batch)
 
     def rows_views(self, epoch: int, rows: Sequence[int]) -> Iterator[dict]:
         """Views of the given rows of one epoch (ascending), rendering partners as needed."""

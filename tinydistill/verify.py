@@ -1,0 +1,77 @@
+"""``tinydistill verify``: replay stored views, re-run the teacher, compare with the store.
+
+Each sampled view is recomputed inside the very batch gen-logits ran it in (a unit is always
+cut into the same consecutive batches), so on the same hardware, dtype and thread count the
+recomputed fp16 log-probabilities equal the stored ones bit for bit. Elsewhere, pass a
+tolerance: ``--max-logp-diff`` and ``--min-id-agreement``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .errors import TinydistillError
+from .sources import open_source
+from .store import open_store
+from .teachers import load_teacher
+from .views import ViewStream, check_replay, prepare
+
+
+def verify_store(path: str, data: str, teacher_name: str, weights: str | None = None, samples: int = 64,
+                 seed: int = 0, device: str = "cpu", amp: str | None = None) -> dict:
+    store = open_store(path)
+    source = open_source(data)
+    spec = check_replay(store, source)
+    t_attrs = store.attrs.get("teacher", {})
+    teacher = load_teacher(teacher_name, weights, class_names=source.class_names)
+    if t_attrs.get("weights_digest") not in (None, teacher.weights_digest):
+        raise TinydistillError(f"{path}: store was made with teacher weights {t_attrs.get('weights_digest')}, "
+                               f"these are {teacher.weights_digest}")
+    teacher.input_size = int(t_attrs.get("input_size", teacher.input_size))
+    amp = amp or t_attrs.get("amp", "none")
+    batch_size = int(t_attrs.get("batch_size", 64))
+    mask = store.complete_mask(refresh=True)
+    done = np.argwhere(mask)
+    if not len(done):
+        raise TinydistillError(f"{path}: no complete units to verify")
+    rng = np.random.default_rng(seed)
+    picks = []
+    for i in rng.integers(0, len(done), size=samples):
+        e, s = (int(v) for v in done[i])
+        a, b = store.shard_bounds(s)
+        picks.append((e, s, int(rng.integers(a, b))))
+    # the batches gen-logits ran these views in: (epoch, shard, batch index within the unit)
+    batches = sorted({(e, s, (r - store.shard_bounds(s)[0]) // batch_size) for e, s, r in picks})
+    stream = ViewStream(source, spec, int(store.attrs.get("base_seed", 0)), epochs=[], unit_rows=store.shard_rows)
+    model = teacher.model.to(device)
+    dt = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    want = {(e, r) for e, _, r in picks}
+    got_rows, same_ids, max_diff = 0, 0, 0.0
+    with torch.inference_mode():
+        for e, s, bi in batches:
+            a, b = store.shard_bounds(s)
+            rows = range(a + bi * batch_size, min(a + (bi + 1) * batch_size, b))
+            views = list(stream.rows_views(e, rows))
+            x = torch.stack([v["image"] for v in views]).to(device)
+            x = prepare(x, teacher.input_size, teacher.mean, teacher.std, teacher.interpolation)
+            with torch.autocast(torch.device(device).type, dtype=dt, enabled=dt is not None):
+                logits = model(x)
+            lp, ix = torch.log_softmax(logits.float(), -1).topk(store.k, -1)
+            lp, ix = lp.cpu().numpy(), ix.cpu().numpy()
+            s_lp, s_ix = store.topk(e, np.array(list(rows)), order="stored")
+            for j, r in enumerate(rows):
+                if (e, r) not in want or not views[j]["valid"]:
+                    continue
+                got_rows += 1
+                o = np.argsort(ix[j])
+                new_ix, new_lp = ix[j][o], lp[j][o].astype(np.float16).astype(np.float32)
+                if np.array_equal(new_ix, s_ix[j]):
+                    same_ids += 1
+                    max_diff = max(max_diff, float(np.abs(new_lp - s_lp[j]).max()))
+                else:
+                    common, ia, ib = np.intersect1d(new_ix, s_ix[j], return_indices=True)
+                    if len(common):
+                        max_diff = max(max_diff, float(np.abs(new_lp[ia] - s_lp[j][ib]).max()))
+    return {"store": path, "views_checked": got_rows, "topk_id_agreement": same_ids / max(got_rows, 1),
+            "max_abs_logp_diff": max_diff, "amp": amp, "device": device}
