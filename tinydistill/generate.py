@@ -275,14 +275,27 @@ def gen_logits(cfg: GenConfig) -> dict[str, Any]:
     if buffers:
         raise StoreError(f"{cfg.out}: {len(buffers)} shard(s) did not receive all their rows")
     _barrier()
+    views, skipped, written = _sum_over_ranks([views, skipped, writer.written])
     secs = time.time() - t_start
     return {
         "store": cfg.out, "epochs": list(cfg.epochs), "rank": rank, "world_size": world,
-        "units_written": writer.written, "views": views, "skipped_views": skipped,
+        "units_written": written, "views": views, "skipped_views": skipped,
         "seconds": round(secs, 2), "views_per_s": round(views / secs, 1) if secs else None,
         "complete": [round(float(f), 4) for f in store.completed()],
         "teacher": teacher.name, "k": cfg.k, "num_classes": teacher.num_classes,
     }
+
+
+def _sum_over_ranks(values: list[int]) -> list[int]:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    t = torch.tensor(values, dtype=torch.int64)
+    if dist.get_backend() == "nccl":  # nccl reduces CUDA tensors only
+        t = t.cuda()
+    dist.all_reduce(t)
+    return [int(v) for v in t.cpu().tolist()]
 
 
 def _fill(buffers, store, epoch, shard, rows, logp, idx, seed, skipped):
