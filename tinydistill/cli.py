@@ -300,6 +300,82 @@ def verify(store, data, teacher, teacher_weights, samples, seed, device, amp, ma
             f"(allowed {max_logp_diff:g})")
 
 
+# ---- train-student -------------------------------------------------------------------------------
+
+@main.command("train-student")
+@config_option
+@click.option("--logits", help="The logit store (offline KD). Not with --no-kd / --online-teacher.")
+@click.option("--data", required=True, help="SRC the store was made from (training data).")
+@click.option("--student", required=True, help="timm model name (randomly initialised).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for checkpoints and metrics.")
+@click.option("--val-data", help="SRC evaluated (top-1/top-5) after every epoch.")
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--min-lr", type=float, default=1e-6, show_default=True)
+@click.option("--weight-decay", type=float, default=0.05, show_default=True)
+@click.option("--warmup-epochs", type=float, default=1.0, show_default=True)
+@click.option("--opt", default="adamw", show_default=True, help="timm optimizer name.")
+@click.option("--clip-grad", type=float, default=5.0, show_default=True, help="Max gradient norm (0 = off).")
+@click.option("--drop-path", type=float, default=0.0, show_default=True)
+@click.option("--ema", type=float, is_flag=False, flag_value=0.9998, default=None,
+              help="Keep an EMA of the weights (ModelEmaV3); --ema alone uses decay 0.9998.")
+@click.option("--amp", type=click.Choice(["bf16", "fp16", "none"]), default=None, help="[default: bf16 on cuda, none on cpu]")
+@click.option("--workers", type=click.IntRange(min=0), default=4, show_default=True)
+@click.option("--device", default=None, help="cpu or cuda [default: cuda when available].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Student init and batch order.")
+@click.option("--resume", is_flag=True, help="Continue from DIR/last.pth (model, optimizer, scheduler, EMA, epoch, step).")
+@click.option("--cycle-epochs", is_flag=True, help="Reuse the store's epochs when --epochs exceeds them.")
+@click.option("--loss", type=click.Choice(["soft_ce", "kl", "hard"]), default="soft_ce", show_default=True,
+              help="soft_ce: TinyViT; kl: KL with temperature; hard: DeiT hard distillation.")
+@click.option("--temperature", type=float, default=1.0, show_default=True)
+@click.option("--alpha", type=float, default=1.0, show_default=True, help="Weight of the teacher term; 1 - alpha goes to ground truth.")
+@click.option("--smoothing", type=float, default=0.1, show_default=True, help="Label smoothing for --no-kd.")
+@click.option("--no-kd", is_flag=True, help="Baseline: supervised on ground-truth labels, no store.")
+@click.option("--online-teacher", help="Baseline: the same loss with this teacher run every step.")
+@click.option("--teacher-weights", type=click.Path(dir_okay=False), help="Weights of --online-teacher.")
+@click.option("--teacher-input-size", type=click.IntRange(min=1))
+@click.option("--k", type=click.IntRange(min=1), help="Online teacher: classes kept [default: all].")
+@click.option("--view-seed", type=int, help="Base seed of views for --no-kd/--online-teacher [default: --seed].")
+@click.option("--unit-rows", type=click.IntRange(min=2), help="--no-kd/--online-teacher: rows per work unit (a store uses its chunk rows).")
+@click.option("--input-size", type=click.IntRange(min=1), help="Student input size [default: the views' size].")
+@click.option("--num-classes", type=click.IntRange(min=1), help="Student classes; must match the store's.")
+@click.option("--val-crop-pct", type=float, help="Eval centre-crop fraction [default: the student's].")
+@click.option("--no-progress", is_flag=True)
+@aug_options
+def train_student_cmd(**opts):
+    """Train a timm student from a logit store: the same views, sparse targets, no teacher.
+
+    --no-kd and --online-teacher run the same loop without a store, as baselines. Writes
+    last.pth/best.pth, metrics.jsonl (per epoch) and steps.jsonl (per step) in --out.
+    """
+    from .train import TrainConfig, TrainError, train_student
+
+    aug_given = any(opts.get(n.lstrip("-").replace("-", "_")) is not None for n, _ in AUG_OPTIONS)
+    if opts["logits"] and aug_given:
+        raise TrainError("augmentation options are for --no-kd/--online-teacher: a store replays its own views")
+    spec = spec_from_options(opts)
+    device = opts["device"] or _default_device()
+    rank = int(__import__("os").environ.get("RANK", 0))
+    _setup_logging(rank == 0)
+    cfg = TrainConfig(
+        data=opts["data"], student=opts["student"], out=opts["out"], logits=opts["logits"], val_data=opts["val_data"],
+        epochs=opts["epochs"], batch_size=opts["batch_size"], lr=opts["lr"], min_lr=opts["min_lr"],
+        weight_decay=opts["weight_decay"], warmup_epochs=opts["warmup_epochs"], opt=opts["opt"],
+        clip_grad=opts["clip_grad"] or None, drop_path=opts["drop_path"], ema=opts["ema"],
+        amp=opts["amp"] or ("bf16" if device.startswith("cuda") else "none"), workers=opts["workers"], device=device,
+        seed=opts["seed"], resume=opts["resume"], cycle_epochs=opts["cycle_epochs"], no_kd=opts["no_kd"],
+        online_teacher=opts["online_teacher"], teacher_weights=opts["teacher_weights"],
+        teacher_input_size=opts["teacher_input_size"], k=opts["k"], loss=opts["loss"], temperature=opts["temperature"],
+        alpha=opts["alpha"], smoothing=opts["smoothing"], input_size=opts["input_size"],
+        num_classes=opts["num_classes"], val_crop_pct=opts["val_crop_pct"], spec=spec, view_seed=opts["view_seed"], unit_rows=opts["unit_rows"],
+        progress=not opts["no_progress"],
+    )
+    summary = train_student(cfg)
+    if rank == 0:
+        click.echo(json.dumps(summary))
+
+
 @main.command()
 def teachers():
     """List teacher aliases and the other ways to name a teacher."""

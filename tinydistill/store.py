@@ -205,6 +205,7 @@ class LogitStore:
             raise ValueError(f"mode must be 'r' or 'r+', got {mode!r}")
         self.path = path
         self.mode = mode
+        self._storage_options = storage_options
         if not _is_url(path) and not Path(_local(path)).exists():
             raise NotAStoreError(f"{path}: no such file or directory")
         try:
@@ -238,6 +239,12 @@ class LogitStore:
         self._keys: np.ndarray | None = None
         self._labels: np.ndarray | None = None
         self._replay: dict = {}
+
+    def __getstate__(self):  # DataLoader workers started by spawn re-open the store by path
+        return {"path": self.path, "mode": self.mode, "storage_options": self._storage_options}
+
+    def __setstate__(self, state):
+        self.__init__(state["path"], state["mode"], state["storage_options"])
 
     def __repr__(self) -> str:
         return (f"LogitStore({self.path!r}, epochs={self.epochs}, rows={self.num_rows}, "

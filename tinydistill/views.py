@@ -82,9 +82,11 @@ class ViewStream(IterableDataset):
         order_seed: int | None = None,
         skip_bad: bool = False,
         batch_size: int | None = None,
+        targets=None,
     ):
         self.source, self.spec, self.base_seed = source, spec, int(base_seed)
         self.batch_size = batch_size
+        self.targets = targets  # a LogitStore: attach each view's stored top-K (read a unit at a time)
         self.num_rows = len(source)
         self.unit_rows = int(unit_rows)
         if self.unit_rows % spec.mix_group and self.unit_rows < self.num_rows:
@@ -133,17 +135,28 @@ class ViewStream(IterableDataset):
 
         for epoch, unit in self.my_units():
             lo, hi = self.unit_bounds(unit)
+            views = self.rows_views(epoch, range(lo, hi))
+            if self.targets is not None:
+                views = self._with_targets(views, epoch, lo, hi)
             if not self.batch_size:
-                yield from self.rows_views(epoch, range(lo, hi))
+                yield from views
                 continue
             batch = []
-            for v in self.rows_views(epoch, range(lo, hi)):
+            for v in views:
                 batch.append(v)
                 if len(batch) == self.batch_size:
                     yield default_collate(batch)
                     batch = []
             if batch:
                 yield default_collate(batch)
+
+    def _with_targets(self, views: Iterator[dict], epoch: int, lo: int, hi: int) -> Iterator[dict]:
+        logp, index = self.targets.topk(epoch, slice(lo, hi), order="stored")  # one block read
+        for v in views:
+            r = v["row"] - lo
+            v["logp"], v["index"] = torch.from_numpy(logp[r]), torch.from_numpy(index[r])
+            v["valid"] = v["valid"] and not bool(np.isnan(logp[r, 0]))
+            yield v
 
     def rows_views(self, epoch: int, rows: Sequence[int]) -> Iterator[dict]:
         """Views of the given rows of one epoch (ascending), rendering partners as needed."""

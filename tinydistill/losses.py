@@ -1,0 +1,62 @@
+"""Distillation losses on sparse teacher targets (all take raw student logits [B, C]).
+
+- ``soft_ce``: TinyViT's default, cross-entropy against the smoothed dense targets.
+- ``kl``: KL(teacher_T || student_T) * T^2, with the teacher's smoothed targets at temperature T.
+- an optional ground-truth term (DeiT's soft form): (1 - alpha) * CE(student, labels) + alpha * KD.
+- ``hard``: DeiT hard distillation, 0.5 * CE(student, labels) + 0.5 * CE(student, teacher top-1).
+Labels may be soft (mixed views give mixed labels).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .targets import dense_targets
+
+
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of -sum(target * log_softmax(logits))."""
+    return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+
+
+def mixed_labels(label: torch.Tensor, partner_label: torch.Tensor, lam: torch.Tensor, num_classes: int,
+                 smoothing: float = 0.0) -> torch.Tensor:
+    """Soft labels of (possibly) mixed views: lam * y + (1 - lam) * y_partner, optionally smoothed."""
+    off = smoothing / num_classes
+    on = 1.0 - smoothing + off
+    a = torch.full((len(label), num_classes), off, device=label.device).scatter_(1, label[:, None], on)
+    b = torch.full((len(label), num_classes), off, device=label.device).scatter_(1, partner_label[:, None], on)
+    lam = lam.float()[:, None]
+    return a * lam + b * (1 - lam)
+
+
+class DistillLoss:
+    """The student's loss against stored (or online) sparse teacher outputs."""
+
+    def __init__(self, num_classes: int, kind: str = "soft_ce", temperature: float = 1.0, alpha: float = 1.0):
+        if kind not in ("soft_ce", "kl", "hard"):
+            raise ValueError(f"unknown distillation loss {kind!r}")
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        self.num_classes, self.kind, self.t, self.alpha = num_classes, kind, float(temperature), float(alpha)
+
+    def kd(self, logits: torch.Tensor, logp: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """The teacher term alone."""
+        if self.kind == "hard":
+            top1 = index.gather(1, logp.argmax(1, keepdim=True)).squeeze(1)
+            return F.cross_entropy(logits.float(), top1)
+        if self.kind == "soft_ce":
+            return soft_cross_entropy(logits, dense_targets(logp, index, self.num_classes, self.t))
+        target = dense_targets(logp, index, self.num_classes, self.t)
+        student = F.log_softmax(logits.float() / self.t, dim=-1)
+        return F.kl_div(student, target, reduction="batchmean") * self.t**2
+
+    def __call__(self, logits, logp, index, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """``labels``: soft labels [B, C] for the ground-truth term (needed when alpha < 1 or hard)."""
+        if self.kind == "hard":
+            return 0.5 * soft_cross_entropy(logits, labels) + 0.5 * self.kd(logits, logp, index)
+        kd = self.kd(logits, logp, index)
+        if self.alpha >= 1.0:
+            return kd
+        return (1 - self.alpha) * soft_cross_entropy(logits, labels) + self.alpha * kd

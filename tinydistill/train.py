@@ -1,0 +1,423 @@
+"""Stage 2: train a timm student from a logit store, with no teacher in the loop.
+
+Three modes share one loop, so comparisons are fair: offline KD from a store (default),
+``no_kd`` (supervised on ground-truth labels) and ``online_teacher`` (the same loss with the
+teacher run every step on the same views). The loop is timm's parts: ``create_model``,
+``create_optimizer_v2``, ``CosineLRScheduler`` with warmup, ``ModelEmaV3``, gradient
+clipping, AMP, DDP under torchrun.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .augment import AugSpec
+from .errors import TinydistillError
+from .generate import _barrier, init_distributed
+from .losses import DistillLoss, mixed_labels, soft_cross_entropy
+from .sources import open_source
+from .views import ViewStream, dist_rank_world, prepare
+
+log = logging.getLogger("tinydistill")
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    student: str
+    out: str
+    logits: str | None = None  # the store; None with no_kd or online_teacher
+    val_data: str | None = None
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    warmup_lr: float = 1e-6
+    opt: str = "adamw"
+    clip_grad: float | None = 5.0
+    drop_path: float = 0.0
+    ema: float | None = None  # decay, e.g. 0.9998; None = off
+    amp: str = "none"
+    workers: int = 4
+    device: str = "cpu"
+    seed: int = 0  # student init and batch order
+    resume: bool = False
+    cycle_epochs: bool = False
+    no_kd: bool = False
+    online_teacher: str | None = None
+    teacher_weights: str | None = None
+    teacher_input_size: int | None = None
+    k: int | None = None  # online teacher: classes kept (default all)
+    loss: str = "soft_ce"  # soft_ce | kl | hard
+    temperature: float = 1.0
+    alpha: float = 1.0  # weight of the teacher term; 1 - alpha goes to ground truth
+    smoothing: float = 0.1  # label smoothing of ground-truth terms
+    input_size: int | None = None  # student input (default: the views' size)
+    num_classes: int | None = None  # must match the store's when given
+    val_crop_pct: float | None = None
+    spec: AugSpec = field(default_factory=AugSpec)  # views for no_kd / online (a store brings its own)
+    view_seed: int | None = None  # base seed of views for no_kd / online (default: seed)
+    unit_rows: int | None = None  # no_kd / online: rows per work unit (a store uses its chunks)
+    progress: bool = True
+
+
+class TrainError(TinydistillError):
+    """A training set-up that cannot run (mismatched store, bad option, missing checkpoint)."""
+
+
+# ---- set-up ---------------------------------------------------------------------------------------
+
+def _views_and_targets(cfg: TrainConfig, source):
+    """(store or None, spec, base seed of views, num_classes, teacher or None)."""
+    if cfg.no_kd and cfg.online_teacher:
+        raise TrainError("--no-kd and --online-teacher exclude each other")
+    if cfg.no_kd or cfg.online_teacher:
+        if cfg.logits:
+            raise TrainError("--logits is for offline KD; drop it with --no-kd or --online-teacher")
+        teacher = None
+        num_classes = source.num_classes
+        if cfg.online_teacher:
+            from .teachers import load_teacher
+
+            teacher = load_teacher(cfg.online_teacher, cfg.teacher_weights, class_names=source.class_names)
+            if cfg.teacher_input_size:
+                teacher.input_size = cfg.teacher_input_size
+            num_classes = teacher.num_classes
+        seed = cfg.seed if cfg.view_seed is None else cfg.view_seed
+        return None, cfg.spec, seed, num_classes, teacher
+    if not cfg.logits:
+        raise TrainError("--logits STORE is required (or --no-kd / --online-teacher for the baselines)")
+    from .store import open_store
+    from .views import check_replay
+
+    store = open_store(cfg.logits)
+    spec = check_replay(store, source)  # keys and order, spec hash, canary pixels
+    if cfg.epochs > store.epochs and not cfg.cycle_epochs:
+        raise TrainError(f"{cfg.logits}: holds {store.epochs} epochs of views, --epochs asks for {cfg.epochs} "
+                         "(pass --cycle-epochs to reuse them)")
+    done = store.completed()
+    for e in range(min(cfg.epochs, store.epochs)):
+        if done[e] < 1.0:
+            raise TrainError(f"{cfg.logits}: epoch {e} is {100 * done[e]:.1f}% complete; finish gen-logits first")
+    return store, spec, int(store.attrs.get("base_seed", 0)), store.num_classes, None
+
+
+def create_student(cfg: TrainConfig, num_classes: int, input_size: int):
+    import timm
+
+    arch = cfg.student.split(":", 1)[1] if cfg.student.startswith("timm:") else cfg.student
+    if not timm.is_model(arch.split(".")[0]):
+        raise TrainError(f"{cfg.student}: unknown student (not a timm model)")
+    kw = dict(pretrained=False, num_classes=num_classes, drop_path_rate=cfg.drop_path)
+    try:
+        return timm.create_model(arch, img_size=input_size, **kw)
+    except TypeError:  # models without an img_size argument (CNNs)
+        return timm.create_model(arch, **kw)
+
+
+def _val_loader(cfg: TrainConfig, input_size: int, mean, std, crop_pct: float, world: int, rank: int):
+    from timm.data.transforms_factory import transforms_imagenet_eval
+
+    source = open_source(cfg.val_data)
+    tf = transforms_imagenet_eval(img_size=input_size, crop_pct=crop_pct, mean=mean, std=std, interpolation="bicubic")
+
+    class _Val(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(source)
+
+        def __getitem__(self, i):
+            _, img = next(source.read([i]))
+            if isinstance(img, Exception):
+                raise img
+            return tf(img.convert("RGB")), int(source.labels[i])
+
+    idx = list(range(rank, len(source), world))
+    return torch.utils.data.DataLoader(torch.utils.data.Subset(_Val(), idx), batch_size=max(cfg.batch_size, 64),
+                                       num_workers=min(cfg.workers, 4)), source
+
+
+@torch.inference_mode()
+def evaluate(model, loader, device, amp_dtype) -> dict[str, float]:
+    from timm.utils import accuracy
+
+    model.eval()
+    n = c1 = c5 = 0.0
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            out = model(x)
+        out = out[0] if isinstance(out, tuple) else out
+        k5 = min(5, out.shape[-1])
+        a1, a5 = accuracy(out.float(), y, topk=(1, k5))
+        n += len(y)
+        c1 += a1.item() * len(y) / 100
+        c5 += a5.item() * len(y) / 100
+    t = torch.tensor([n, c1, c5], dtype=torch.float64)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        t = t.to(device) if dist.get_backend() == "nccl" else t
+        dist.all_reduce(t)
+    n, c1, c5 = t.tolist()
+    return {"top1": 100 * c1 / max(n, 1), "top5": 100 * c5 / max(n, 1)}
+
+
+def _save(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # never a half-written checkpoint under the real name
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+
+
+def _steps_this_epoch(stream: ViewStream, batch_size: int, workers: int) -> int:
+    """Batches this rank will see (each DataLoader worker ends on its own partial batch),
+    equalised to the minimum over ranks so DDP ranks always take the same number of steps."""
+    rank, world = dist_rank_world()
+    nw = max(workers, 1)
+    steps = 0
+    for w in range(nw):
+        units = stream.units[rank * nw + w :: world * nw]
+        steps += math.ceil(sum(b - a for _, u in units for a, b in [stream.unit_bounds(u)]) / batch_size)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        t = torch.tensor([steps])
+        t = t.cuda() if dist.get_backend() == "nccl" else t
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        steps = int(t.item())
+    return steps
+
+
+# ---- the loop ------------------------------------------------------------------------------------
+
+def train_student(cfg: TrainConfig) -> dict[str, Any]:
+    from timm.data import resolve_data_config
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import CosineLRScheduler
+    from timm.utils import ModelEmaV3
+    from tqdm import tqdm
+
+    rank, world = init_distributed(cfg.device)
+    device = torch.device(cfg.device if not cfg.device.startswith("cuda") or world == 1
+                          else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainError("--device cuda: no CUDA device is available here")
+    out = Path(cfg.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TrainError(f"{cfg.out}: cannot create output directory ({e.strerror})") from e
+    source = open_source(cfg.data)
+    store, spec, view_seed, num_classes, teacher = _views_and_targets(cfg, source)
+    if cfg.num_classes is not None and cfg.num_classes != num_classes:
+        raise TrainError(f"--num-classes {cfg.num_classes} does not match the {'store' if store else 'data'}'s "
+                         f"{num_classes} classes")
+    if store is not None and store.k > num_classes:
+        raise TrainError(f"{cfg.logits}: K={store.k} exceeds the student head's {num_classes} classes")
+    input_size = cfg.input_size or spec.img_size
+
+    torch.manual_seed(cfg.seed)
+    model = create_student(cfg, num_classes, input_size)
+    data_cfg = resolve_data_config({}, model=model)
+    mean, std = data_cfg["mean"], data_cfg["std"]
+    distilled = hasattr(model, "set_distilled_training")
+    if distilled:
+        model.set_distilled_training(True)
+    model.to(device)
+    ema = ModelEmaV3(model, decay=cfg.ema, device=device) if cfg.ema else None
+    optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if store is not None:
+        unit_rows = store.chunk_rows
+    else:
+        unit_rows = cfg.unit_rows or _unit_rows(len(source), spec, cfg.workers, world)
+    steps_per_epoch_est = max(1, math.ceil(len(source) / (cfg.batch_size * world)))
+    total_steps = cfg.epochs * steps_per_epoch_est
+    scheduler = CosineLRScheduler(optimizer, t_initial=total_steps, lr_min=cfg.min_lr, warmup_lr_init=cfg.warmup_lr,
+                                  warmup_t=int(cfg.warmup_epochs * steps_per_epoch_est), t_in_epochs=False)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    if teacher is not None:
+        teacher.model.to(device).eval()
+    loss_fn = DistillLoss(num_classes, kind=cfg.loss, temperature=cfg.temperature, alpha=cfg.alpha)
+
+    start_epoch, step, best = 0, 0, -1.0
+    if cfg.resume:
+        ck_path = out / "last.pth"
+        if not ck_path.exists():
+            raise TrainError(f"{ck_path}: no checkpoint to resume from")
+        ck = torch.load(ck_path, map_location="cpu", weights_only=False)
+        if ck["config"]["student"] != cfg.student or ck["config"]["epochs"] != cfg.epochs:
+            raise TrainError(f"{ck_path}: checkpoint is of {ck['config']['student']} for {ck['config']['epochs']} "
+                             f"epochs; this run is {cfg.student} for {cfg.epochs}")
+        model.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        scheduler.load_state_dict(ck["scheduler"])
+        scaler.load_state_dict(ck["scaler"])
+        if ema is not None and ck.get("ema") is not None:
+            ema.load_state_dict(ck["ema"])
+        start_epoch, step, best = ck["epoch"] + 1, ck["step"], ck.get("best", -1.0)
+        _set_rng_state(ck["rng"])
+        log.info("resumed %s at epoch %d, step %d", ck_path, start_epoch, step)
+
+    ddp = model
+    if world > 1:
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    val = None
+    if cfg.val_data:
+        crop = cfg.val_crop_pct or data_cfg.get("crop_pct", 0.875)
+        val, _ = _val_loader(cfg, input_size, mean, std, crop, world, rank)
+
+    metrics_f = open(out / "metrics.jsonl", "a") if rank == 0 else None
+    steps_f = open(out / "steps.jsonl", "a") if rank == 0 else None
+    tb = _tensorboard(out) if rank == 0 else None
+    if rank == 0:
+        (out / "config.json").write_text(json.dumps(_cfg_dict(cfg), indent=1, default=str))
+    summary = {}
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            t0 = time.time()
+            store_epoch = epoch % store.epochs if store is not None else epoch
+            stream = ViewStream(source, spec, view_seed, epochs=[store_epoch], unit_rows=unit_rows,
+                                order_seed=cfg.seed * 100003 + epoch, targets=store)
+            n_steps = _steps_this_epoch(stream, cfg.batch_size, cfg.workers)
+            loader = torch.utils.data.DataLoader(stream, batch_size=cfg.batch_size, num_workers=cfg.workers,
+                                                 pin_memory=device.type == "cuda")
+            model.train()
+            if distilled:
+                model.set_distilled_training(True)
+            bar = tqdm(total=n_steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", file=sys.stderr,
+                       disable=not (cfg.progress and rank == 0), dynamic_ncols=True)
+            loss_sum, views, it = 0.0, 0, iter(loader)
+            lr = optimizer.param_groups[0]["lr"]
+            for i in range(n_steps):
+                batch = next(it)
+                keep = batch["valid"]
+                if not keep.all():  # unreadable images skipped at gen-logits time
+                    batch = {k: v[keep] for k, v in batch.items()}
+                x_raw = batch["image"].to(device, non_blocking=True)
+                label = batch["label"].to(device)
+                y = mixed_labels(label, batch["partner_label"].to(device), batch["lam"].to(device), num_classes,
+                                 smoothing=cfg.smoothing if cfg.no_kd else 0.0)
+                if teacher is not None:
+                    with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                        tl = teacher.model(prepare(x_raw, teacher.input_size, teacher.mean, teacher.std))
+                    logp, index = torch.log_softmax(tl.float(), -1).topk(cfg.k or num_classes, -1)
+                    logp, index = logp.clone(), index.clone()
+                elif store is not None:
+                    logp, index = batch["logp"].to(device), batch["index"].to(device)
+                x = prepare(x_raw, input_size, mean, std)
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    outp = ddp(x)
+                if cfg.no_kd:
+                    logits = outp[0] if isinstance(outp, tuple) else outp
+                    loss = soft_cross_entropy(logits, y)
+                    if isinstance(outp, tuple):
+                        loss = 0.5 * loss + 0.5 * soft_cross_entropy(outp[1], y)
+                elif isinstance(outp, tuple):  # DeiT distillation token: class head on labels, dist head on teacher
+                    loss = 0.5 * soft_cross_entropy(outp[0], y) + 0.5 * loss_fn.kd(outp[1], logp, index)
+                else:
+                    loss = loss_fn(outp, logp, index, y)
+                if not torch.isfinite(loss):
+                    raise TrainError(f"epoch {epoch} step {step}: loss is {loss.item()}; lower --lr or check the store")
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if cfg.clip_grad:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+                scaler.step(optimizer)
+                scaler.update()
+                step += 1
+                scheduler.step_update(num_updates=step)
+                if ema is not None:
+                    ema.update(model, step=step)
+                loss_sum += loss.item()
+                views += len(label)
+                lr = optimizer.param_groups[0]["lr"]
+                if steps_f:
+                    steps_f.write(json.dumps({"epoch": epoch, "step": step, "loss": loss.item(), "lr": lr}) + "\n")
+                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
+                bar.update(1)
+            bar.close()
+            del it, loader
+            row = {"epoch": epoch, "step": step, "train_loss": loss_sum / max(n_steps, 1), "lr": lr,
+                   "views": views * world, "seconds": round(time.time() - t0, 2)}
+            if val is not None:
+                if distilled:
+                    model.set_distilled_training(False)
+                row.update({f"val_{k}": v for k, v in evaluate(model, val, device, amp_dtype).items()})
+                if ema is not None:
+                    row.update({f"ema_val_{k}": v for k, v in evaluate(ema.module, val, device, amp_dtype).items()})
+            score = max(row.get("val_top1", -1.0), row.get("ema_val_top1", -1.0))
+            if rank == 0:
+                metrics_f.write(json.dumps(row) + "\n")
+                metrics_f.flush()
+                steps_f.flush()
+                if tb is not None:
+                    for k, v in row.items():
+                        if isinstance(v, (int, float)) and k != "epoch":
+                            tb.add_scalar(k, v, epoch)
+                ck = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                      "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                      "ema": ema.state_dict() if ema is not None else None, "epoch": epoch, "step": step,
+                      "best": max(best, score), "rng": _rng_state(), "config": _cfg_dict(cfg),
+                      "num_classes": num_classes, "input_size": input_size}
+                _save(out / "last.pth", ck)
+                if score > best:
+                    _save(out / "best.pth", ck)
+            best = max(best, score)
+            log.info("epoch %d: %s", epoch, json.dumps(row))
+            summary = row
+            _barrier()
+    finally:
+        for f in (metrics_f, steps_f):
+            if f:
+                f.close()
+        if tb is not None:
+            tb.close()
+    return {"out": str(out), "epochs": cfg.epochs, "best_val_top1": best if best >= 0 else None,
+            "mode": "no_kd" if cfg.no_kd else ("online" if cfg.online_teacher else "offline"), **summary}
+
+
+def _unit_rows(n: int, spec: AugSpec, workers: int, world: int) -> int:
+    """Units for runs without a store: small enough that every worker of every rank gets work."""
+    want = max(spec.mix_group, math.ceil(n / (4 * max(workers, 1) * world)))
+    return min(4096, math.ceil(want / spec.mix_group) * spec.mix_group)
+
+
+def _cfg_dict(cfg: TrainConfig) -> dict:
+    d = asdict(cfg)
+    d["spec"] = cfg.spec.to_dict()
+    return d
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard not installed: JSONL only
+        return None
+    return SummaryWriter(str(out / "tb"))
