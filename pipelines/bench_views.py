@@ -1,8 +1,10 @@
 """Benchmark: what replayable views cost, and how many views per second one worker renders.
 
-Measured side by side in one run, with the variants of each comparison interleaved over several
-rounds (order alternating from round to round) so that drift and a noisy neighbour on a shared
-machine hit both alike; ratios are per-round ratios, reported as the median over rounds.
+Everything is measured side by side in one run. On a shared, noisy machine absolute times
+wander, so the variants of each comparison take turns on the same data in small blocks (one
+mix group / unit of 64 rows; the order rotates from block to block), every round renders
+fresh views (epoch = round), and the figures are medians over rounds: views/s of each
+variant, and the per-round ratio between variants (with its min and max).
 
   A. Replay overhead on the same decoded images and the same AugSpec. *plain* calls
      ``maker.transform(img)`` (+ ``maker.erase``; + a per-view mix with its partner when the
@@ -19,7 +21,7 @@ machine hit both alike; ratios are per-round ratios, reported as the median over
      On the built-in ``digits`` source (8x8 grey, rendered at 32 px) and on a temporary
      ImageFolder of synthetic 320x256 JPEG photos (rendered at 224 px).
   D. ``DataLoader(ViewStream, num_workers=2)`` against ``num_workers=0`` on the JPEGs (wall
-     time; persistent workers, warmed up before timing).
+     time; whole passes alternate; persistent workers, warmed up before timing).
 
 Specs: TinyViT's ImageNet recipe in timm terms (img_size 224, RandAugment
 ``rand-m9-mstd0.5-inc1``, colour jitter 0.4, bicubic, random erasing 0.25 pixel mode), with and
@@ -79,27 +81,42 @@ def decoded(source, rows) -> list:
 
 # ---- timing -------------------------------------------------------------------------------------
 
-def timed(fn, *args) -> dict:
-    gc.collect()
-    c0, t0 = time.process_time(), time.perf_counter()
-    n = fn(*args)
-    return {"views": n, "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}
+def interleave(variants: dict, blocks: list, rounds: int, warmup: bool = False) -> dict:
+    """Time ``fn(round, block) -> views`` of every variant on every block, for several rounds.
 
-
-def interleave(variants: dict, rounds: int, warmup: bool = False) -> dict:
-    """Run each variant ``fn(round)`` once per round, reversing the order every other round.
-
-    With ``warmup`` each variant first runs once untimed (on views of an epoch no round uses).
+    Variants take turns block by block (the order rotates from block to block), so a slow spell
+    of the shared machine falls on all of them alike. Each round gives one total per variant;
+    views of round r are those of epoch r. ``warmup`` runs each variant once on the first block,
+    untimed, first.
     """
     names = list(variants)
     if warmup:
         for name in names:
-            variants[name](rounds + 1000)
+            variants[name](10_000, blocks[0])
     out = {k: [] for k in names}
+    turn = 0
     for r in range(rounds):
-        for name in (names if r % 2 == 0 else names[::-1]):
-            out[name].append(timed(variants[name], r))
+        acc = {k: {"views": 0, "wall_s": 0.0, "cpu_s": 0.0} for k in names}
+        gc.collect()
+        gc.disable()
+        try:
+            for b in blocks:
+                for name in names[turn % len(names):] + names[:turn % len(names)]:
+                    c0, t0 = time.process_time(), time.perf_counter()
+                    n = variants[name](r, b)
+                    acc[name]["wall_s"] += time.perf_counter() - t0
+                    acc[name]["cpu_s"] += time.process_time() - c0
+                    acc[name]["views"] += n
+                turn += 1
+        finally:
+            gc.enable()
+        for k in names:
+            out[k].append(acc[k])
     return out
+
+
+def blocks_of(n: int, size: int) -> list:
+    return [(lo, min(lo + size, n)) for lo in range(0, n, size)]
 
 
 def summarise(runs: dict, base: str, *others: str) -> dict:
@@ -139,48 +156,46 @@ def plain_mix(maker: ViewMaker, x: torch.Tensor, partner: torch.Tensor) -> torch
 
 
 def overhead_variants(maker: ViewMaker, imgs: list) -> dict:
-    n, g = len(imgs), maker.spec.mix_group
+    """Variants over a block = one mix group of rows [lo, hi) of ``imgs``."""
+    n, mixing = len(imgs), maker.mixer is not None
 
-    def plain(_r):
+    def plain(_r, block):
+        lo, hi = block
         xs = []
-        for img in imgs:
+        for img in imgs[lo:hi]:
             x = maker.transform(img)
             if maker.erase is not None:
                 x = maker.erase(x)
             xs.append(x)
-        if maker.mixer is not None:  # partner: the mirror row inside its group, as timm's flip
-            for lo in range(0, n, g):
-                hi = min(lo + g, n)
-                for i in range(lo, hi):
-                    plain_mix(maker, xs[i], xs[lo + hi - 1 - i])
-        return n
+        if mixing:  # partner: the mirror row of the group, as timm's batch flip
+            for j in range(len(xs)):
+                plain_mix(maker, xs[j], xs[-1 - j])
+        return hi - lo
 
-    def reseed(r):  # per-view seeding, but no save/restore of the global RNG states
+    def reseed(r, block):  # seeded per view like replay, but no save/restore of the RNG states
+        lo, hi = block
         xs = []
-        for i, img in enumerate(imgs):
+        for i in range(lo, hi):
             _seed_from(view_generator(maker.base_seed, int(encode_seed(r, i, n)), 0))
-            x = maker.transform(img)
+            x = maker.transform(imgs[i])
             if maker.erase is not None:
                 x = maker.erase(x)
             xs.append(x)
-        if maker.mixer is not None:
-            for lo in range(0, n, g):
-                rows = np.arange(lo, min(lo + g, n))
-                partner = mix_pairs(maker.base_seed, r, lo // g, rows)
-                for i in rows:
-                    _seed_from(view_generator(maker.base_seed, int(encode_seed(r, i, n)), 1))
-                    plain_mix(maker, xs[i], xs[partner[int(i)]])
-        return n
+        if mixing:
+            partner = mix_pairs(maker.base_seed, r, lo // maker.spec.mix_group, np.arange(lo, hi))
+            for i in range(lo, hi):
+                _seed_from(view_generator(maker.base_seed, int(encode_seed(r, i, n)), 1))
+                plain_mix(maker, xs[i - lo], xs[partner[i] - lo])
+        return hi - lo
 
-    def replay(r):
-        xs = [maker.base(img, int(encode_seed(r, i, n))) for i, img in enumerate(imgs)]
-        if maker.mixer is not None:
-            for lo in range(0, n, g):
-                rows = np.arange(lo, min(lo + g, n))
-                partner = mix_pairs(maker.base_seed, r, lo // g, rows)
-                for i in rows:
-                    maker.mix(xs[i], xs[partner[int(i)]], int(encode_seed(r, i, n)))
-        return n
+    def replay(r, block):  # what ViewStream does with decoded images
+        lo, hi = block
+        xs = [maker.base(imgs[i], int(encode_seed(r, i, n))) for i in range(lo, hi)]
+        if mixing:
+            partner = mix_pairs(maker.base_seed, r, lo // maker.spec.mix_group, np.arange(lo, hi))
+            for i in range(lo, hi):
+                maker.mix(xs[i - lo], xs[partner[i] - lo], int(encode_seed(r, i, n)))
+        return hi - lo
 
     return {"plain": plain, "reseed": reseed, "replay": replay}
 
@@ -241,30 +256,24 @@ def full_path_variants(source, spec: AugSpec) -> dict:
                    switch_prob=spec.switch_prob, mode="batch", label_smoothing=0.0,
                    num_classes=source.num_classes) if spec.mixing else None)
 
-    def plain(_r):
-        count, batch = 0, []
-
-        def flush():
-            x, y = default_collate(batch)
-            if mixer is not None and len(x) >= 2:
-                m = len(x) - len(x) % 2  # timm's batch Mixup wants an even batch
-                mixer(x[:m], y[:m])
-            return len(batch)
-
-        for row, img in source.read(range(n)):
+    def plain(_r, block):  # a block is one unit (and one batch) of rows
+        lo, hi = block
+        batch = []
+        for row, img in source.read(range(lo, hi)):
             x = maker.transform(img.convert("RGB") if img.mode != "RGB" else img)
             if maker.erase is not None:
                 x = maker.erase(x)
             batch.append((x, int(source.labels[row])))
-            if len(batch) == BATCH:
-                count += flush()
-                batch = []
-        if batch:
-            count += flush()
-        return count
+        x, y = default_collate(batch)
+        if mixer is not None and len(x) >= 2:
+            m = len(x) - len(x) % 2  # timm's batch Mixup wants an even batch
+            mixer(x[:m], y[:m])
+        return len(batch)
 
-    def stream(r):
-        vs = ViewStream(source, spec, base_seed=0, epochs=[r], unit_rows=spec.mix_group, batch_size=BATCH)
+    def stream(r, block):
+        unit = block[0] // spec.mix_group
+        vs = ViewStream(source, spec, base_seed=0, epochs=[r], unit_rows=spec.mix_group, units=[(r, unit)],
+                        batch_size=BATCH)
         vs._maker = maker  # built once, as in a persistent worker
         return sum(len(b["row"]) for b in vs)
 
@@ -281,10 +290,10 @@ def worker_variants(source, spec: AugSpec, workers: int, epochs: int) -> tuple[d
                for w in (0, workers)}
 
     def run(loader):
-        return lambda _r: sum(len(b["row"]) for b in loader)
+        return lambda _r, _b: sum(len(b["row"]) for b in loader)
 
     for loader in loaders.values():  # warm-up: start workers, build their ViewMakers
-        run(loader)(0)
+        run(loader)(0, None)
     return {k: run(v) for k, v in loaders.items()}, list(loaders.values())
 
 
@@ -292,7 +301,7 @@ def worker_variants(source, spec: AugSpec, workers: int, epochs: int) -> tuple[d
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds per comparison (default 5)")
+    ap.add_argument("--rounds", type=int, default=7, help="interleaved rounds per comparison (default 7)")
     ap.add_argument("--images", type=int, default=300, help="synthetic JPEGs to generate (default 300)")
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers to compare with 0 (default 2; 0 skips D)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads in this process (default 1, as a worker)")
@@ -308,7 +317,8 @@ def main() -> None:
     env = {"date": datetime.date.today().isoformat(), "python": platform.python_version(),
            "torch": torch.__version__, "timm": timm.__version__, "pillow": PIL.__version__,
            "numpy": np.__version__, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-           "rounds": args.rounds, "images": args.images, "batch": BATCH}
+           "rounds": args.rounds, "images": args.images, "batch": BATCH,
+           "loadavg_start": [round(x, 2) for x in os.getloadavg()]}
     print(f"bench_views: {env}\n")
     res: dict = {"env": env}
 
@@ -325,8 +335,8 @@ def main() -> None:
               f"made in {time.perf_counter() - t0:.1f} s); digits:train {len(digits)} images 8x8\n")
 
         # decode cost alone, for the breakdown
-        dec = [timed(lambda _r: sum(1 for _ in jpeg.read(range(len(jpeg)))), r) for r in range(3)]
-        res["jpeg_decode_ms"] = statistics.median(d["wall_s"] / d["views"] * 1e3 for d in dec)
+        dec = interleave({"decode": lambda _r, _b: sum(1 for _ in jpeg.read(range(len(jpeg))))}, [None], 3)
+        res["jpeg_decode_ms"] = statistics.median(d["wall_s"] / d["views"] * 1e3 for d in dec["decode"])
 
         # A
         print("A. replay overhead, same decoded images and spec (views/s, median of rounds; ratios: median of "
@@ -341,9 +351,9 @@ def main() -> None:
         cases += [("digits32", k, dspecs[k], decoded(digits, range(len(digits)))) for k in dspecs]
         for name, sname, spec, imgs in cases:
             maker = ViewMaker(spec, 0)
-            for f in overhead_variants(maker, imgs[:BATCH]).values():  # warm-up
-                f(999)
-            s = summarise(interleave(overhead_variants(maker, imgs), args.rounds), "plain", "reseed", "replay")
+            runs = interleave(overhead_variants(maker, imgs), blocks_of(len(imgs), spec.mix_group), args.rounds,
+                              warmup=True)
+            s = summarise(runs, "plain", "reseed", "replay")
             s["replay_extra_us_per_view"] = (1 / s["replay"] - 1 / s["plain"]) * 1e6
             res["A"][f"{name}/{sname}"] = s
             rp, sp = s["replay/plain"], s["reseed/plain"]
@@ -360,13 +370,15 @@ def main() -> None:
         # C
         print(f"\nC. full path, one process ({args.threads} torch thread), views/s; stream = ViewStream iterated "
               f"directly (decode once, seeded\n   augment and mix, collate {BATCH}); plain = decode, transform, "
-              "erase, collate, timm Mixup in batch mode; 1 warm-up pass each")
+              "erase, collate, timm Mixup in batch mode; units of 64 rows take turns")
         print(f"   {'source':9s} {'spec':12s} {'plain':>7s} {'stream':>7s}  {'stream/plain [min, max]':>24s}"
               f" {'cpu s/p':>7s} {'plain ms':>8s} {'stream ms':>9s}")
         res["C"] = {}
         for name, src, sp in [("jpeg224", jpeg, specs), ("digits32", digits, dspecs)]:
             for sname, spec in sp.items():
-                s = summarise(interleave(full_path_variants(src, spec), args.rounds, warmup=True), "plain", "stream")
+                runs = interleave(full_path_variants(src, spec), blocks_of(len(src), spec.mix_group), args.rounds,
+                                  warmup=True)
+                s = summarise(runs, "plain", "stream")
                 res["C"][f"{name}/{sname}"] = s
                 q = s["stream/plain"]
                 print(f"   {name:9s} {sname:12s} {s['plain']:7.0f} {s['stream']:7.0f}  {q['median']:9.3f} "
@@ -381,7 +393,7 @@ def main() -> None:
                   "persistent workers warmed up first")
             variants, loaders = worker_variants(jpeg, specs["tinyvit+mix"], args.workers, epochs)
             a, b = list(variants)
-            s = summarise(interleave(variants, args.rounds), a, b)
+            s = summarise(interleave(variants, [None], args.rounds), a, b)
             res["D"] = s
             q = s[f"{b}/{a}"]
             print(f"   {a}: {s[a]:.0f} views/s   {b}: {s[b]:.0f} views/s   {b}/{a}: {q['median']:.2f} "
@@ -389,7 +401,9 @@ def main() -> None:
             del loaders
 
     res["elapsed_s"] = time.perf_counter() - t_start
-    print(f"\njpeg decode alone: {res['jpeg_decode_ms']:.2f} ms/image; total {res['elapsed_s']:.0f} s")
+    res["env"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    print(f"\njpeg decode alone: {res['jpeg_decode_ms']:.2f} ms/image; total {res['elapsed_s']:.0f} s; "
+          f"load average (1, 5, 15 min) at start {res['env']['loadavg_start']}, at end {res['env']['loadavg_end']}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(res, indent=1, default=float) + "\n")

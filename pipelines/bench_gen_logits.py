@@ -1,0 +1,444 @@
+"""Benchmark: how close `gen-logits` end to end comes to the teacher's own forward throughput.
+
+Measured side by side in one run, variants interleaved over several rounds (the order reversed
+every other round) so that drift and noisy neighbours on a shared machine hit all of them alike;
+ratios are per-round ratios (variant / forward-only of the same round), reported as the median
+over rounds with [min, max].
+
+  forward   The teacher alone. The views are rendered once beforehand, exactly as gen-logits
+            cuts them (``ViewStream`` with the same spec, seed, epochs, units and batch size),
+            and held in memory as collated batches. Timed: for each batch, host-to-device copy
+            (a no-op on the CPU), ``prepare(...)`` (the teacher's resize + normalise), the
+            teacher under ``torch.inference_mode`` (and autocast when ``--amp`` is set),
+            ``log_softmax(...).topk(K)`` and ``.cpu().numpy()``. Same teacher object as
+            gen-logits loads (``load_teacher`` with the same weights file), same device set-up
+            (channels_last on CUDA).
+  gen w=N   ``tinydistill.generate.gen_logits(GenConfig(...))`` on the same data, teacher and
+            spec, with ``workers=N`` DataLoader workers, into a fresh store in a temporary
+            directory: views rendered by the workers (or inline for N=0), top-K, shard buffers,
+            background shard writer, store creation and replay canary, teacher loading.
+
+Each gen-logits run gives three rates:
+  e2e     views / wall time of the whole ``gen_logits()`` call (what a user sees; includes the
+          fixed set-up: source, teacher build + weights digest, store creation, canary);
+  loop    views / time from the progress bar's creation to its close (the DataLoader loop, from
+          starting the workers to the last shard written; no teacher loading or store creation);
+  steady  views after the first batch / time between the first and the last batch.
+The loop times come from a stand-in for ``tinydistill.generate._progress`` that records the
+time of each update; the package itself is not modified. Also reported: CPU seconds per view
+(this process + reaped DataLoader workers), and a "CPU budget" ceiling for the ratio on this
+machine: min(1, cores / (forward views/s x (forward + render CPU s per view))), i.e. what the
+ratio could be if the teacher and the rendering shared the cores perfectly.
+
+Presets (every option below can still be overridden):
+  cpu (default)  random-init timm resnet18, 1000 classes, input 64 px; built-in ``digits``
+                 (1438 images) rendered at 32 px with TinyViT's recipe (RandAugment m9, jitter
+                 0.4, random erasing 0.25, mixup 0.8 / cutmix 1.0); K=10, batch 64, 1 epoch,
+                 units of 256 rows (6 units), workers 0,1,2, 3 rounds. About 3-4 minutes on 2
+                 shared cores.
+  gpu            random-init vit_large_patch14_clip_224 (1000 classes), input 224, bf16 AMP on
+                 ``cuda``; 4096 synthetic 320x256 JPEGs (an ImageFolder in a temp dir) rendered
+                 at 224 px with the same recipe; K=10, batch 256, units of 256 rows, workers
+                 0,4,8 and cores-1, 2 rounds. Skipped, with a message, when CUDA is not available.
+
+Teachers are random-init (``pretrained=False``, seeded) and saved with
+``torch.save(model.state_dict())`` to a temp file passed as the teacher weights, as the tests do:
+nothing is downloaded. No timing is asserted.
+
+    .venv/bin/python pipelines/bench_gen_logits.py [--preset cpu|gpu] [--rounds R] [--workers 0,1,2]
+        [--teacher NAME] [--num-classes C] [--input-size PX] [--data digits|synthetic-jpeg|SRC]
+        [--images N] [--img-size PX] [--batch-size B] [--epochs E] [--device cpu|cuda]
+        [--amp none|bf16|fp16] [--out FILE.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import tinydistill.generate as generate
+from tinydistill.augment import AugSpec
+from tinydistill.generate import GenConfig, gen_logits
+from tinydistill.sources import open_source
+from tinydistill.teachers import load_teacher
+from tinydistill.views import ViewStream, prepare
+
+TINYVIT = dict(auto_augment="rand-m9-mstd0.5-inc1", color_jitter=0.4, interpolation="bicubic",
+               re_prob=0.25, re_mode="pixel", mixup=0.8, cutmix=1.0, switch_prob=0.5)
+LIGHT = dict(color_jitter=0.4, interpolation="bicubic")  # RandomResizedCrop + flip + jitter only
+
+PRESETS = {
+    "cpu": dict(teacher="resnet18", num_classes=1000, input_size=64, data="digits", images=0, img_size=32,
+                batch_size=64, epochs=1, unit_rows=256, mix_group=64, workers="0,1,2", device="cpu",
+                amp="none", rounds=3),
+    "gpu": dict(teacher="vit_large_patch14_clip_224", num_classes=1000, input_size=224, data="synthetic-jpeg",
+                images=4096, img_size=224, batch_size=256, epochs=1, unit_rows=256, mix_group=64,
+                workers=None, device="cuda", amp="bf16", rounds=2),
+}
+
+
+# ---- data and teacher ----------------------------------------------------------------------------
+
+def make_jpeg_folder(root: Path, n: int, classes: int = 10, seed: int = 0) -> None:
+    """``n`` synthetic 320x256 'photos' (smooth random colour fields plus noise), JPEG quality 90."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        d = root / f"class{i % classes}"
+        d.mkdir(parents=True, exist_ok=True)
+        low = rng.integers(0, 256, size=(int(rng.integers(3, 9)), int(rng.integers(3, 9)), 3), dtype=np.uint8)
+        field = np.asarray(Image.fromarray(low).resize((320, 256), Image.BICUBIC), dtype=np.float32)
+        field += rng.normal(0.0, 10.0, size=field.shape)
+        Image.fromarray(np.clip(field, 0, 255).astype(np.uint8)).save(d / f"{i:05d}.jpg", quality=90)
+
+
+def save_random_teacher(name: str, num_classes: int, path: Path) -> float:
+    """A seeded random-init timm model's state_dict, saved where ``--teacher-weights`` would point."""
+    import timm
+
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=num_classes)
+    torch.save(model.state_dict(), path)
+    del model
+    gc.collect()
+    return time.perf_counter() - t0
+
+
+# ---- timing helpers ------------------------------------------------------------------------------
+
+def cpu_seconds() -> float:
+    """CPU time of this process (all threads) plus its reaped children (DataLoader workers)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+class LoopClock:
+    """Stands in for generate._progress: records when the loop starts, each batch, and the close."""
+
+    last: "LoopClock | None" = None
+
+    def __init__(self, total, **_):
+        self.total, self.n, self.n_first = total, 0, 0
+        self.t_open = time.perf_counter()
+        self.t_first = self.t_last = self.t_close = None
+        LoopClock.last = self
+
+    def update(self, n):
+        now = time.perf_counter()
+        if self.t_first is None:
+            self.t_first, self.n_first = now, n
+        self.t_last = now
+        self.n += n
+
+    def close(self):
+        if self.t_close is None:
+            self.t_close = time.perf_counter()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---- the two measurements ------------------------------------------------------------------------
+
+def render_batches(source, spec: AugSpec, args, pin: bool) -> tuple[list[torch.Tensor], dict]:
+    """The views gen-logits will see, cut into the same batches, rendered once in this process
+    with one torch thread (as a DataLoader worker runs). Returns the image batches and timing."""
+    stream = ViewStream(source, spec, args.seed, epochs=range(args.epochs), unit_rows=args.unit_rows,
+                        batch_size=args.batch_size)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    gc.collect()
+    c0, t0 = cpu_seconds(), time.perf_counter()
+    batches = [b["image"] for b in stream]
+    wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+    torch.set_num_threads(threads)
+    if pin:
+        batches = [b.pin_memory() for b in batches]
+    views = sum(len(b) for b in batches)
+    return batches, {"views": views, "wall_s": wall, "cpu_s": cpu, "views_per_s": views / wall,
+                     "cpu_s_per_view": cpu / views}
+
+
+class Forward:
+    """The teacher's forward-only pass over in-memory batches, as gen_logits runs it per batch."""
+
+    def __init__(self, args, weights: str, source, device: torch.device):
+        self.teacher = load_teacher(args.teacher, weights, class_names=source.class_names)
+        if args.input_size:
+            self.teacher.input_size = int(args.input_size)
+        self.device, self.k = device, args.k
+        self.model = self.teacher.model.to(device)
+        if device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+
+    def __call__(self, batches) -> int:
+        t, dev, n = self.teacher, self.device, 0
+        with torch.inference_mode():
+            for images in batches:
+                x = images.to(dev, non_blocking=True)
+                x = prepare(x, t.input_size, t.mean, t.std, t.interpolation)
+                if dev.type == "cuda":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(dev.type, dtype=self.amp, enabled=self.amp is not None):
+                    logits = self.model(x)
+                logp, idx = torch.log_softmax(logits.float(), dim=-1).topk(self.k, dim=-1)
+                logp, idx = logp.cpu().numpy(), idx.cpu().numpy()
+                n += len(logp)
+        return n
+
+
+def run_forward(fwd: Forward, batches) -> dict:
+    gc.collect()
+    sync(fwd.device)
+    c0, t0 = cpu_seconds(), time.perf_counter()
+    views = fwd(batches)
+    sync(fwd.device)
+    wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+    return {"views": views, "wall_s": wall, "cpu_s": cpu, "views_per_s": views / wall}
+
+
+def gen_config(args, data: str, weights: str, out: str, workers: int, spec: AugSpec) -> GenConfig:
+    return GenConfig(data=data, teacher=args.teacher, out=out, k=args.k, epochs=(0, args.epochs),
+                     teacher_weights=weights, teacher_input_size=args.input_size, seed=args.seed,
+                     batch_size=args.batch_size, workers=workers, device=args.device, amp=args.amp,
+                     spec=spec, overwrite=True, chunk_rows=args.unit_rows, shard_rows=args.unit_rows,
+                     progress=False)
+
+
+def run_gen(args, data: str, weights: str, tmp: Path, workers: int, spec: AugSpec, tag: str) -> dict:
+    out = tmp / f"store_{tag}_w{workers}.zarr"
+    cfg = gen_config(args, data, weights, str(out), workers, spec)
+    LoopClock.last = None
+    gc.collect()
+    c0, t0 = cpu_seconds(), time.perf_counter()
+    summary = gen_logits(cfg)
+    wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+    views = summary["views"]
+    rec = {"views": views, "wall_s": wall, "cpu_s": cpu, "views_per_s": views / wall,
+           "summary_views_per_s": summary.get("views_per_s"), "complete": summary.get("complete")}
+    clock = LoopClock.last
+    if clock is not None and clock.t_close is not None:
+        rec["loop_s"] = clock.t_close - clock.t_open
+        rec["loop_views_per_s"] = clock.n / rec["loop_s"]
+        rec["setup_s"] = wall - rec["loop_s"]
+        rec["first_batch_s"] = (clock.t_first - clock.t_open) if clock.t_first else None
+        if clock.t_first is not None and clock.t_last > clock.t_first:
+            rec["steady_views_per_s"] = (clock.n - clock.n_first) / (clock.t_last - clock.t_first)
+    _rmtree(out)
+    return rec
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# ---- reporting -----------------------------------------------------------------------------------
+
+def med(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def ratio_stats(num: list, den: list) -> dict | None:
+    r = [a / b for a, b in zip(num, den) if a is not None and b]
+    if not r:
+        return None
+    return {"median": statistics.median(r), "min": min(r), "max": max(r), "per_round": r}
+
+
+def fmt(x, spec=".0f", width=7):
+    return f"{x:{width}{spec}}" if x is not None else f"{'-':>{width}s}"
+
+
+def fmt_ratio(s):
+    return f"{s['median']:.3f} [{s['min']:.2f}, {s['max']:.2f}]" if s else "-"
+
+
+# ---- main ----------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="defaults for the options below (default cpu)")
+    ap.add_argument("--teacher", help="timm model name (random init, no download)")
+    ap.add_argument("--num-classes", type=int, help="teacher head size")
+    ap.add_argument("--input-size", type=int, help="teacher input size (prepare() resizes views to it)")
+    ap.add_argument("--data", help="digits[:train|:val], synthetic-jpeg (generated in a temp dir), or any SRC")
+    ap.add_argument("--images", type=int, help="how many JPEGs for --data synthetic-jpeg")
+    ap.add_argument("--img-size", type=int, help="size views are rendered at (AugSpec.img_size)")
+    ap.add_argument("--recipe", choices=["tinyvit", "light"], default="tinyvit",
+                    help="augmentation: TinyViT's (RandAugment, erasing, mixup/cutmix) or light (crop, flip, jitter)")
+    ap.add_argument("--batch-size", type=int)
+    ap.add_argument("--epochs", type=int, help="epochs of views per measurement")
+    ap.add_argument("--unit-rows", type=int, help="chunk_rows = shard_rows: rows per unit of work")
+    ap.add_argument("--mix-group", type=int)
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workers", help="comma-separated DataLoader worker counts for gen-logits")
+    ap.add_argument("--device", choices=["cpu", "cuda"])
+    ap.add_argument("--amp", choices=["none", "bf16", "fp16"])
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads in this process (default: torch's)")
+    ap.add_argument("--rounds", type=int)
+    ap.add_argument("--out", help="also write the figures and raw rounds to this JSON file")
+    args = ap.parse_args(argv)
+    for k, v in PRESETS[args.preset].items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    if args.workers is None:  # gpu preset: scale with the machine
+        cores = os.cpu_count() or 1
+        args.workers = ",".join(str(w) for w in sorted({0, min(4, cores), min(8, cores), max(cores - 1, 1)}))
+    args.worker_counts = [int(w) for w in str(args.workers).split(",") if w.strip() != ""]
+    return args
+
+
+def environment(args) -> dict:
+    import timm
+    import PIL
+    import zarr
+
+    env = {"date": datetime.date.today().isoformat(), "python": platform.python_version(),
+           "torch": torch.__version__, "timm": timm.__version__, "pillow": PIL.__version__,
+           "zarr": zarr.__version__, "numpy": np.__version__, "cpus": os.cpu_count(),
+           "torch_threads": torch.get_num_threads(), "platform": platform.platform()}
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(0)
+    return env
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    generate._progress = LoopClock  # record the loop's timing instead of drawing a progress bar
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = {k: v for k, v in vars(args).items() if k not in ("out",)}
+    env = environment(args)
+    print(f"bench_gen_logits: {env}")
+    print(f"config: {config}\n")
+    res: dict = {"env": env, "config": config}
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        msg = (f"skipped: --device cuda (preset {args.preset}, teacher {args.teacher}) asked for, but "
+               "torch.cuda.is_available() is False on this machine; nothing was measured")
+        print(msg)
+        res["skipped"] = msg
+        _write(args.out, res)
+        return 0
+    device = torch.device(args.device)
+    recipe = TINYVIT if args.recipe == "tinyvit" else LIGHT
+    spec = AugSpec(img_size=args.img_size, mix_group=args.mix_group, **recipe)
+    t_start = time.perf_counter()
+
+    with tempfile.TemporaryDirectory(prefix="bench_gen_logits_") as tmpdir:
+        tmp = Path(tmpdir)
+        data = args.data
+        if data == "synthetic-jpeg":
+            t0 = time.perf_counter()
+            make_jpeg_folder(tmp / "jpeg", args.images)
+            data = str(tmp / "jpeg")
+            print(f"data: {args.images} synthetic 320x256 JPEGs in {time.perf_counter() - t0:.1f} s")
+        source = open_source(data)
+        weights = tmp / "teacher.pth"
+        secs = save_random_teacher(args.teacher, args.num_classes, weights)
+        print(f"teacher: {args.teacher} random init, {args.num_classes} classes, "
+              f"{weights.stat().st_size / 2**20:.0f} MiB state_dict (built + saved in {secs:.1f} s)")
+
+        fwd = Forward(args, str(weights), source, device)
+        t = fwd.teacher
+        nparams = sum(p.numel() for p in fwd.model.parameters())
+        print(f"         {nparams / 1e6:.1f} M params, input {t.input_size} px ({t.interpolation}), "
+              f"device {device}, amp {args.amp}")
+        batches, render = render_batches(source, spec, args, pin=device.type == "cuda")
+        res["render"] = render
+        print(f"views: {source.name} ({len(source)} images) x {args.epochs} epoch(s) = {render['views']} views "
+              f"rendered at {args.img_size} px ({args.recipe} recipe), {len(batches)} batches of <= "
+              f"{args.batch_size}, units of {args.unit_rows} rows\n"
+              f"       rendering alone, 1 process, 1 torch thread: {render['views_per_s']:.0f} views/s "
+              f"({render['cpu_s_per_view'] * 1e3:.2f} ms CPU per view)")
+
+        # warm-up: the teacher on a few batches, and one small gen-logits run (imports, zarr, caches)
+        fwd(batches[:2])
+        warm_data = "digits:val" if data.startswith("digits") else data
+        warm_args = argparse.Namespace(**{**vars(args), "epochs": 1})
+        t0 = time.perf_counter()
+        run_gen(warm_args, warm_data, str(weights), tmp, 0, spec, "warmup")
+        print(f"warm-up gen-logits on {warm_data}: {time.perf_counter() - t0:.1f} s\n")
+
+        variants = {"forward": lambda: run_forward(fwd, batches)}
+        for w in args.worker_counts:
+            variants[f"gen w={w}"] = (lambda w=w: run_gen(args, data, str(weights), tmp, w, spec, "run"))
+        names = list(variants)
+        rounds: dict[str, list[dict]] = {k: [] for k in names}
+        for r in range(args.rounds):
+            order = names if r % 2 == 0 else names[::-1]
+            line = []
+            for name in order:
+                rec = variants[name]()
+                rounds[name].append(rec)
+                line.append(f"{name} {rec['views_per_s']:.0f}")
+            print(f"round {r + 1}/{args.rounds}: " + ", ".join(line) + " views/s")
+        res["rounds"] = rounds
+
+    # ---- summary
+    fw = rounds["forward"]
+    fw_vps = [x["views_per_s"] for x in fw]
+    fw_cpu = med([x["cpu_s"] / x["views"] for x in fw])
+    cores = os.cpu_count() or 1
+    ceiling = min(1.0, cores / (med(fw_vps) * (fw_cpu + render["cpu_s_per_view"]))) if device.type == "cpu" else None
+    res["summary"] = {"forward_views_per_s": med(fw_vps), "forward_cpu_s_per_view": fw_cpu,
+                      "render_cpu_s_per_view": render["cpu_s_per_view"], "cpu_budget_ceiling": ceiling}
+    print(f"\nmedian over {args.rounds} rounds; ratios = median of per-round ratios to forward-only [min, max]")
+    print(f"{'variant':10s} {'e2e/s':>7s} {'loop/s':>7s} {'steady/s':>8s} {'setup s':>7s} {'cpu ms/v':>8s}  "
+          f"{'e2e / forward':>22s}  {'loop / forward':>22s}  {'steady / forward':>22s}")
+    print(f"{'forward':10s} {med(fw_vps):7.0f} {'':7s} {'':8s} {'':7s} {fw_cpu * 1e3:8.2f}")
+    for name in names[1:]:
+        rs = rounds[name]
+        e2e = [x["views_per_s"] for x in rs]
+        loop = [x.get("loop_views_per_s") for x in rs]
+        steady = [x.get("steady_views_per_s") for x in rs]
+        s = {"e2e_views_per_s": med(e2e), "loop_views_per_s": med(loop), "steady_views_per_s": med(steady),
+             "setup_s": med([x.get("setup_s") for x in rs]), "cpu_s_per_view": med([x["cpu_s"] / x["views"] for x in rs]),
+             "e2e/forward": ratio_stats(e2e, fw_vps), "loop/forward": ratio_stats(loop, fw_vps),
+             "steady/forward": ratio_stats(steady, fw_vps)}
+        res["summary"][name] = s
+        print(f"{name:10s} {fmt(s['e2e_views_per_s'])} {fmt(s['loop_views_per_s'])} {fmt(s['steady_views_per_s'], width=8)} "
+              f"{fmt(s['setup_s'], '.1f')} {fmt(s['cpu_s_per_view'] * 1e3, '.2f', 8)}  {fmt_ratio(s['e2e/forward']):>22s}  "
+              f"{fmt_ratio(s['loop/forward']):>22s}  {fmt_ratio(s['steady/forward']):>22s}")
+    if ceiling is not None:
+        print(f"\nCPU budget: forward {fw_cpu * 1e3:.2f} ms CPU/view at {med(fw_vps):.0f} views/s, rendering "
+              f"{render['cpu_s_per_view'] * 1e3:.2f} ms CPU/view; with {cores} cores shared perfectly the ratio "
+              f"could reach at most {ceiling:.3f}")
+    res["elapsed_s"] = time.perf_counter() - t_start
+    print(f"total {res['elapsed_s']:.0f} s")
+    _write(args.out, res)
+    return 0
+
+
+def _write(path, res) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(res, indent=1, default=float) + "\n")
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
