@@ -4,9 +4,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-OUT ?= runs/demo
+OUT ?= runs/quickstart
 
-.PHONY: demo test bench-store clean
+.PHONY: demo test bench clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -16,13 +16,16 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 demo: $(VENV)/.installed
-	$(PY) pipelines/store_demo.py --out $(OUT)
+	$(VENV)/bin/tinydistill quickstart --out $(OUT)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
-bench-store: $(VENV)/.installed
+bench: $(VENV)/.installed
 	$(PY) pipelines/bench_store.py
+	$(PY) pipelines/bench_views.py
+	$(PY) pipelines/bench_gen_logits.py
+	$(PY) pipelines/bench_train.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -198,6 +198,21 @@ def spec_from_options(opts: dict):
     return AugSpec.from_dict({k: v for k, v in given.items() if v is not None}, source="augmentation options")
 
 
+def _kv(pairs) -> dict:
+    """KEY=VALUE strings (or a mapping from a YAML recipe) -> dict, values parsed as YAML scalars."""
+    import yaml
+
+    if isinstance(pairs, dict):
+        return dict(pairs)
+    out = {}
+    for p in pairs or ():
+        if "=" not in p:
+            raise click.BadParameter(f"{p}: expected KEY=VALUE", param_hint="--model-kwargs")
+        k, v = p.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
 def _default_device() -> str:
     import torch
 
@@ -339,6 +354,8 @@ def verify(store, data, teacher, teacher_weights, samples, seed, device, amp, ma
 @click.option("--view-seed", type=int, help="Base seed of views for --no-kd/--online-teacher [default: --seed].")
 @click.option("--unit-rows", type=click.IntRange(min=2), help="--no-kd/--online-teacher: rows per work unit (a store uses its chunk rows).")
 @click.option("--input-size", type=click.IntRange(min=1), help="Student input size [default: the views' size].")
+@click.option("--model-kwargs", multiple=True, metavar="KEY=VALUE",
+              help="Extra timm.create_model argument for the student, e.g. patch_size=4 (repeatable).")
 @click.option("--num-classes", type=click.IntRange(min=1), help="Student classes; must match the store's.")
 @click.option("--val-crop-pct", type=float, help="Eval centre-crop fraction [default: the student's].")
 @click.option("--no-progress", is_flag=True)
@@ -351,8 +368,11 @@ def train_student_cmd(**opts):
     """
     from .train import TrainConfig, TrainError, train_student
 
-    aug_given = any(opts.get(n.lstrip("-").replace("-", "_")) is not None for n, _ in AUG_OPTIONS)
-    if opts["logits"] and aug_given:
+    ctx = click.get_current_context()
+    aug_names = [n.lstrip("-").replace("-", "_") for n, _ in AUG_OPTIONS]
+    on_cli = [n for n in aug_names if ctx.get_parameter_source(n) == click.core.ParameterSource.COMMANDLINE]
+    in_recipe = [n for n in aug_names if ctx.get_parameter_source(n) == click.core.ParameterSource.DEFAULT_MAP]
+    if opts["logits"] and on_cli:
         raise TrainError("augmentation options are for --no-kd/--online-teacher: a store replays its own views")
     spec = spec_from_options(opts)
     device = opts["device"] or _default_device()
@@ -369,11 +389,34 @@ def train_student_cmd(**opts):
         teacher_input_size=opts["teacher_input_size"], k=opts["k"], loss=opts["loss"], temperature=opts["temperature"],
         alpha=opts["alpha"], smoothing=opts["smoothing"], input_size=opts["input_size"],
         num_classes=opts["num_classes"], val_crop_pct=opts["val_crop_pct"], spec=spec, view_seed=opts["view_seed"], unit_rows=opts["unit_rows"],
+        model_kwargs=_kv(opts["model_kwargs"]), expect_spec=bool(opts["logits"] and in_recipe),
         progress=not opts["no_progress"],
     )
     summary = train_student(cfg)
     if rank == 0:
         click.echo(json.dumps(summary))
+
+
+# ---- quickstart -----------------------------------------------------------------------------------
+
+@main.command()
+@click.option("--out", default="runs/quickstart", show_default=True, type=click.Path(file_okay=False),
+              help="Directory for every artefact: teacher, store, students, results.json, quickstart.png.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True, help="Epochs of views stored and of student training.")
+@click.option("--teacher-epochs", type=click.IntRange(min=1), default=30, show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True)
+@click.option("--device", default=None, help="[default: cuda when available]")
+@click.option("--no-progress", is_flag=True)
+def quickstart(out, seed, epochs, teacher_epochs, workers, device, no_progress):
+    """The whole pipeline on the built-in digits: teacher, gen-logits, three students, a table and a plot."""
+    from .quickstart import quickstart as run, table
+
+    _setup_logging()
+    r = run(out, seed=seed, epochs=epochs, teacher_epochs=teacher_epochs, workers=workers,
+            device=device or _default_device(), progress=not no_progress)
+    click.echo(table(r))
+    click.echo(f"results: {out}/results.json  plot: {out}/quickstart.png")
 
 
 @main.command()

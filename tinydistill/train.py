@@ -68,11 +68,13 @@ class TrainConfig:
     alpha: float = 1.0  # weight of the teacher term; 1 - alpha goes to ground truth
     smoothing: float = 0.1  # label smoothing of ground-truth terms
     input_size: int | None = None  # student input (default: the views' size)
+    model_kwargs: dict = field(default_factory=dict)  # extra timm.create_model arguments, e.g. patch_size
     num_classes: int | None = None  # must match the store's when given
     val_crop_pct: float | None = None
     spec: AugSpec = field(default_factory=AugSpec)  # views for no_kd / online (a store brings its own)
     view_seed: int | None = None  # base seed of views for no_kd / online (default: seed)
     unit_rows: int | None = None  # no_kd / online: rows per work unit (a store uses its chunks)
+    expect_spec: bool = False  # offline: ``spec`` came from a recipe and must equal the store's
     progress: bool = True
 
 
@@ -107,6 +109,9 @@ def _views_and_targets(cfg: TrainConfig, source):
 
     store = open_store(cfg.logits)
     spec = check_replay(store, source)  # keys and order, spec hash, canary pixels
+    if cfg.expect_spec and cfg.spec.hash != spec.hash:
+        changed = sorted(k for k, v in cfg.spec.to_dict().items() if spec.to_dict().get(k) != v)
+        raise TrainError(f"{cfg.logits}: the recipe's augmentation differs from the store's in {changed}")
     if cfg.epochs > store.epochs and not cfg.cycle_epochs:
         raise TrainError(f"{cfg.logits}: holds {store.epochs} epochs of views, --epochs asks for {cfg.epochs} "
                          "(pass --cycle-epochs to reuse them)")
@@ -123,11 +128,15 @@ def create_student(cfg: TrainConfig, num_classes: int, input_size: int):
     arch = cfg.student.split(":", 1)[1] if cfg.student.startswith("timm:") else cfg.student
     if not timm.is_model(arch.split(".")[0]):
         raise TrainError(f"{cfg.student}: unknown student (not a timm model)")
-    kw = dict(pretrained=False, num_classes=num_classes, drop_path_rate=cfg.drop_path)
+    kw = dict(pretrained=False, num_classes=num_classes, drop_path_rate=cfg.drop_path, **cfg.model_kwargs)
     try:
-        return timm.create_model(arch, img_size=input_size, **kw)
-    except TypeError:  # models without an img_size argument (CNNs)
-        return timm.create_model(arch, **kw)
+        try:
+            return timm.create_model(arch, img_size=input_size, **kw)
+        except TypeError:  # models without an img_size argument (CNNs)
+            return timm.create_model(arch, **kw)
+    except (TypeError, ValueError, AssertionError, RuntimeError) as e:
+        raise TrainError(f"{cfg.student}: cannot build with {cfg.model_kwargs or 'default arguments'} "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
 
 
 def _val_loader(cfg: TrainConfig, input_size: int, mean, std, crop_pct: float, world: int, rank: int):
