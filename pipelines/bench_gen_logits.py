@@ -31,7 +31,7 @@ machine: min(1, cores / (forward views/s x (forward + render CPU s per view))), 
 ratio could be if the teacher and the rendering shared the cores perfectly.
 
 Presets (every option below can still be overridden):
-  cpu (default)  random-init timm resnet18, 1000 classes, input 64 px; built-in ``digits``
+  cpu (default)  random-init timm resnet18, 1000 classes, input 96 px; built-in ``digits``
                  (1438 images) rendered at 32 px with TinyViT's recipe (RandAugment m9, jitter
                  0.4, random erasing 0.25, mixup 0.8 / cutmix 1.0); K=10, batch 64, 1 epoch,
                  units of 256 rows (6 units), workers 0,1,2, 3 rounds. About 3-4 minutes on 2
@@ -81,7 +81,7 @@ TINYVIT = dict(auto_augment="rand-m9-mstd0.5-inc1", color_jitter=0.4, interpolat
 LIGHT = dict(color_jitter=0.4, interpolation="bicubic")  # RandomResizedCrop + flip + jitter only
 
 PRESETS = {
-    "cpu": dict(teacher="resnet18", num_classes=1000, input_size=64, data="digits", images=0, img_size=32,
+    "cpu": dict(teacher="resnet18", num_classes=1000, input_size=96, data="digits", images=0, img_size=32,
                 batch_size=64, epochs=1, unit_rows=256, mix_group=64, workers="0,1,2", device="cpu",
                 amp="none", rounds=3),
     "gpu": dict(teacher="vit_large_patch14_clip_224", num_classes=1000, input_size=224, data="synthetic-jpeg",
@@ -223,14 +223,23 @@ def gen_config(args, data: str, weights: str, out: str, workers: int, spec: AugS
                      progress=False)
 
 
-def run_gen(args, data: str, weights: str, tmp: Path, workers: int, spec: AugSpec, tag: str) -> dict:
+def run_gen(args, data: str, weights: str, tmp: Path, workers: int, spec: AugSpec, tag: str,
+            threads: int | None = None) -> dict:
+    """One gen_logits() call into a fresh store; ``threads`` sets this process's torch intra-op
+    threads for the call only (gen_logits itself leaves them as it finds them)."""
     out = tmp / f"store_{tag}_w{workers}.zarr"
     cfg = gen_config(args, data, weights, str(out), workers, spec)
     LoopClock.last = None
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
     gc.collect()
     c0, t0 = cpu_seconds(), time.perf_counter()
-    summary = gen_logits(cfg)
-    wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+    try:
+        summary = gen_logits(cfg)
+    finally:
+        wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+        torch.set_num_threads(before)
     views = summary["views"]
     rec = {"views": views, "wall_s": wall, "cpu_s": cpu, "views_per_s": views / wall,
            "summary_views_per_s": summary.get("views_per_s"), "complete": summary.get("complete")}
@@ -299,6 +308,9 @@ def parse_args(argv=None):
     ap.add_argument("--amp", choices=["none", "bf16", "fp16"])
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads in this process (default: torch's)")
     ap.add_argument("--rounds", type=int)
+    ap.add_argument("--thread-variants", action="store_true",
+                    help="CPU only: also run gen-logits with this process's torch threads cut to max(1, cores - "
+                         "workers) for each worker count > 0 (gen-logits does not do that itself)")
     ap.add_argument("--out", help="also write the figures and raw rounds to this JSON file")
     args = ap.parse_args(argv)
     for k, v in PRESETS[args.preset].items():
@@ -319,10 +331,19 @@ def environment(args) -> dict:
     env = {"date": datetime.date.today().isoformat(), "python": platform.python_version(),
            "torch": torch.__version__, "timm": timm.__version__, "pillow": PIL.__version__,
            "zarr": zarr.__version__, "numpy": np.__version__, "cpus": os.cpu_count(),
-           "torch_threads": torch.get_num_threads(), "platform": platform.platform()}
+           "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
+           "loadavg_at_start": _loadavg()}
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)
     return env
+
+
+def _loadavg():
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
 
 
 def main(argv=None) -> int:
@@ -380,12 +401,19 @@ def main(argv=None) -> int:
         warm_data = "digits:val" if data.startswith("digits") else data
         warm_args = argparse.Namespace(**{**vars(args), "epochs": 1})
         t0 = time.perf_counter()
-        run_gen(warm_args, warm_data, str(weights), tmp, 0, spec, "warmup")
+        run_gen(warm_args, warm_data, str(weights), tmp, max(args.worker_counts + [0]), spec, "warmup")
         print(f"warm-up gen-logits on {warm_data}: {time.perf_counter() - t0:.1f} s\n")
 
         variants = {"forward": lambda: run_forward(fwd, batches)}
         for w in args.worker_counts:
             variants[f"gen w={w}"] = (lambda w=w: run_gen(args, data, str(weights), tmp, w, spec, "run"))
+        if args.thread_variants and device.type == "cpu":
+            cores = os.cpu_count() or 1
+            for w in args.worker_counts:
+                if w > 0 and max(1, cores - w) != torch.get_num_threads():
+                    t_w = max(1, cores - w)
+                    variants[f"gen w={w} t={t_w}"] = (
+                        lambda w=w, t_w=t_w: run_gen(args, data, str(weights), tmp, w, spec, "run", threads=t_w))
         names = list(variants)
         rounds: dict[str, list[dict]] = {k: [] for k in names}
         for r in range(args.rounds):
@@ -407,9 +435,9 @@ def main(argv=None) -> int:
     res["summary"] = {"forward_views_per_s": med(fw_vps), "forward_cpu_s_per_view": fw_cpu,
                       "render_cpu_s_per_view": render["cpu_s_per_view"], "cpu_budget_ceiling": ceiling}
     print(f"\nmedian over {args.rounds} rounds; ratios = median of per-round ratios to forward-only [min, max]")
-    print(f"{'variant':10s} {'e2e/s':>7s} {'loop/s':>7s} {'steady/s':>8s} {'setup s':>7s} {'cpu ms/v':>8s}  "
+    print(f"{'variant':12s} {'e2e/s':>7s} {'loop/s':>7s} {'steady/s':>8s} {'setup s':>7s} {'cpu ms/v':>8s}  "
           f"{'e2e / forward':>22s}  {'loop / forward':>22s}  {'steady / forward':>22s}")
-    print(f"{'forward':10s} {med(fw_vps):7.0f} {'':7s} {'':8s} {'':7s} {fw_cpu * 1e3:8.2f}")
+    print(f"{'forward':12s} {med(fw_vps):7.0f} {'':7s} {'':8s} {'':7s} {fw_cpu * 1e3:8.2f}")
     for name in names[1:]:
         rs = rounds[name]
         e2e = [x["views_per_s"] for x in rs]
@@ -420,7 +448,7 @@ def main(argv=None) -> int:
              "e2e/forward": ratio_stats(e2e, fw_vps), "loop/forward": ratio_stats(loop, fw_vps),
              "steady/forward": ratio_stats(steady, fw_vps)}
         res["summary"][name] = s
-        print(f"{name:10s} {fmt(s['e2e_views_per_s'])} {fmt(s['loop_views_per_s'])} {fmt(s['steady_views_per_s'], width=8)} "
+        print(f"{name:12s} {fmt(s['e2e_views_per_s'])} {fmt(s['loop_views_per_s'])} {fmt(s['steady_views_per_s'], width=8)} "
               f"{fmt(s['setup_s'], '.1f')} {fmt(s['cpu_s_per_view'] * 1e3, '.2f', 8)}  {fmt_ratio(s['e2e/forward']):>22s}  "
               f"{fmt_ratio(s['loop/forward']):>22s}  {fmt_ratio(s['steady/forward']):>22s}")
     if ceiling is not None:
@@ -428,6 +456,8 @@ def main(argv=None) -> int:
               f"{render['cpu_s_per_view'] * 1e3:.2f} ms CPU/view; with {cores} cores shared perfectly the ratio "
               f"could reach at most {ceiling:.3f}")
     res["elapsed_s"] = time.perf_counter() - t_start
+    res["loadavg_at_end"] = _loadavg()
+    print(f"load average (1 min) at start {env['loadavg_at_start']}, at end {res['loadavg_at_end']}")
     print(f"total {res['elapsed_s']:.0f} s")
     _write(args.out, res)
     return 0
