@@ -205,13 +205,19 @@ class Forward:
         return n
 
 
-def run_forward(fwd: Forward, batches) -> dict:
+def run_forward(fwd: Forward, batches, threads: int | None = None) -> dict:
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
     gc.collect()
     sync(fwd.device)
     c0, t0 = cpu_seconds(), time.perf_counter()
-    views = fwd(batches)
-    sync(fwd.device)
-    wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+    try:
+        views = fwd(batches)
+        sync(fwd.device)
+    finally:
+        wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+        torch.set_num_threads(before)
     return {"views": views, "wall_s": wall, "cpu_s": cpu, "views_per_s": views / wall}
 
 
@@ -409,9 +415,11 @@ def main(argv=None) -> int:
             variants[f"gen w={w}"] = (lambda w=w: run_gen(args, data, str(weights), tmp, w, spec, "run"))
         if args.thread_variants and device.type == "cpu":
             cores = os.cpu_count() or 1
+            for t_w in sorted({max(1, cores - w) for w in args.worker_counts if w > 0} - {torch.get_num_threads()}):
+                variants[f"forward t={t_w}"] = lambda t_w=t_w: run_forward(fwd, batches, threads=t_w)
             for w in args.worker_counts:
-                if w > 0 and max(1, cores - w) != torch.get_num_threads():
-                    t_w = max(1, cores - w)
+                t_w = max(1, cores - w)
+                if w > 0 and t_w != torch.get_num_threads():
                     variants[f"gen w={w} t={t_w}"] = (
                         lambda w=w, t_w=t_w: run_gen(args, data, str(weights), tmp, w, spec, "run", threads=t_w))
         names = list(variants)
@@ -433,24 +441,31 @@ def main(argv=None) -> int:
     cores = os.cpu_count() or 1
     ceiling = min(1.0, cores / (med(fw_vps) * (fw_cpu + render["cpu_s_per_view"]))) if device.type == "cpu" else None
     res["summary"] = {"forward_views_per_s": med(fw_vps), "forward_cpu_s_per_view": fw_cpu,
-                      "render_cpu_s_per_view": render["cpu_s_per_view"], "cpu_budget_ceiling": ceiling}
-    print(f"\nmedian over {args.rounds} rounds; ratios = median of per-round ratios to forward-only [min, max]")
+                      "render_cpu_s_per_view": render["cpu_s_per_view"], "cpu_budget_ceiling": ceiling,
+                      "main_threads": torch.get_num_threads()}
+    print(f"\nmedian over {args.rounds} rounds; ratios = median over rounds of (variant / forward of the same "
+          f"round) [min, max];\nforward and gen w=N use this process's {torch.get_num_threads()} torch threads, "
+          "'t=M' variants M threads")
     print(f"{'variant':12s} {'e2e/s':>7s} {'loop/s':>7s} {'steady/s':>8s} {'setup s':>7s} {'cpu ms/v':>8s}  "
-          f"{'e2e / forward':>22s}  {'loop / forward':>22s}  {'steady / forward':>22s}")
-    print(f"{'forward':12s} {med(fw_vps):7.0f} {'':7s} {'':8s} {'':7s} {fw_cpu * 1e3:8.2f}")
-    for name in names[1:]:
+          f"{'e2e / forward':>21s}  {'loop / forward':>21s}  {'steady / forward':>21s}  {'e2e / forward t=M':>21s}")
+    for name in names:
         rs = rounds[name]
         e2e = [x["views_per_s"] for x in rs]
         loop = [x.get("loop_views_per_s") for x in rs]
         steady = [x.get("steady_views_per_s") for x in rs]
         s = {"e2e_views_per_s": med(e2e), "loop_views_per_s": med(loop), "steady_views_per_s": med(steady),
-             "setup_s": med([x.get("setup_s") for x in rs]), "cpu_s_per_view": med([x["cpu_s"] / x["views"] for x in rs]),
-             "e2e/forward": ratio_stats(e2e, fw_vps), "loop/forward": ratio_stats(loop, fw_vps),
-             "steady/forward": ratio_stats(steady, fw_vps)}
+             "setup_s": med([x.get("setup_s") for x in rs]), "cpu_s_per_view": med([x["cpu_s"] / x["views"] for x in rs])}
+        if name != "forward":
+            s.update({"e2e/forward": ratio_stats(e2e, fw_vps), "loop/forward": ratio_stats(loop, fw_vps),
+                      "steady/forward": ratio_stats(steady, fw_vps)})
+        same = f"forward {name.split()[-1]}" if name.startswith("gen") and " t=" in name else None
+        if same in rounds:
+            s[f"e2e/{same}"] = ratio_stats(e2e, [x["views_per_s"] for x in rounds[same]])
         res["summary"][name] = s
         print(f"{name:12s} {fmt(s['e2e_views_per_s'])} {fmt(s['loop_views_per_s'])} {fmt(s['steady_views_per_s'], width=8)} "
-              f"{fmt(s['setup_s'], '.1f')} {fmt(s['cpu_s_per_view'] * 1e3, '.2f', 8)}  {fmt_ratio(s['e2e/forward']):>22s}  "
-              f"{fmt_ratio(s['loop/forward']):>22s}  {fmt_ratio(s['steady/forward']):>22s}")
+              f"{fmt(s['setup_s'], '.1f')} {fmt(s['cpu_s_per_view'] * 1e3, '.2f', 8)}  "
+              f"{fmt_ratio(s.get('e2e/forward')):>21s}  {fmt_ratio(s.get('loop/forward')):>21s}  "
+              f"{fmt_ratio(s.get('steady/forward')):>21s}  {fmt_ratio(s.get(f'e2e/{same}')):>21s}")
     if ceiling is not None:
         print(f"\nCPU budget: forward {fw_cpu * 1e3:.2f} ms CPU/view at {med(fw_vps):.0f} views/s, rendering "
               f"{render['cpu_s_per_view'] * 1e3:.2f} ms CPU/view; with {cores} cores shared perfectly the ratio "

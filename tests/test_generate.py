@@ -196,3 +196,17 @@ def test_corrupt_image_stops_or_is_skipped(weights, tmp_path):
     row = list(st.keys).index("b/3.png")
     assert st.skipped(0, slice(None)).nonzero()[0].tolist() == [row]
     assert np.isnan(st.topk(0, row)[0]).all()
+
+
+def test_object_store_url(weights):
+    """gen-logits writes through fsspec (memory:// stands in for s3:// / gs://)."""
+    from click.testing import CliRunner
+    from tinydistill.cli import main
+    url = "memory://td-gen/store.zarr"
+    args = [a for a in ARGS]
+    args[args.index("--epochs") + 1] = "1"
+    r = CliRunner().invoke(main, ["gen-logits", *args, "--teacher-weights", weights, "--workers", "0", "--out", url])
+    assert r.exit_code == 0, r.output
+    st = td.open_store(url)
+    assert st.completed().tolist() == [1.0] and st.info["bytes_per_view"] > 0
+    assert np.isfinite(st.topk(0, slice(None))[0]).all()
