@@ -30,16 +30,26 @@ time of each update; the package itself is not modified. Also reported: CPU seco
 machine: min(1, cores / (forward views/s x (forward + render CPU s per view))), i.e. what the
 ratio could be if the teacher and the rendering shared the cores perfectly.
 
+``--thread-variants`` (CPU only) adds, for each worker count N > 0, "gen w=N t=M": the same
+gen-logits run with this process's torch intra-op threads cut to M = max(1, cores - N) for the
+call, and "forward t=M", the forward-only pass at M threads; gen-logits itself keeps whatever
+thread count it finds (torch's default: one per core), so its DataLoader workers then compete
+with the teacher's threads for the same cores. The OpenMP environment (``OMP_NUM_THREADS``,
+``OMP_WAIT_POLICY``) is recorded; setting it before the run is the way to compare those.
+
 Presets (every option below can still be overridden):
   cpu (default)  random-init timm resnet18, 1000 classes, input 96 px; built-in ``digits``
                  (1438 images) rendered at 32 px with TinyViT's recipe (RandAugment m9, jitter
                  0.4, random erasing 0.25, mixup 0.8 / cutmix 1.0); K=10, batch 64, 1 epoch,
-                 units of 256 rows (6 units), workers 0,1,2, 3 rounds. About 3-4 minutes on 2
-                 shared cores.
+                 units of 256 rows (6 units), workers 0,1,2, 3 rounds. About 1.5 minutes on 2
+                 idle cores, 3-4 minutes when other jobs share them (the teacher is ~90 % of
+                 the CPU work: ~5 ms per view against ~0.5 ms to render it).
   gpu            random-init vit_large_patch14_clip_224 (1000 classes), input 224, bf16 AMP on
                  ``cuda``; 4096 synthetic 320x256 JPEGs (an ImageFolder in a temp dir) rendered
                  at 224 px with the same recipe; K=10, batch 256, units of 256 rows, workers
                  0,4,8 and cores-1, 2 rounds. Skipped, with a message, when CUDA is not available.
+                 Each gen-logits call rebuilds the 304 M-parameter teacher twice and hashes its
+                 1.2 GB weights file (``load_teacher``), so read the loop / steady columns there.
 
 Teachers are random-init (``pretrained=False``, seeded) and saved with
 ``torch.save(model.state_dict())`` to a temp file passed as the teacher weights, as the tests do:
@@ -48,7 +58,8 @@ nothing is downloaded. No timing is asserted.
     .venv/bin/python pipelines/bench_gen_logits.py [--preset cpu|gpu] [--rounds R] [--workers 0,1,2]
         [--teacher NAME] [--num-classes C] [--input-size PX] [--data digits|synthetic-jpeg|SRC]
         [--images N] [--img-size PX] [--batch-size B] [--epochs E] [--device cpu|cuda]
-        [--amp none|bf16|fp16] [--out FILE.json]
+        [--amp none|bf16|fp16] [--thread-variants] [--out FILE.json]
+    .venv/bin/python pipelines/bench_gen_logits.py --preset gpu     # on a machine with CUDA
 """
 
 from __future__ import annotations

@@ -193,13 +193,17 @@ def _save(path: Path, obj: dict) -> None:
 
 
 def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """RNG states as tensors and plain Python values, so checkpoints load with weights_only=True."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": [name, keys.tolist(), pos, has_gauss, gauss],
+            "python": random.getstate()}
 
 
 def _set_rng_state(s: dict) -> None:
     torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
+    name, keys, pos, has_gauss, gauss = s["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    random.setstate(tuple(s["python"][:1]) + (tuple(s["python"][1]),) + tuple(s["python"][2:]))
 
 
 def _steps_this_epoch(stream: ViewStream, batch_size: int, workers: int) -> int:
@@ -278,7 +282,10 @@ def train_student(cfg: TrainConfig) -> dict[str, Any]:
         ck_path = out / "last.pth"
         if not ck_path.exists():
             raise TrainError(f"{ck_path}: no checkpoint to resume from")
-        ck = torch.load(ck_path, map_location="cpu", weights_only=False)
+        try:
+            ck = torch.load(ck_path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise TrainError(f"{ck_path}: cannot load checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from e
         if ck["config"]["student"] != cfg.student or ck["config"]["epochs"] != cfg.epochs:
             raise TrainError(f"{ck_path}: checkpoint is of {ck['config']['student']} for {ck['config']['epochs']} "
                              f"epochs; this run is {cfg.student} for {cfg.epochs}")

@@ -1,0 +1,428 @@
+"""Benchmark: training steps/s of one student under offline KD, no-KD and online KD, side by side.
+
+The three modes of ``tinydistill.train.train_student`` run the same loop on the same views:
+
+  offline   ``TrainConfig(logits=STORE)``: targets are the teacher's stored top-K, read a store
+            chunk at a time by the DataLoader workers alongside the views; no teacher exists.
+  no-kd     ``TrainConfig(no_kd=True)``: the supervised baseline on the (mixed, smoothed) labels.
+            This is the physical ceiling for offline KD: same student, same views, no targets.
+  online    ``TrainConfig(online_teacher=NAME, teacher_weights=...)``: the teacher runs a forward
+            pass on every batch, in the training process, before the student's step.
+
+All three get the same student (built under the same seed), batch size, optimiser, DataLoader
+worker count and views: the no-KD and online runs are given the store's augmentation spec, base
+seed and unit size (``spec``, ``view_seed``, ``unit_rows`` = the store's ``chunk_rows``), so they
+draw exactly the batches the offline run replays. The store is made once beforehand by
+``gen_logits`` with the same teacher and weights that the online run uses; its wall time is
+reported as the one-off cost of offline KD, but it is not part of any ratio.
+
+What is timed: the training steps only. ``train_student`` draws a tqdm bar and calls
+``bar.update(1)`` after each step (after ``loss.item()``, so the step has finished, on a GPU
+too); this script swaps ``tqdm.tqdm`` for a stand-in that records the time of every update (the
+package is not modified). In each epoch the first ``--skip-steps`` steps are left out, because
+the first one also pays for starting the DataLoader workers and rendering their first batch; the
+rate is (steps timed) / (time from the end of step ``skip`` to the end of the last step), summed
+over epochs. Model building, teacher loading, store opening and its replay canary, worker
+start-up, checkpoints and evaluation are outside the timed window. As a cross-check the table
+also shows each run's epoch wall time as ``train_student`` writes it in metrics.jsonl
+("seconds", which does include the epoch's worker start-up).
+
+Noise: on shared cores the modes are alternated, one run of each per round, with the order
+rotated every round so none always runs first or last. Ratios are computed per round
+(offline / no-KD and offline / online of the same round) and reported as the median over
+rounds with [min, max]; steps/s are medians over rounds.
+
+Presets (every option can still be overridden):
+  cpu (default)  built-in ``digits`` (1,438 train images, 10 classes) rendered at 64 px with
+                 TinyViT's recipe (RandAugment m9, jitter 0.4, random erasing 0.25, mixup 0.8 /
+                 cutmix 1.0, mix groups of 64); store of K=10 in chunks of 128 rows; student
+                 ``deit_tiny_patch16_224`` built at 64 px (5.5 M params); teacher random-init
+                 ``resnet50`` (23.5 M params) at 96 px (``teacher_input_size``); batch 64, 2 DataLoader
+                 workers, 1 epoch per run, 3 rounds. About 5 minutes on 2 shared cores.
+  gpu            4,096 synthetic 320x256 JPEGs (an ImageFolder in a temp dir) rendered at 224 px with
+                 the same recipe; student ``deit_tiny_patch16_224`` at 224; teacher random-init
+                 ``vit_large_patch14_clip_224`` (304 M params) at 224; bf16 AMP on ``cuda``; batch
+                 256, min(8, cores - 1) workers, 2 epochs per run, 3 rounds. When CUDA is not
+                 available it prints that it was skipped and measures nothing.
+
+Teachers are random-init (``pretrained=False``, seeded) and saved with
+``torch.save(model.state_dict())`` to a temp file passed as the teacher weights, as the tests do;
+nothing is downloaded. Everything is written under a temporary directory that is removed at the
+end. No timing is asserted.
+
+    .venv/bin/python pipelines/bench_train.py [--preset cpu|gpu] [--rounds R] [--epochs E]
+        [--student NAME] [--input-size PX] [--teacher NAME] [--teacher-input-size PX]
+        [--data digits|synthetic-jpeg|SRC] [--images N] [--img-size PX] [--recipe tinyvit|light]
+        [--batch-size B] [--workers W] [--k K] [--device cpu|cuda] [--amp none|bf16|fp16]
+        [--threads T] [--skip-steps S] [--modes offline,no-kd,online] [--out FILE.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tinydistill.augment import AugSpec
+from tinydistill.generate import GenConfig, gen_logits
+from tinydistill.sources import open_source
+from tinydistill.train import TrainConfig, train_student
+
+TINYVIT = dict(auto_augment="rand-m9-mstd0.5-inc1", color_jitter=0.4, interpolation="bicubic",
+               re_prob=0.25, re_mode="pixel", mixup=0.8, cutmix=1.0, switch_prob=0.5)
+LIGHT = dict(color_jitter=0.4, interpolation="bicubic")  # RandomResizedCrop + flip + jitter only
+
+PRESETS = {
+    "cpu": dict(data="digits", images=0, img_size=64, student="deit_tiny_patch16_224", input_size=64,
+                teacher="resnet50", teacher_input_size=96, batch_size=64, workers=2, epochs=1,
+                chunk_rows=128, mix_group=64, device="cpu", amp="none", rounds=3),
+    "gpu": dict(data="synthetic-jpeg", images=4096, img_size=224, student="deit_tiny_patch16_224", input_size=224,
+                teacher="vit_large_patch14_clip_224", teacher_input_size=224, batch_size=256, workers=None,
+                epochs=2, chunk_rows=512, mix_group=64, device="cuda", amp="bf16", rounds=3),
+}
+MODES = ("offline", "no-kd", "online")
+
+
+# ---- data and teacher ----------------------------------------------------------------------------
+
+def make_jpeg_folder(root: Path, n: int, classes: int = 10, seed: int = 0) -> None:
+    """``n`` synthetic 320x256 'photos' (smooth random colour fields plus noise), JPEG quality 90."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        d = root / f"class{i % classes}"
+        d.mkdir(parents=True, exist_ok=True)
+        low = rng.integers(0, 256, size=(int(rng.integers(3, 9)), int(rng.integers(3, 9)), 3), dtype=np.uint8)
+        field = np.asarray(Image.fromarray(low).resize((320, 256), Image.BICUBIC), dtype=np.float32)
+        field += rng.normal(0.0, 10.0, size=field.shape)
+        Image.fromarray(np.clip(field, 0, 255).astype(np.uint8)).save(d / f"{i:05d}.jpg", quality=90)
+
+
+def save_random_teacher(name: str, num_classes: int, path: Path) -> int:
+    """A seeded random-init timm model's state_dict, saved where ``--teacher-weights`` points."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=num_classes)
+    torch.save(model.state_dict(), path)
+    n = sum(p.numel() for p in model.parameters())
+    del model
+    gc.collect()
+    return n
+
+
+def count_student_params(args, num_classes: int) -> int:
+    from tinydistill.train import create_student
+
+    cfg = TrainConfig(data="", student=args.student, out="")
+    m = create_student(cfg, num_classes, args.input_size)
+    n = sum(p.numel() for p in m.parameters())
+    del m
+    return n
+
+
+# ---- step timing ---------------------------------------------------------------------------------
+
+class StepClock:
+    """Stands in for tqdm in ``train_student``: records the time of each ``update`` (one per step)."""
+
+    log: list["StepClock"] = []
+
+    def __init__(self, *_, total=None, **__):
+        self.total = total
+        self.t_open = time.perf_counter()
+        self.times: list[float] = []
+        StepClock.log.append(self)
+
+    def update(self, n=1):
+        self.times.append(time.perf_counter())
+
+    def set_postfix(self, *_, **__):
+        pass
+
+    def close(self):
+        pass
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def train_config(args, mode: str, data: str, store: str, weights: str, out: str, spec: AugSpec) -> TrainConfig:
+    common = dict(data=data, student=args.student, out=out, epochs=args.epochs, batch_size=args.batch_size,
+                  workers=args.workers, device=args.device, amp=args.amp, seed=args.seed,
+                  input_size=args.input_size, warmup_epochs=0.5, progress=False)  # the clock records either way
+    if mode == "offline":
+        return TrainConfig(logits=store, **common)
+    baseline = dict(spec=spec, view_seed=args.seed, unit_rows=args.chunk_rows, **common)
+    if mode == "no-kd":
+        return TrainConfig(no_kd=True, **baseline)
+    return TrainConfig(online_teacher=args.teacher, teacher_weights=weights,
+                       teacher_input_size=args.teacher_input_size, k=args.k, **baseline)
+
+
+def run_mode(args, mode: str, data: str, store: str, weights: str, tmp: Path, spec: AugSpec, tag: str) -> dict:
+    out = tmp / f"run_{mode}_{tag}"
+    cfg = train_config(args, mode, data, store, weights, str(out), spec)
+    import tqdm as tqdm_module
+
+    StepClock.log = []
+    real_tqdm, tqdm_module.tqdm = tqdm_module.tqdm, StepClock  # train_student does `from tqdm import tqdm`
+    gc.collect()
+    sync(args.device)
+    t0 = time.perf_counter()
+    try:
+        summary = train_student(cfg)
+    finally:
+        tqdm_module.tqdm = real_tqdm
+    wall = time.perf_counter() - t0
+    clocks = StepClock.log
+    if not clocks:
+        raise RuntimeError("the step clock was never created: train_student no longer draws its bar with tqdm.tqdm")
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    shutil.rmtree(out, ignore_errors=True)
+    s = args.skip_steps
+    timed_steps, timed_s, steps = 0, 0.0, 0
+    for c in clocks:
+        steps += len(c.times)
+        if len(c.times) > s:
+            start = c.times[s - 1] if s > 0 else c.t_open
+            timed_steps += len(c.times) - s
+            timed_s += c.times[-1] - start
+    if summary.get("mode") != {"no-kd": "no_kd"}.get(mode, mode):
+        raise RuntimeError(f"{mode}: train_student ran in mode {summary.get('mode')!r}")
+    rec = {"steps": steps, "timed_steps": timed_steps, "timed_s": timed_s,
+           "steps_per_s": timed_steps / timed_s if timed_s > 0 else None,
+           "epoch_seconds": [m["seconds"] for m in metrics], "views": sum(m["views"] for m in metrics),
+           "wall_s": wall, "train_loss": summary.get("train_loss")}
+    rec["setup_s"] = wall - sum(rec["epoch_seconds"])  # before the first epoch plus checkpoints after each
+    return rec
+
+
+# ---- reporting -----------------------------------------------------------------------------------
+
+def med(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def ratio_stats(num: list, den: list) -> dict | None:
+    r = [a / b for a, b in zip(num, den) if a is not None and b]
+    if not r:
+        return None
+    return {"median": statistics.median(r), "min": min(r), "max": max(r), "per_round": r}
+
+
+def fmt_ratio(s, digits=3):
+    return f"{s['median']:.{digits}f} [{s['min']:.{digits}f}, {s['max']:.{digits}f}]" if s else "-"
+
+
+def _loadavg():
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def environment() -> dict:
+    import PIL
+    import timm
+    import zarr
+
+    env = {"date": datetime.date.today().isoformat(), "python": platform.python_version(),
+           "torch": torch.__version__, "timm": timm.__version__, "pillow": PIL.__version__,
+           "zarr": zarr.__version__, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+           "platform": platform.platform(), "loadavg_at_start": _loadavg()}
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(0)
+    return env
+
+
+def _write(path, res) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(res, indent=1, default=float) + "\n")
+        print(f"wrote {path}")
+
+
+# ---- main ----------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="defaults for the options below (default cpu)")
+    ap.add_argument("--student", help="timm student (random init)")
+    ap.add_argument("--input-size", type=int, help="student input size (views are resized to it)")
+    ap.add_argument("--teacher", help="timm teacher (random init, saved as a state_dict; no download)")
+    ap.add_argument("--teacher-input-size", type=int, help="teacher input size for gen-logits and online KD")
+    ap.add_argument("--data", help="digits[:train|:val], synthetic-jpeg (generated in a temp dir), or any SRC")
+    ap.add_argument("--images", type=int, help="how many JPEGs for --data synthetic-jpeg")
+    ap.add_argument("--img-size", type=int, help="size views are rendered at (AugSpec.img_size)")
+    ap.add_argument("--recipe", choices=["tinyvit", "light"], default="tinyvit",
+                    help="augmentation: TinyViT's (RandAugment, erasing, mixup/cutmix) or light (crop, flip, jitter)")
+    ap.add_argument("--mix-group", type=int)
+    ap.add_argument("--chunk-rows", type=int, help="store chunk rows = unit of work for every mode")
+    ap.add_argument("--batch-size", type=int)
+    ap.add_argument("--workers", type=int, help="DataLoader workers (all modes)")
+    ap.add_argument("--epochs", type=int, help="epochs per training run (the store holds as many)")
+    ap.add_argument("--k", type=int, default=10, help="top-K kept in the store and by the online teacher")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", choices=["cpu", "cuda"])
+    ap.add_argument("--amp", choices=["none", "bf16", "fp16"])
+    ap.add_argument("--threads", type=int, help="torch intra-op threads in this process (default: torch's)")
+    ap.add_argument("--rounds", type=int)
+    ap.add_argument("--skip-steps", type=int, default=2, help="leading steps of each epoch left out of the timing")
+    ap.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of offline,no-kd,online")
+    ap.add_argument("--out", help="also write the figures and raw rounds to this JSON file")
+    args = ap.parse_args(argv)
+    for k, v in PRESETS[args.preset].items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    if args.workers is None:  # gpu preset: scale with the machine
+        args.workers = max(1, min(8, (os.cpu_count() or 2) - 1))
+    args.mode_list = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = set(args.mode_list) - set(MODES)
+    if bad or not args.mode_list:
+        ap.error(f"--modes: unknown {sorted(bad)}; choose from {','.join(MODES)}")
+    if args.chunk_rows % args.mix_group:
+        ap.error("--chunk-rows must be a multiple of --mix-group")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = {k: v for k, v in vars(args).items() if k != "out"}
+    env = environment()
+    print(f"bench_train: {env}")
+    print(f"config: {config}\n")
+    res: dict = {"env": env, "config": config}
+    if args.device == "cuda" and not torch.cuda.is_available():
+        msg = (f"skipped: --device cuda (preset {args.preset}: student {args.student} at {args.input_size} px, "
+               f"teacher {args.teacher}, amp {args.amp}) asked for, but torch.cuda.is_available() is False "
+               "on this machine; nothing was measured")
+        print(msg)
+        res["skipped"] = msg
+        _write(args.out, res)
+        return 0
+    recipe = TINYVIT if args.recipe == "tinyvit" else LIGHT
+    spec = AugSpec(img_size=args.img_size, mix_group=args.mix_group, **recipe)
+    t_start = time.perf_counter()
+
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as tmpdir:
+        tmp = Path(tmpdir)
+        data = args.data
+        if data == "synthetic-jpeg":
+            t0 = time.perf_counter()
+            make_jpeg_folder(tmp / "jpeg", args.images)
+            data = str(tmp / "jpeg")
+            print(f"data: {args.images} synthetic 320x256 JPEGs in {time.perf_counter() - t0:.1f} s")
+        source = open_source(data)
+        weights = tmp / "teacher.pth"
+        t_params = save_random_teacher(args.teacher, source.num_classes, weights)
+        s_params = count_student_params(args, source.num_classes)
+        print(f"teacher: {args.teacher} random init, {t_params / 1e6:.1f} M params, input {args.teacher_input_size} px\n"
+              f"student: {args.student} random init, {s_params / 1e6:.1f} M params, input {args.input_size} px\n"
+              f"views:   {source.name} ({len(source)} images, {source.num_classes} classes) rendered at "
+              f"{args.img_size} px ({args.recipe} recipe), units of {args.chunk_rows} rows; batch {args.batch_size}, "
+              f"{args.workers} DataLoader workers, {args.epochs} epoch(s) per run, device {args.device}, amp {args.amp}, "
+              f"{torch.get_num_threads()} torch threads")
+        res.update(teacher_params=t_params, student_params=s_params, images=len(source))
+
+        # the store: the teacher's top-K for every view of every epoch a run will train on (one-off cost)
+        store = str(tmp / "store.zarr")
+        gcfg = GenConfig(data=data, teacher=args.teacher, out=store, k=args.k, epochs=(0, args.epochs),
+                         teacher_weights=str(weights), teacher_input_size=args.teacher_input_size, seed=args.seed,
+                         batch_size=args.batch_size, workers=args.workers, device=args.device, amp=args.amp,
+                         spec=spec, overwrite=True, chunk_rows=args.chunk_rows, shard_rows=args.chunk_rows,
+                         progress=False)
+        t0 = time.perf_counter()
+        g = gen_logits(gcfg)
+        gen_s = time.perf_counter() - t0
+        res["gen_logits"] = {"seconds": gen_s, "views": g["views"], "views_per_s": g["views"] / gen_s}
+        print(f"store:   gen-logits {g['views']} views (K={args.k}) in {gen_s:.1f} s = {g['views'] / gen_s:.0f} views/s "
+              "(one-off, not in any ratio)\n")
+
+        rounds: dict[str, list[dict]] = {m: [] for m in args.mode_list}
+        names = args.mode_list
+        for r in range(args.rounds):
+            order = names[r % len(names):] + names[:r % len(names)]  # rotate: each mode takes each slot
+            line = []
+            for mode in order:
+                rec = run_mode(args, mode, data, store, str(weights), tmp, spec, f"r{r}")
+                rec["loadavg"] = _loadavg()
+                rounds[mode].append(rec)
+                line.append(f"{mode} {rec['steps_per_s']:.2f}")
+            print(f"round {r + 1}/{args.rounds} ({', '.join(order)}): " + ", ".join(line) + " steps/s")
+        res["rounds"] = rounds
+
+    # ---- summary
+    summ: dict = {}
+    print(f"\nsteps/s: median over {args.rounds} rounds of (timed steps / their time), first {args.skip_steps} "
+          "step(s) of each epoch left out;\nepoch s: train_student's own epoch wall time (metrics.jsonl 'seconds', "
+          "includes worker start-up); setup s: the rest of the call")
+    print(f"{'mode':8s} {'steps/s':>8s} {'ms/step':>8s} {'min..max steps/s':>17s} {'steps':>6s} {'epoch s':>8s} "
+          f"{'setup s':>8s}")
+    for mode in names:
+        rs = rounds[mode]
+        sps = [x["steps_per_s"] for x in rs]
+        epoch_s = med([statistics.mean(x["epoch_seconds"]) for x in rs])
+        s = {"steps_per_s": med(sps), "ms_per_step": 1e3 / med(sps), "min": min(sps), "max": max(sps),
+             "steps_per_run": rs[0]["steps"], "epoch_seconds": epoch_s, "setup_s": med([x["setup_s"] for x in rs])}
+        summ[mode] = s
+        print(f"{mode:8s} {s['steps_per_s']:8.2f} {s['ms_per_step']:8.1f} {s['min']:8.2f}..{s['max']:<7.2f} "
+              f"{s['steps_per_run']:6d} {epoch_s:8.1f} {s['setup_s']:8.1f}")
+    if len({rounds[m][0]['steps'] for m in names}) != 1:
+        print("note: the modes took different numbers of steps per run (they should not)")
+
+    def ratio(a, b, key="steps_per_s"):
+        if a in rounds and b in rounds:
+            return ratio_stats([x[key] for x in rounds[a]], [x[key] for x in rounds[b]])
+        return None
+
+    summ["offline/no-kd"] = ratio("offline", "no-kd")
+    summ["offline/online"] = ratio("offline", "online")
+    summ["no-kd/online"] = ratio("no-kd", "online")
+    print("\nratios of steps/s, per round, median [min, max]:")
+    if summ["offline/no-kd"]:
+        print(f"  offline / no-KD  = {fmt_ratio(summ['offline/no-kd'])}   (1.0 = the store costs nothing; target >= 0.97)")
+    if summ["offline/online"]:
+        print(f"  offline / online = {fmt_ratio(summ['offline/online'], 2)}   (speed-up of offline over online KD)")
+    if summ["no-kd/online"]:
+        print(f"  no-KD / online   = {fmt_ratio(summ['no-kd/online'], 2)}")
+    if "offline" in summ and "online" in summ:
+        # one epoch of views costs the store gen_s / epochs once; online pays the teacher every epoch it trains
+        steps = summ["offline"]["steps_per_run"] / args.epochs
+        extra = steps / summ["online"]["steps_per_s"] - steps / summ["offline"]["steps_per_s"]
+        per_epoch = gen_s / args.epochs
+        summ["gen_seconds_per_epoch_of_views"] = per_epoch
+        summ["online_extra_seconds_per_epoch"] = extra
+        print(f"\none-off store cost: {per_epoch:.1f} s per epoch of views (gen-logits, teacher at "
+              f"{args.teacher_input_size} px); online KD pays {extra:.1f} s more per epoch than offline, every time "
+              "it trains")
+    res["summary"] = summ
+    res["elapsed_s"] = time.perf_counter() - t_start
+    res["loadavg_at_end"] = _loadavg()
+    print(f"\nload average (1 min) at start {env['loadavg_at_start']}, at end {res['loadavg_at_end']}; "
+          f"total {res['elapsed_s']:.0f} s")
+    _write(args.out, res)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
