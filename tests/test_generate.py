@@ -11,10 +11,8 @@ import pytest
 import timm
 import torch
 import zarr
-from click.testing import CliRunner
 
 import tinydistill as td
-from tinydistill.cli import main
 
 ARGS = ["--data", "digits", "--teacher", "test_resnet", "--teacher-input-size", "32", "--epochs", "2",
         "--img-size", "32", "--mix-group", "64", "--chunk-rows", "128", "--shard-rows", "128",

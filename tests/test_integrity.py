@@ -30,7 +30,7 @@ def _check_unit(st, e, s):
 
 def test_four_spawned_writers_lose_nothing(tmp_path):
     path = str(tmp_path / "multi.zarr")
-    st = td.create_store(path, num_classes=30, k=4, epochs=3, keys=[f"k{i}" for i in range(1000)],
+    td.create_store(path, num_classes=30, k=4, epochs=3, keys=[f"k{i}" for i in range(1000)],
                          chunk_rows=64, shard_rows=128)
     ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(4)

@@ -11,7 +11,6 @@ import pytest
 import timm
 import torch
 
-import tinydistill as td
 
 VIEW = ["--img-size", "32", "--mix-group", "64", "--mixup", "0.8", "--cutmix", "1.0"]
 

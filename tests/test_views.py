@@ -1,11 +1,8 @@
-import hashlib
-import os
 import random
 import subprocess
 import sys
 import tarfile
 from io import BytesIO
-from pathlib import Path
 
 import numpy as np
 import pytest

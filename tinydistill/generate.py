@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .augment import AugSpec
+from . import dist
 from .errors import NotAStoreError, StoreError, TinydistillError
 from .sources import open_source
 from .store import DEFAULT_CHUNK_ROWS, DEFAULT_SHARD_CHUNKS, LogitStore, open_store
@@ -67,42 +68,6 @@ def parse_epochs(text: str) -> tuple[int, int]:
     if not 0 <= a < b:
         raise TinydistillError(f"--epochs {text}: need 0 <= A < B")
     return a, b
-
-
-# ---- distributed ---------------------------------------------------------------------------------
-
-def init_distributed(device: str) -> tuple[int, int]:
-    """Join the torchrun process group when launched by torchrun; (rank, world)."""
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if device.startswith("cuda") else "gloo"
-        if device.startswith("cuda"):
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend=backend)
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def _broadcast_error(msg: str | None) -> None:
-    """Rank 0's set-up failure stops every rank with the same one-line message."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        box = [msg]
-        dist.broadcast_object_list(box, src=0)
-        msg = box[0]
-    if msg:
-        raise TinydistillError(msg)
 
 
 # ---- store set-up --------------------------------------------------------------------------------
@@ -163,7 +128,7 @@ def _prepare_store(cfg: GenConfig, teacher, source, rank: int) -> LogitStore:
                 log.info("created %s", cfg.out)
         except TinydistillError as e:
             err = str(e)
-    _broadcast_error(err)
+    dist.broadcast_error(err)
     return open_store(cfg.out, mode="r+")
 
 
@@ -206,11 +171,7 @@ class _ShardWriter:
 def gen_logits(cfg: GenConfig) -> dict[str, Any]:
     """Fill epochs [cfg.epochs) of the store at cfg.out; returns the run summary."""
     t_start = time.time()
-    rank, world = init_distributed(cfg.device)
-    device = torch.device(cfg.device if not cfg.device.startswith("cuda") or world == 1
-                          else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TinydistillError("--device cuda: no CUDA device is available here")
+    rank, world, device = dist.setup(cfg.device)
     source = open_source(cfg.data)
     teacher = load_teacher(cfg.teacher, cfg.teacher_weights, class_names=source.class_names)
     if cfg.teacher_input_size:
@@ -274,8 +235,8 @@ def gen_logits(cfg: GenConfig) -> dict[str, Any]:
             writer.thread.join()
     if buffers:
         raise StoreError(f"{cfg.out}: {len(buffers)} shard(s) did not receive all their rows")
-    _barrier()
-    views, skipped, written = _sum_over_ranks([views, skipped, writer.written])
+    dist.barrier()
+    views, skipped, written = (int(v) for v in dist.all_reduce([views, skipped, writer.written]))
     secs = time.time() - t_start
     return {
         "store": cfg.out, "epochs": list(cfg.epochs), "rank": rank, "world_size": world,
@@ -284,18 +245,6 @@ def gen_logits(cfg: GenConfig) -> dict[str, Any]:
         "complete": [round(float(f), 4) for f in store.completed()],
         "teacher": teacher.name, "k": cfg.k, "num_classes": teacher.num_classes,
     }
-
-
-def _sum_over_ranks(values: list[int]) -> list[int]:
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return values
-    t = torch.tensor(values, dtype=torch.int64)
-    if dist.get_backend() == "nccl":  # nccl reduces CUDA tensors only
-        t = t.cuda()
-    dist.all_reduce(t)
-    return [int(v) for v in t.cpu().tolist()]
 
 
 def _fill(buffers, store, epoch, shard, rows, logp, idx, seed, skipped):

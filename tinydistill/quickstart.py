@@ -40,7 +40,7 @@ def quickstart(out: str, seed: int = 0, epochs: int = 30, teacher_epochs: int = 
 
     log.info("[1/5] teacher: %s, supervised, %d epochs", TEACHER, teacher_epochs)
     t = time.time()
-    teacher = train_student(TrainConfig(student=TEACHER, out=str(outp / "teacher"), no_kd=True, epochs=teacher_epochs,
+    train_student(TrainConfig(student=TEACHER, out=str(outp / "teacher"), no_kd=True, epochs=teacher_epochs,
                                         lr=2e-3, spec=SPEC, view_seed=seed + 1000, unit_rows=128, **common))
     timings["teacher"] = time.time() - t
     weights = str(outp / "teacher" / "best.pth")

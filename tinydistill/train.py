@@ -22,14 +22,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .augment import AugSpec
 from .errors import TinydistillError
-from .generate import _barrier, init_distributed
+from . import dist
 from .losses import DistillLoss, mixed_labels, soft_cross_entropy
 from .sources import open_source
-from .views import ViewStream, dist_rank_world, prepare
+from .views import ViewStream, prepare
 
 log = logging.getLogger("tinydistill")
 
@@ -176,13 +175,7 @@ def evaluate(model, loader, device, amp_dtype) -> dict[str, float]:
         n += len(y)
         c1 += a1.item() * len(y) / 100
         c5 += a5.item() * len(y) / 100
-    t = torch.tensor([n, c1, c5], dtype=torch.float64)
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        t = t.to(device) if dist.get_backend() == "nccl" else t
-        dist.all_reduce(t)
-    n, c1, c5 = t.tolist()
+    n, c1, c5 = dist.all_reduce([n, c1, c5])
     return {"top1": 100 * c1 / max(n, 1), "top5": 100 * c5 / max(n, 1)}
 
 
@@ -209,20 +202,13 @@ def _set_rng_state(s: dict) -> None:
 def _steps_this_epoch(stream: ViewStream, batch_size: int, workers: int) -> int:
     """Batches this rank will see (each DataLoader worker ends on its own partial batch),
     equalised to the minimum over ranks so DDP ranks always take the same number of steps."""
-    rank, world = dist_rank_world()
+    rank, world = dist.rank_world()
     nw = max(workers, 1)
     steps = 0
     for w in range(nw):
         units = stream.units[rank * nw + w :: world * nw]
         steps += math.ceil(sum(b - a for _, u in units for a, b in [stream.unit_bounds(u)]) / batch_size)
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        t = torch.tensor([steps])
-        t = t.cuda() if dist.get_backend() == "nccl" else t
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-        steps = int(t.item())
-    return steps
+    return int(dist.all_reduce([steps], op="min")[0])
 
 
 # ---- the loop ------------------------------------------------------------------------------------
@@ -234,11 +220,7 @@ def train_student(cfg: TrainConfig) -> dict[str, Any]:
     from timm.utils import ModelEmaV3
     from tqdm import tqdm
 
-    rank, world = init_distributed(cfg.device)
-    device = torch.device(cfg.device if not cfg.device.startswith("cuda") or world == 1
-                          else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainError("--device cuda: no CUDA device is available here")
+    rank, world, device = dist.setup(cfg.device)
     out = Path(cfg.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -408,7 +390,7 @@ def train_student(cfg: TrainConfig) -> dict[str, Any]:
             best = max(best, score)
             log.info("epoch %d: %s", epoch, json.dumps(row))
             summary = row
-            _barrier()
+            dist.barrier()
     finally:
         for f in (metrics_f, steps_f):
             if f:

@@ -12,7 +12,6 @@ or unit order produced a view.
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
@@ -21,6 +20,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .augment import AugSpec, ViewMaker, mix_pairs
+from .dist import rank_world
 from .errors import TinydistillError
 from .seeds import encode_seed
 from .sources import BadSampleError, Source
@@ -28,15 +28,6 @@ from .sources import BadSampleError, Source
 
 class ReplayError(TinydistillError):
     """The data, spec or libraries no longer give the views the teacher saw."""
-
-
-def dist_rank_world() -> tuple[int, int]:
-    """Rank and world size from torch.distributed, else RANK/WORLD_SIZE, else (0, 1)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 @dataclass
@@ -115,14 +106,14 @@ class ViewStream(IterableDataset):
 
     def my_units(self) -> list[tuple[int, int]]:
         """The units this rank and DataLoader worker handle (a strided share)."""
-        rank, world = dist_rank_world()
+        rank, world = rank_world()
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
         return self.units[rank * nw + wid :: world * nw]
 
     def rank_views(self, num_workers: int) -> int:
         """How many views this rank yields in total over its ``num_workers`` DataLoader workers."""
-        rank, world = dist_rank_world()
+        rank, world = rank_world()
         nw = max(num_workers, 1)
         units = [u for w in range(nw) for u in self.units[rank * nw + w :: world * nw]]
         return sum(b - a for _, u in units for a, b in [self.unit_bounds(u)])

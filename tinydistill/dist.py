@@ -1,0 +1,64 @@
+"""torch.distributed plumbing both stages share: joining torchrun's group, devices, reductions."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from .errors import TinydistillError
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank_world() -> tuple[int, int]:
+    """Rank and world size from torch.distributed, else RANK/WORLD_SIZE, else (0, 1)."""
+    if active():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def setup(device: str) -> tuple[int, int, torch.device]:
+    """Join torchrun's process group when launched by it (nccl on CUDA, else gloo);
+    returns (rank, world, this rank's device)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    cuda = device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        raise TinydistillError(f"--device {device}: no CUDA device is available here")
+    if world > 1 and not active():
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    rank, world = rank_world()
+    if cuda and world > 1:
+        return rank, world, torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+    return rank, world, torch.device(device)
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def broadcast_error(msg: str | None) -> None:
+    """Rank 0's set-up failure stops every rank with the same one-line message."""
+    if active():
+        box = [msg]
+        dist.broadcast_object_list(box, src=0)
+        msg = box[0]
+    if msg:
+        raise TinydistillError(msg)
+
+
+def all_reduce(values: list[float], op: str = "sum") -> list[float]:
+    """Sum (or min) a few numbers over ranks; the values themselves without torch.distributed."""
+    if not active():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.get_backend() == "nccl":  # nccl reduces CUDA tensors only
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.SUM)
+    return t.cpu().tolist()
