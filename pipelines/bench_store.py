@@ -10,8 +10,15 @@ Everything goes through the real store API (``create_store`` + ``write_shard``, 
      per view (int32 seed + K int16 ids + K fp16 probabilities): the ratio ours / TinyViT.
      Seeds are the project's counter, ``tinydistill.seeds.encode_seed(epoch, row, N)``.
   2. Fidelity. Per view, KL(p || q) where p = ``dense_targets`` of the exact fp32 top-K
-     log-probabilities and ids, and q = ``dense_targets`` of what ``store.topk`` returns (same
-     TinyViT smoothing on both sides), at T=1 and T=4; mean and max over all views, in float64.
+     log-probabilities and ids (rank order, as the teacher gives them), and q = ``dense_targets``
+     of what ``store.topk`` returns (same TinyViT smoothing on both sides), at T=1 and T=4, over
+     the first ``--kl-views`` views; mean, p99 and max, summed in float64. Both dense rows are
+     uniform outside the view's K ids, so the sum runs over the K id columns plus (C-K) times
+     one other column (checked against the full C-column sum). Also reported: views whose
+     fp16 top-K sum rounds above 1, so that q gives the other C-K classes nothing where p gives
+     them something (KL is infinite there; "tail lost", with the largest mass lost), the KL over
+     the other views, and a float32 floor: the KL between ``dense_targets`` of the same fp32
+     values given in rank order and in id order.
   3. Reads. Views/s of ``store.topk(epoch, slice(...))`` over a whole chunk (4096 rows) and a
      whole shard, with ``order="stored"`` and ``order="desc"``, against single random rows
      (``store.topk(epoch, int)``), and the ratio block / single. Variants take turns within each
@@ -37,7 +44,7 @@ same outputs:
 Values are identical in both layouts, so fidelity is measured on the clustered stores. Store
 order is a random permutation of samples (as tinydistill's sources use), so a chunk holds many
 classes. Defaults: 65,536 views per case (2 epochs x 32,768 rows), chunks of 4096 rows, shards
-of 4 chunks (16,384 rows). About 2-3 minutes on 2 shared CPU cores. No timing is asserted.
+of 4 chunks (16,384 rows). About 1-3 minutes on 2 shared CPU cores. No timing is asserted.
 
     .venv/bin/python pipelines/bench_store.py [--views N] [--out FILE.json]
 """
@@ -122,30 +129,31 @@ class Teacher:
         self.ids = {"clustered": torch.from_numpy(clustered),
                     "unclustered": torch.from_numpy(rng.permutation(c))}
 
-    def _signal(self, cls: torch.Tensor, amp: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-        """[B, C]: amp * exp(-d(cls, j) / tau), built from the nested id intervals of cls's
-        ancestors (difference array + cumsum: O(B*C), no B x C x depth comparison)."""
-        b = cls.shape[0]
+    def _add_signal(self, diff: torch.Tensor, cls: torch.Tensor, amp: torch.Tensor, tau: torch.Tensor) -> None:
+        """Add amp * exp(-d(cls, j) / tau) to the difference array ``diff`` [B, C+1] (its
+        cumsum over classes is the signal): each ancestor level of cls adds its share of the
+        kernel over its interval of ids, O(B * depth) here and one O(B * C) cumsum after."""
         d = self.depth[cls][:, None]
         levels = torch.arange(self.max_depth + 1)[None]
         kern = lambda x: torch.exp(-x.clamp_min(0) / tau)  # noqa: E731
         w = kern(d - levels) - kern(d - levels + 1)  # level L adds its share of the kernel
         w = torch.where((levels >= 1) & (levels <= d), w, torch.zeros(())) * amp
-        diff = torch.zeros(b, self.num_classes + 1)
         diff.scatter_add_(1, self.lo[:, cls].T.contiguous(), w)
         diff.scatter_add_(1, self.hi[:, cls].T.contiguous(), -w)
-        return diff.cumsum(1)[:, : self.num_classes]
 
     def topk(self, cls: torch.Tensor, k: int, gen: torch.Generator):
         """fp32 top-K log-probs [B, K] and semantic positions [B, K] of views of classes cls."""
         b = cls.shape[0]
         tau = self.tau * torch.exp(TAU_SD * torch.randn(b, 1, generator=gen))
-        z = self._signal(cls, torch.full((b, 1), A), tau)
-        z += self.sigma * torch.randn(b, self.num_classes, generator=gen)
+        noise = torch.randn(b, self.num_classes, generator=gen)
         second = torch.randint(0, self.num_classes, (b,), generator=gen)
         strength = torch.empty(b, 1).uniform_(0.3, 0.9, generator=gen)
         has = (torch.rand(b, 1, generator=gen) < P_SECOND).float()
-        z += self._signal(second, A * strength * has, tau)
+        diff = torch.zeros(b, self.num_classes + 1)
+        self._add_signal(diff, cls, torch.full((b, 1), A), tau)
+        self._add_signal(diff, second, A * strength * has, tau)
+        z = diff.cumsum(1)[:, : self.num_classes]
+        z.add_(noise, alpha=self.sigma)
         return torch.log_softmax(z, 1).topk(k, 1)
 
 
@@ -160,7 +168,7 @@ def write_case(root: Path, name: str, c: int, k: int, tau: float, args) -> dict:
     offsets = np.sort(rng.choice(10**8, size=c, replace=False))
     wnids = [f"n{o:08d}" for o in offsets]  # class names like ImageNet's WordNet ids
     gen = torch.Generator().manual_seed(args.seed)
-    stores, refs = {}, {}
+    stores = {}
     for layout, ids in teacher.ids.items():
         labels = ids[torch.from_numpy(sem_labels)].numpy()
         keys = [f"train/{wnids[y]}/{wnids[y]}_{r}.JPEG" for r, y in enumerate(labels)]
@@ -414,6 +422,9 @@ def main() -> None:
           f"numpy {np.__version__}, {os.cpu_count()} CPUs, {args.views} views per case "
           f"({args.epochs} epochs x {rows} rows), chunk {args.chunk_rows} rows, shard "
           f"{args.chunk_rows * args.shard_chunks} rows", flush=True)
+    print(f"teacher simulation: A={A}, sigma={args.sigma}, tau " + ", ".join(f"{t:g} ({n})" for n, _, _, t in CASES)
+          + f" with log-sd {TAU_SD}, {100 * P_SECOND:.0f}% of views with a second object, "
+          f"{100 * args.displaced:.0f}% of classes displaced in the clustered layout, seed {args.seed}", flush=True)
     t_start = time.perf_counter()
     cases = []
     with tempfile.TemporaryDirectory(prefix="bench_store_") as tmp:
@@ -439,7 +450,9 @@ def main() -> None:
                    "cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0]},
                "versions": {"tinydistill": td.__version__, "zarr": zarr.__version__, "torch": torch.__version__,
                             "numpy": np.__version__},
-               "args": vars(args), "simulation": {"A": A, "sigma": args.sigma, "tau": {n: t for n, _, _, t in CASES}, "tau_sd": TAU_SD, "p_second": P_SECOND},
+               "args": vars(args),
+               "simulation": {"A": A, "sigma": args.sigma, "tau": {n: t for n, _, _, t in CASES},
+                              "tau_sd": TAU_SD, "p_second": P_SECOND, "displaced": args.displaced},
                "cases": cases, "elapsed_s": elapsed}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(doc, indent=1))

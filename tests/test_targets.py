@@ -60,3 +60,23 @@ def test_store_dense_matches_function(small_store):
     np.testing.assert_allclose(d.sum(1), 1.0, rtol=1e-5)
     want = dense_targets(torch.from_numpy(lp), torch.from_numpy(ix), 50, 2.0).numpy()
     np.testing.assert_allclose(d, want, rtol=1e-6)
+
+
+def test_store_keeps_tail_mass_of_confident_rows(tmp_path):
+    """fp16 rounding must not push a top-K sum to 1 when the teacher left mass for the others."""
+    import tinydistill as td
+    # find confident top-3 rows (of 5 classes) whose fp16 sum reaches 1 though the exact sum does not
+    rng = np.random.default_rng(0)
+    tail = 10.0 ** rng.uniform(-7, -3, size=(20000, 2))
+    rest = 10.0 ** rng.uniform(-7, -4, size=(20000, 1))
+    p = np.concatenate([1 - tail.sum(1, keepdims=True) - rest, tail], 1)
+    hits = np.exp(np.log(p).astype(np.float16).astype(np.float64)).sum(1) >= 1
+    assert hits.any()
+    exact_lp = np.log(p[hits][:1])
+    st = td.create_store(tmp_path / "t.zarr", num_classes=5, k=3, epochs=1, keys=["a"])
+    st.write_shard(0, 0, exact_lp, [[0, 1, 2]], [0])
+    d = td.open_store(st.path).dense(0, 0)[0]
+    assert (d[3:] > 0).all() and d.sum() == pytest.approx(1.0, abs=1e-6)
+    want = dense_targets(torch.from_numpy(exact_lp).float(), torch.tensor([[0, 1, 2]]), 5).numpy()[0]
+    kl = float((want * np.log(want / d)).sum())
+    assert 0 <= kl < 1e-6
