@@ -91,7 +91,7 @@ def _kill_when(proc, store, n_done, timeout=120):
 def test_kill_at_three_points_then_resume_equals_uninterrupted(reference, weights, tmp_path):
     out = tmp_path / "killed.zarr"
     cmd = [sys.executable, "-m", "tinydistill", "gen-logits", *ARGS, "--teacher-weights", weights,
-           "--workers", "0", "--out", str(out)]
+           "--workers", "1", "--out", str(out)]  # the reference's worker count: the same CPU threads
     seen = []
     for n_done in (1, 9, 18):  # early, middle, late
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -405,7 +405,7 @@ def train_student_cmd(**opts):
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True, help="Epochs of views stored and of student training.")
 @click.option("--teacher-epochs", type=click.IntRange(min=1), default=30, show_default=True)
-@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=1, show_default=True)
 @click.option("--device", default=None, help="[default: cuda when available]")
 @click.option("--no-progress", is_flag=True)
 def quickstart(out, seed, epochs, teacher_epochs, workers, device, no_progress):

@@ -21,11 +21,18 @@ def rank_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def setup(device: str) -> tuple[int, int, torch.device]:
+def setup(device: str, workers: int = 0) -> tuple[int, int, torch.device]:
     """Join torchrun's process group when launched by it (nccl on CUDA, else gloo);
-    returns (rank, world, this rank's device)."""
+    returns (rank, world, this rank's device).
+
+    On the CPU, the model's threads leave one core to each DataLoader worker (unless
+    OMP_NUM_THREADS says otherwise): OpenMP threads that share cores with busy workers spin
+    and run several times slower than one thread alone.
+    """
     world = int(os.environ.get("WORLD_SIZE", 1))
     cuda = device.startswith("cuda")
+    if not cuda and workers > 0 and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) - workers))
     if cuda and not torch.cuda.is_available():
         raise TinydistillError(f"--device {device}: no CUDA device is available here")
     if world > 1 and not active():

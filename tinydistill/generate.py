@@ -171,12 +171,13 @@ class _ShardWriter:
 def gen_logits(cfg: GenConfig) -> dict[str, Any]:
     """Fill epochs [cfg.epochs) of the store at cfg.out; returns the run summary."""
     t_start = time.time()
-    rank, world, device = dist.setup(cfg.device)
+    rank, world, device = dist.setup(cfg.device, cfg.workers)
     source = open_source(cfg.data)
     teacher = load_teacher(cfg.teacher, cfg.teacher_weights, class_names=source.class_names)
     if cfg.teacher_input_size:
         teacher.input_size = int(cfg.teacher_input_size)
-    teacher.meta.update(amp=cfg.amp, device=device.type, batch_size=cfg.batch_size)
+    teacher.meta.update(amp=cfg.amp, device=device.type, batch_size=cfg.batch_size,
+                        cpu_threads=torch.get_num_threads())
     if not 1 <= cfg.k <= teacher.num_classes:
         raise TinydistillError(f"--k {cfg.k}: must be between 1 and the teacher's {teacher.num_classes} classes")
     shard_rows = cfg.shard_rows or cfg.chunk_rows * DEFAULT_SHARD_CHUNKS

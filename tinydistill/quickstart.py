@@ -29,7 +29,7 @@ STUDENT_KWARGS = {"patch_size": 4}
 K = 5
 
 
-def quickstart(out: str, seed: int = 0, epochs: int = 30, teacher_epochs: int = 30, workers: int = 2,
+def quickstart(out: str, seed: int = 0, epochs: int = 30, teacher_epochs: int = 30, workers: int = 1,
                device: str = "cpu", progress: bool = True) -> dict:
     outp = Path(out)
     outp.mkdir(parents=True, exist_ok=True)

@@ -220,7 +220,7 @@ def train_student(cfg: TrainConfig) -> dict[str, Any]:
     from timm.utils import ModelEmaV3
     from tqdm import tqdm
 
-    rank, world, device = dist.setup(cfg.device)
+    rank, world, device = dist.setup(cfg.device, cfg.workers)
     out = Path(cfg.out)
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,8 @@ def verify_store(path: str, data: str, teacher_name: str, weights: str | None = 
                                f"these are {teacher.weights_digest}")
     teacher.input_size = int(t_attrs.get("input_size", teacher.input_size))
     amp = amp or t_attrs.get("amp", "none")
+    if torch.device(device).type == "cpu" and t_attrs.get("cpu_threads"):
+        torch.set_num_threads(int(t_attrs["cpu_threads"]))  # CPU sums depend on the thread count
     batch_size = int(t_attrs.get("batch_size", 64))
     mask = store.complete_mask(refresh=True)
     done = np.argwhere(mask)
