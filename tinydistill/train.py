@@ -144,19 +144,20 @@ def _val_loader(cfg: TrainConfig, input_size: int, mean, std, crop_pct: float, w
     source = open_source(cfg.val_data)
     tf = transforms_imagenet_eval(img_size=input_size, crop_pct=crop_pct, mean=mean, std=std, interpolation="bicubic")
 
-    class _Val(torch.utils.data.Dataset):
-        def __len__(self):
-            return len(source)
+    class _Val(torch.utils.data.IterableDataset):
+        """Contiguous rows per rank and worker, read in order (webdataset shards stream)."""
 
-        def __getitem__(self, i):
-            _, img = next(source.read([i]))
-            if isinstance(img, Exception):
-                raise img
-            return tf(img.convert("RGB")), int(source.labels[i])
+        def __iter__(self):
+            info = torch.utils.data.get_worker_info()
+            wid, nw = (info.id, info.num_workers) if info else (0, 1)
+            parts = np.array_split(np.arange(len(source)), world * nw)[rank * nw + wid]
+            for r, img in source.read(parts.tolist()):
+                if isinstance(img, Exception):
+                    raise img
+                yield tf(img.convert("RGB")), int(source.labels[r])
 
-    idx = list(range(rank, len(source), world))
-    return torch.utils.data.DataLoader(torch.utils.data.Subset(_Val(), idx), batch_size=max(cfg.batch_size, 64),
-                                       num_workers=min(cfg.workers, 4)), source
+    loader = torch.utils.data.DataLoader(_Val(), batch_size=max(cfg.batch_size, 64), num_workers=min(cfg.workers, 4))
+    return loader, source
 
 
 @torch.inference_mode()
