@@ -216,15 +216,12 @@ def gen_logits(cfg: GenConfig) -> dict[str, Any]:
                     logits = model(x)
                 logp, idx = torch.log_softmax(logits.float(), dim=-1).topk(cfg.k, dim=-1)
                 logp, idx = logp.cpu().numpy(), idx.cpu().numpy()
-                epochs, rows = batch["epoch"].numpy(), batch["row"].numpy()
-                valid = batch["valid"].numpy()
-                for e in np.unique(epochs):
-                    for s in np.unique(rows[epochs == e] // shard_rows):
-                        sel = (epochs == e) & (rows // shard_rows == s)
-                        done = _fill(buffers, store, int(e), int(s), rows[sel], logp[sel], idx[sel],
-                                     batch["seed"].numpy()[sel].astype(np.uint64), ~valid[sel])
-                        if done is not None:
-                            writer.put(done)
+                rows, valid = batch["row"].numpy(), batch["valid"].numpy()
+                # the stream never batches across units, and a unit is one (epoch, shard)
+                done = _fill(buffers, store, int(batch["epoch"][0]), int(rows[0]) // shard_rows, rows, logp, idx,
+                             batch["seed"].numpy().astype(np.uint64), ~valid)
+                if done is not None:
+                    writer.put(done)
                 views += len(rows)
                 skipped += int((~valid).sum())
                 bar.update(len(rows))
