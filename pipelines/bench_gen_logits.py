@@ -26,16 +26,20 @@ Each gen-logits run gives three rates:
   steady  views after the first batch / time between the first and the last batch.
 The loop times come from a stand-in for ``tinydistill.generate._progress`` that records the
 time of each update; the package itself is not modified. Also reported: CPU seconds per view
-(this process + reaped DataLoader workers), and a "CPU budget" ceiling for the ratio on this
-machine: min(1, cores / (forward views/s x (forward + render CPU s per view))), i.e. what the
-ratio could be if the teacher and the rendering shared the cores perfectly.
+(this process + reaped DataLoader workers), and, on the CPU, a "CPU budget" ceiling for the
+ratio: min(1, C / (forward views/s x (forward + render CPU s per view))), what the ratio could
+be if the teacher and the rendering shared C cores perfectly, for C = all cores and for C = the
+cores the forward-only pass actually kept busy (less than all when other jobs share them).
 
-``--thread-variants`` (CPU only) adds, for each worker count N > 0, "gen w=N t=M": the same
-gen-logits run with this process's torch intra-op threads cut to M = max(1, cores - N) for the
-call, and "forward t=M", the forward-only pass at M threads; gen-logits itself keeps whatever
-thread count it finds (torch's default: one per core), so its DataLoader workers then compete
-with the teacher's threads for the same cores. The OpenMP environment (``OMP_NUM_THREADS``,
-``OMP_WAIT_POLICY``) is recorded; setting it before the run is the way to compare those.
+Threads. On the CPU, gen-logits sets this process's torch intra-op threads itself (at the time
+of writing: max(1, cores - workers) when ``OMP_NUM_THREADS`` is unset, so that each DataLoader
+worker keeps a core). Each run records the thread count its loop ran with ("thr"), and for every
+such count M other than this process's own, a "forward t=M" variant (the forward-only pass at M
+threads) joins the rounds, so each gen-logits run is also compared with the teacher alone at the
+thread count it actually had ("fwd same thr") and with the faster forward-only pass of the round
+("best fwd", the strictest reference). The benchmark restores its own thread count
+after each gen-logits call. The OpenMP environment (``OMP_NUM_THREADS``, ``OMP_WAIT_POLICY``) and
+the load average are recorded.
 
 Presets (every option below can still be overridden):
   cpu (default)  random-init timm resnet18, 1000 classes, input 96 px; built-in ``digits``
@@ -49,7 +53,7 @@ Presets (every option below can still be overridden):
                  at 224 px with the same recipe; K=10, batch 256, units of 256 rows, workers
                  0,4,8 and cores-1, 2 rounds. Skipped, with a message, when CUDA is not available.
                  Each gen-logits call rebuilds the 304 M-parameter teacher twice and hashes its
-                 1.2 GB weights file (``load_teacher``), so read the loop / steady columns there.
+                 1.2 GB weights file (``load_teacher``), so read the loop column there.
 
 Teachers are random-init (``pretrained=False``, seeded) and saved with
 ``torch.save(model.state_dict())`` to a temp file passed as the teacher weights, as the tests do:
@@ -58,7 +62,7 @@ nothing is downloaded. No timing is asserted.
     .venv/bin/python pipelines/bench_gen_logits.py [--preset cpu|gpu] [--rounds R] [--workers 0,1,2]
         [--teacher NAME] [--num-classes C] [--input-size PX] [--data digits|synthetic-jpeg|SRC]
         [--images N] [--img-size PX] [--batch-size B] [--epochs E] [--device cpu|cuda]
-        [--amp none|bf16|fp16] [--thread-variants] [--out FILE.json]
+        [--amp none|bf16|fp16] [--threads T] [--out FILE.json]
     .venv/bin/python pipelines/bench_gen_logits.py --preset gpu     # on a machine with CUDA
 """
 
@@ -147,12 +151,14 @@ class LoopClock:
         self.total, self.n, self.n_first = total, 0, 0
         self.t_open = time.perf_counter()
         self.t_first = self.t_last = self.t_close = None
+        self.threads = None
         LoopClock.last = self
 
     def update(self, n):
         now = time.perf_counter()
         if self.t_first is None:
             self.t_first, self.n_first = now, n
+            self.threads = torch.get_num_threads()  # what the teacher ran with
         self.t_last = now
         self.n += n
 
@@ -240,16 +246,13 @@ def gen_config(args, data: str, weights: str, out: str, workers: int, spec: AugS
                      progress=False)
 
 
-def run_gen(args, data: str, weights: str, tmp: Path, workers: int, spec: AugSpec, tag: str,
-            threads: int | None = None) -> dict:
-    """One gen_logits() call into a fresh store; ``threads`` sets this process's torch intra-op
-    threads for the call only (gen_logits itself leaves them as it finds them)."""
+def run_gen(args, data: str, weights: str, tmp: Path, workers: int, spec: AugSpec, tag: str) -> dict:
+    """One gen_logits() call into a fresh store. gen_logits may change this process's torch
+    thread count (on the CPU it leaves cores to the workers); it is restored afterwards."""
     out = tmp / f"store_{tag}_w{workers}.zarr"
     cfg = gen_config(args, data, weights, str(out), workers, spec)
     LoopClock.last = None
     before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
     gc.collect()
     c0, t0 = cpu_seconds(), time.perf_counter()
     try:
@@ -266,6 +269,7 @@ def run_gen(args, data: str, weights: str, tmp: Path, workers: int, spec: AugSpe
         rec["loop_views_per_s"] = clock.n / rec["loop_s"]
         rec["setup_s"] = wall - rec["loop_s"]
         rec["first_batch_s"] = (clock.t_first - clock.t_open) if clock.t_first else None
+        rec["threads"] = clock.threads
         if clock.t_first is not None and clock.t_last > clock.t_first:
             rec["steady_views_per_s"] = (clock.n - clock.n_first) / (clock.t_last - clock.t_first)
     _rmtree(out)
@@ -325,9 +329,6 @@ def parse_args(argv=None):
     ap.add_argument("--amp", choices=["none", "bf16", "fp16"])
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads in this process (default: torch's)")
     ap.add_argument("--rounds", type=int)
-    ap.add_argument("--thread-variants", action="store_true",
-                    help="CPU only: also run gen-logits with this process's torch threads cut to max(1, cores - "
-                         "workers) for each worker count > 0 (gen-logits does not do that itself)")
     ap.add_argument("--out", help="also write the figures and raw rounds to this JSON file")
     args = ap.parse_args(argv)
     for k, v in PRESETS[args.preset].items():
@@ -413,26 +414,26 @@ def main(argv=None) -> int:
               f"       rendering alone, 1 process, 1 torch thread: {render['views_per_s']:.0f} views/s "
               f"({render['cpu_s_per_view'] * 1e3:.2f} ms CPU per view)")
 
-        # warm-up: the teacher on a few batches, and one small gen-logits run (imports, zarr, caches)
+        # warm-up: the teacher on a few batches, and small gen-logits runs (imports, zarr, caches,
+        # worker start-up), which also tell the thread count gen-logits gives the teacher per worker count
         fwd(batches[:2])
         warm_data = "digits:val" if data.startswith("digits") else data
         warm_args = argparse.Namespace(**{**vars(args), "epochs": 1})
+        warm_counts = args.worker_counts if device.type == "cpu" else [max(args.worker_counts + [0])]
+        gen_threads = {}
         t0 = time.perf_counter()
-        run_gen(warm_args, warm_data, str(weights), tmp, max(args.worker_counts + [0]), spec, "warmup")
-        print(f"warm-up gen-logits on {warm_data}: {time.perf_counter() - t0:.1f} s\n")
+        for w in warm_counts:
+            gen_threads[w] = run_gen(warm_args, warm_data, str(weights), tmp, w, spec, "warmup").get("threads")
+        print(f"warm-up gen-logits on {warm_data}, workers {warm_counts}: {time.perf_counter() - t0:.1f} s; "
+              f"teacher threads in gen-logits per worker count: {gen_threads} (this process: {torch.get_num_threads()})\n")
+        res["gen_threads_warmup"] = gen_threads
 
         variants = {"forward": lambda: run_forward(fwd, batches)}
+        if device.type == "cpu":
+            for t_w in sorted({t for t in gen_threads.values() if t} - {torch.get_num_threads()}):
+                variants[f"forward t={t_w}"] = lambda t_w=t_w: run_forward(fwd, batches, threads=t_w)
         for w in args.worker_counts:
             variants[f"gen w={w}"] = (lambda w=w: run_gen(args, data, str(weights), tmp, w, spec, "run"))
-        if args.thread_variants and device.type == "cpu":
-            cores = os.cpu_count() or 1
-            for t_w in sorted({max(1, cores - w) for w in args.worker_counts if w > 0} - {torch.get_num_threads()}):
-                variants[f"forward t={t_w}"] = lambda t_w=t_w: run_forward(fwd, batches, threads=t_w)
-            for w in args.worker_counts:
-                t_w = max(1, cores - w)
-                if w > 0 and t_w != torch.get_num_threads():
-                    variants[f"gen w={w} t={t_w}"] = (
-                        lambda w=w, t_w=t_w: run_gen(args, data, str(weights), tmp, w, spec, "run", threads=t_w))
         names = list(variants)
         rounds: dict[str, list[dict]] = {k: [] for k in names}
         for r in range(args.rounds):
@@ -450,37 +451,59 @@ def main(argv=None) -> int:
     fw_vps = [x["views_per_s"] for x in fw]
     fw_cpu = med([x["cpu_s"] / x["views"] for x in fw])
     cores = os.cpu_count() or 1
-    ceiling = min(1.0, cores / (med(fw_vps) * (fw_cpu + render["cpu_s_per_view"]))) if device.type == "cpu" else None
+    ceiling = ceiling_used = used = None
+    if device.type == "cpu":
+        r_cpu = render["cpu_s_per_view"]
+        ceiling = min(1.0, cores / (med(fw_vps) * (fw_cpu + r_cpu)))
+        used = med(fw_vps) * fw_cpu  # cores the forward-only pass actually kept busy
+        ceiling_used = min(1.0, used / (med(fw_vps) * (fw_cpu + r_cpu)))
     res["summary"] = {"forward_views_per_s": med(fw_vps), "forward_cpu_s_per_view": fw_cpu,
                       "render_cpu_s_per_view": render["cpu_s_per_view"], "cpu_budget_ceiling": ceiling,
+                      "forward_cores_used": used, "cpu_budget_ceiling_forward_cores": ceiling_used,
                       "main_threads": torch.get_num_threads()}
-    print(f"\nmedian over {args.rounds} rounds; ratios = median over rounds of (variant / forward of the same "
-          f"round) [min, max];\nforward and gen w=N use this process's {torch.get_num_threads()} torch threads, "
-          "'t=M' variants M threads")
-    print(f"{'variant':12s} {'e2e/s':>7s} {'loop/s':>7s} {'steady/s':>8s} {'setup s':>7s} {'cpu ms/v':>8s}  "
-          f"{'e2e / forward':>21s}  {'loop / forward':>21s}  {'steady / forward':>21s}  {'e2e / forward t=M':>21s}")
+    main_threads = torch.get_num_threads()
+    fw_by_threads = {main_threads: fw_vps}
+    for name in names:
+        if name.startswith("forward t="):
+            fw_by_threads[int(name.split("=")[1])] = [x["views_per_s"] for x in rounds[name]]
+    fw_best = [max(v[r] for v in fw_by_threads.values()) for r in range(len(fw_vps))]
+    print(f"\nmedian over {args.rounds} rounds; ratios: median over rounds of (variant / forward-only of the same "
+          f"round) [min, max].\nthr = torch threads the teacher ran with; 'forward' uses this process's {main_threads}; "
+          "'fwd same thr': the forward-only pass at the same\nthread count; 'best fwd': the faster forward-only "
+          "pass of the round, whatever its thread count")
+    print(f"{'variant':11s} {'thr':>3s} {'e2e/s':>6s} {'loop/s':>6s} {'stdy/s':>6s} {'setup':>5s} {'cpu ms/v':>8s}  "
+          f"{'e2e / forward':>20s}  {'loop / forward':>20s}  {'e2e / fwd same thr':>20s}  {'e2e / best fwd':>20s}")
     for name in names:
         rs = rounds[name]
         e2e = [x["views_per_s"] for x in rs]
         loop = [x.get("loop_views_per_s") for x in rs]
         steady = [x.get("steady_views_per_s") for x in rs]
-        s = {"e2e_views_per_s": med(e2e), "loop_views_per_s": med(loop), "steady_views_per_s": med(steady),
-             "setup_s": med([x.get("setup_s") for x in rs]), "cpu_s_per_view": med([x["cpu_s"] / x["views"] for x in rs])}
+        if name.startswith("forward"):
+            thr = int(name.split("=")[1]) if "=" in name else main_threads
+        else:
+            thr = med([x.get("threads") for x in rs])
+            thr = int(thr) if thr is not None else None
+        s = {"threads": thr, "e2e_views_per_s": med(e2e), "loop_views_per_s": med(loop),
+             "steady_views_per_s": med(steady), "setup_s": med([x.get("setup_s") for x in rs]),
+             "cpu_s_per_view": med([x["cpu_s"] / x["views"] for x in rs])}
         if name != "forward":
             s.update({"e2e/forward": ratio_stats(e2e, fw_vps), "loop/forward": ratio_stats(loop, fw_vps),
                       "steady/forward": ratio_stats(steady, fw_vps)})
-        same = f"forward {name.split()[-1]}" if name.startswith("gen") and " t=" in name else None
-        if same in rounds:
-            s[f"e2e/{same}"] = ratio_stats(e2e, [x["views_per_s"] for x in rounds[same]])
+        if name.startswith("gen") and thr in fw_by_threads:
+            s["e2e/forward_same_threads"] = ratio_stats(e2e, fw_by_threads[thr])
+        if name.startswith("gen"):
+            s["e2e/best_forward"] = ratio_stats(e2e, fw_best)
+            s["loop/best_forward"] = ratio_stats(loop, fw_best)
         res["summary"][name] = s
-        print(f"{name:12s} {fmt(s['e2e_views_per_s'])} {fmt(s['loop_views_per_s'])} {fmt(s['steady_views_per_s'], width=8)} "
-              f"{fmt(s['setup_s'], '.1f')} {fmt(s['cpu_s_per_view'] * 1e3, '.2f', 8)}  "
-              f"{fmt_ratio(s.get('e2e/forward')):>21s}  {fmt_ratio(s.get('loop/forward')):>21s}  "
-              f"{fmt_ratio(s.get('steady/forward')):>21s}  {fmt_ratio(s.get(f'e2e/{same}')):>21s}")
+        print(f"{name:11s} {fmt(thr, 'd', 3)} {fmt(s['e2e_views_per_s'], width=6)} {fmt(s['loop_views_per_s'], width=6)} "
+              f"{fmt(s['steady_views_per_s'], width=6)} {fmt(s['setup_s'], '.1f', 5)} {fmt(s['cpu_s_per_view'] * 1e3, '.2f', 8)}  "
+              f"{fmt_ratio(s.get('e2e/forward')):>20s}  {fmt_ratio(s.get('loop/forward')):>20s}  "
+              f"{fmt_ratio(s.get('e2e/forward_same_threads')):>20s}  {fmt_ratio(s.get('e2e/best_forward')):>20s}")
     if ceiling is not None:
-        print(f"\nCPU budget: forward {fw_cpu * 1e3:.2f} ms CPU/view at {med(fw_vps):.0f} views/s, rendering "
-              f"{render['cpu_s_per_view'] * 1e3:.2f} ms CPU/view; with {cores} cores shared perfectly the ratio "
-              f"could reach at most {ceiling:.3f}")
+        print(f"\nCPU budget: forward {fw_cpu * 1e3:.2f} ms CPU/view at {med(fw_vps):.0f} views/s (= {used:.2f} cores "
+              f"busy), rendering {render['cpu_s_per_view'] * 1e3:.2f} ms CPU/view. Ceiling of the ratio if teacher and "
+              f"rendering shared the CPU perfectly: {ceiling:.3f} with all {cores} cores, {ceiling_used:.3f} with only "
+              f"the {used:.2f} cores the forward-only pass got")
     res["elapsed_s"] = time.perf_counter() - t_start
     res["loadavg_at_end"] = _loadavg()
     print(f"load average (1 min) at start {env['loadavg_at_start']}, at end {res['loadavg_at_end']}")

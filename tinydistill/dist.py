@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -43,6 +44,20 @@ def setup(device: str, workers: int = 0) -> tuple[int, int, torch.device]:
     if cuda and world > 1:
         return rank, world, torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
     return rank, world, torch.device(device)
+
+
+def keeps_threads(fn):
+    """Restore torch's CPU thread count after ``fn``: callers (notebooks, tests) keep theirs."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        threads = torch.get_num_threads()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+
+    return wrapper
 
 
 def barrier() -> None:

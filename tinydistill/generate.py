@@ -168,6 +168,7 @@ class _ShardWriter:
             raise self.error
 
 
+@dist.keeps_threads
 def gen_logits(cfg: GenConfig) -> dict[str, Any]:
     """Fill epochs [cfg.epochs) of the store at cfg.out; returns the run summary."""
     t_start = time.time()

@@ -120,8 +120,10 @@ def _load_timm(name: str, model_name: str, weights: str | None) -> Teacher:
     try:
         if weights:
             sd = load_state_dict(weights)
-            probe = timm.create_model(model_name, pretrained=False)
-            clf = probe.default_cfg.get("classifier", "head")
+            from timm.models import get_pretrained_cfg
+
+            pcfg = get_pretrained_cfg(model_name)  # config only: no second model build
+            clf = (pcfg.classifier if pcfg else None) or timm.create_model(model_name).default_cfg.get("classifier", "head")
             clf = clf[0] if isinstance(clf, (list, tuple)) else clf
             if f"{clf}.weight" not in sd:
                 raise TeacherError(f"{weights}: no '{clf}.weight' in the weights: not a {arch} classifier")

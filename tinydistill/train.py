@@ -214,6 +214,7 @@ def _steps_this_epoch(stream: ViewStream, batch_size: int, workers: int) -> int:
 
 # ---- the loop ------------------------------------------------------------------------------------
 
+@dist.keeps_threads
 def train_student(cfg: TrainConfig) -> dict[str, Any]:
     from timm.data import resolve_data_config
     from timm.optim import create_optimizer_v2

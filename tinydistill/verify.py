@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .dist import keeps_threads
 from .errors import TinydistillError
 from .sources import open_source
 from .store import open_store
@@ -18,6 +19,7 @@ from .teachers import load_teacher
 from .views import ViewStream, check_replay, prepare
 
 
+@keeps_threads
 def verify_store(path: str, data: str, teacher_name: str, weights: str | None = None, samples: int = 64,
                  seed: int = 0, device: str = "cpu", amp: str | None = None) -> dict:
     store = open_store(path)
