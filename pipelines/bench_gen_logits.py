@@ -71,13 +71,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
 import os
 import platform
 import resource
-import statistics
 import sys
 import tempfile
+from benchlib import loadavg as _loadavg, make_jpeg_folder, med, ratio_stats, write_json as _write  # noqa: E402
 import time
 from pathlib import Path
 
@@ -106,20 +105,6 @@ PRESETS = {
 
 
 # ---- data and teacher ----------------------------------------------------------------------------
-
-def make_jpeg_folder(root: Path, n: int, classes: int = 10, seed: int = 0) -> None:
-    """``n`` synthetic 320x256 'photos' (smooth random colour fields plus noise), JPEG quality 90."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        d = root / f"class{i % classes}"
-        d.mkdir(parents=True, exist_ok=True)
-        low = rng.integers(0, 256, size=(int(rng.integers(3, 9)), int(rng.integers(3, 9)), 3), dtype=np.uint8)
-        field = np.asarray(Image.fromarray(low).resize((320, 256), Image.BICUBIC), dtype=np.float32)
-        field += rng.normal(0.0, 10.0, size=field.shape)
-        Image.fromarray(np.clip(field, 0, 255).astype(np.uint8)).save(d / f"{i:05d}.jpg", quality=90)
-
 
 def save_random_teacher(name: str, num_classes: int, path: Path) -> float:
     """A seeded random-init timm model's state_dict, saved where ``--teacher-weights`` would point."""
@@ -284,18 +269,6 @@ def _rmtree(path: Path) -> None:
 
 # ---- reporting -----------------------------------------------------------------------------------
 
-def med(xs):
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
-
-
-def ratio_stats(num: list, den: list) -> dict | None:
-    r = [a / b for a, b in zip(num, den) if a is not None and b]
-    if not r:
-        return None
-    return {"median": statistics.median(r), "min": min(r), "max": max(r), "per_round": r}
-
-
 def fmt(x, spec=".0f", width=7):
     return f"{x:{width}{spec}}" if x is not None else f"{'-':>{width}s}"
 
@@ -355,13 +328,6 @@ def environment(args) -> dict:
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)
     return env
-
-
-def _loadavg():
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return None
 
 
 def main(argv=None) -> int:
@@ -510,13 +476,6 @@ def main(argv=None) -> int:
     print(f"total {res['elapsed_s']:.0f} s")
     _write(args.out, res)
     return 0
-
-
-def _write(path, res) -> None:
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(res, indent=1, default=float) + "\n")
-        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

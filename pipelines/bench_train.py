@@ -72,12 +72,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from tinydistill.augment import AugSpec
 from tinydistill.generate import GenConfig, gen_logits
 from tinydistill.sources import open_source
+from benchlib import loadavg as _loadavg, make_jpeg_folder, med, ratio_stats, write_json as _write  # noqa: E402
 from tinydistill.train import TrainConfig, train_student
 
 TINYVIT = dict(auto_augment="rand-m9-mstd0.5-inc1", color_jitter=0.4, interpolation="bicubic",
@@ -96,20 +96,6 @@ MODES = ("offline", "no-kd", "online")
 
 
 # ---- data and teacher ----------------------------------------------------------------------------
-
-def make_jpeg_folder(root: Path, n: int, classes: int = 10, seed: int = 0) -> None:
-    """``n`` synthetic 320x256 'photos' (smooth random colour fields plus noise), JPEG quality 90."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        d = root / f"class{i % classes}"
-        d.mkdir(parents=True, exist_ok=True)
-        low = rng.integers(0, 256, size=(int(rng.integers(3, 9)), int(rng.integers(3, 9)), 3), dtype=np.uint8)
-        field = np.asarray(Image.fromarray(low).resize((320, 256), Image.BICUBIC), dtype=np.float32)
-        field += rng.normal(0.0, 10.0, size=field.shape)
-        Image.fromarray(np.clip(field, 0, 255).astype(np.uint8)).save(d / f"{i:05d}.jpg", quality=90)
-
 
 def save_random_teacher(name: str, num_classes: int, path: Path) -> int:
     """A seeded random-init timm model's state_dict, saved where ``--teacher-weights`` points."""
@@ -215,27 +201,8 @@ def run_mode(args, mode: str, data: str, store: str, weights: str, tmp: Path, sp
 
 # ---- reporting -----------------------------------------------------------------------------------
 
-def med(xs):
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
-
-
-def ratio_stats(num: list, den: list) -> dict | None:
-    r = [a / b for a, b in zip(num, den) if a is not None and b]
-    if not r:
-        return None
-    return {"median": statistics.median(r), "min": min(r), "max": max(r), "per_round": r}
-
-
 def fmt_ratio(s, digits=3):
     return f"{s['median']:.{digits}f} [{s['min']:.{digits}f}, {s['max']:.{digits}f}]" if s else "-"
-
-
-def _loadavg():
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
 
 
 def environment() -> dict:
@@ -250,13 +217,6 @@ def environment() -> dict:
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)
     return env
-
-
-def _write(path, res) -> None:
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(res, indent=1, default=float) + "\n")
-        print(f"wrote {path}")
 
 
 # ---- main ----------------------------------------------------------------------------------------

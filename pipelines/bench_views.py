@@ -48,12 +48,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from tinydistill.augment import AugSpec, ViewMaker, mix_pairs
 from tinydistill.seeds import encode_seed, isolated_rng, view_generator
 from tinydistill.sources import open_source
 from tinydistill.views import ViewStream
+from benchlib import make_jpeg_folder  # noqa: E402
 
 TINYVIT = dict(auto_augment="rand-m9-mstd0.5-inc1", color_jitter=0.4, interpolation="bicubic",
                re_prob=0.25, re_mode="pixel", mix_group=64)
@@ -62,18 +62,6 @@ BATCH = 64
 
 
 # ---- data ---------------------------------------------------------------------------------------
-
-def make_jpeg_folder(root: Path, n: int, classes: int = 5, seed: int = 0) -> None:
-    """``n`` synthetic 320x256 'photos': smooth random colour fields plus noise, JPEG quality 90."""
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        d = root / f"class{i % classes}"
-        d.mkdir(exist_ok=True)
-        low = rng.integers(0, 256, size=(int(rng.integers(3, 9)), int(rng.integers(3, 9)), 3), dtype=np.uint8)
-        field = np.asarray(Image.fromarray(low).resize((320, 256), Image.BICUBIC), dtype=np.float32)
-        field += rng.normal(0.0, 10.0, size=field.shape)
-        Image.fromarray(np.clip(field, 0, 255).astype(np.uint8)).save(d / f"{i:05d}.jpg", quality=90)
-
 
 def decoded(source, rows) -> list:
     return [img.convert("RGB") if img.mode != "RGB" else img for _, img in source.read(rows)]
@@ -250,7 +238,6 @@ def full_path_variants(source, spec: AugSpec) -> dict:
     from timm.data.mixup import Mixup
     from torch.utils.data import default_collate
 
-    n = len(source)
     maker = ViewMaker(spec, 0)
     mixer = (Mixup(mixup_alpha=spec.mixup, cutmix_alpha=spec.cutmix, prob=spec.mix_prob,
                    switch_prob=spec.switch_prob, mode="batch", label_smoothing=0.0,
