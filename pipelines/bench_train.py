@@ -22,27 +22,41 @@ too); this script swaps ``tqdm.tqdm`` for a stand-in that records the time of ev
 package is not modified). In each epoch the first ``--skip-steps`` steps are left out, because
 the first one also pays for starting the DataLoader workers and rendering their first batch; the
 rate is (steps timed) / (time from the end of step ``skip`` to the end of the last step), summed
-over epochs. Model building, teacher loading, store opening and its replay canary, worker
-start-up, checkpoints and evaluation are outside the timed window. As a cross-check the table
-also shows each run's epoch wall time as ``train_student`` writes it in metrics.jsonl
+over epochs and runs. Model building, teacher loading, store opening and its replay canary,
+worker start-up, checkpoints and evaluation are outside the timed window. A second estimator,
+1 / (median duration of a timed step), is shown beside it: it shrugs off a neighbour's burst
+but also hides any periodic stall, so the mean rate stays the headline. As a cross-check the
+table also shows each run's epoch wall time as ``train_student`` writes it in metrics.jsonl
 ("seconds", which does include the epoch's worker start-up).
 
-Noise: on shared cores the modes are alternated, one run of each per round, with the order
-rotated every round so none always runs first or last. Ratios are computed per round
-(offline / no-KD and offline / online of the same round) and reported as the median over
-rounds with [min, max]; steps/s are medians over rounds.
+Noise: on shared cores the modes are alternated. Before the rounds one untimed no-KD epoch
+warms up the process (the teacher has already run in gen-logits). Each round runs every mode
+once, in an order rotated every round so each mode takes each slot, then repeats offline and
+no-KD (``--repeats``, default 2 runs each per round) in mirrored order (A B ... B A), since
+their ratio is the one that needs precision; online runs once a round, for ``--online-epochs``
+(default 1) epochs, as it is slow and steady. Ratios are per round (offline / no-KD and
+offline / online of the same round, each mode's rate in a round = its timed steps over their
+time) and reported as the median over rounds with [min, max]; steps/s are medians over rounds.
+
+All runs use a constant learning rate (``min_lr = lr``, no warm-up; speed does not depend on
+it), so the first epoch of a run does not depend on its length. That allows a check that the
+modes really see the same views: the online run's epoch-0 mean loss and the offline run's
+must agree up to the store's fp16 log-probs (K = all classes by default); it is printed.
 
 Presets (every option can still be overridden):
-  cpu (default)  built-in ``digits`` (1,438 train images, 10 classes) rendered at 64 px with
+  cpu (default)  built-in ``digits`` (1,438 train images, 10 classes) rendered at 32 px with
                  TinyViT's recipe (RandAugment m9, jitter 0.4, random erasing 0.25, mixup 0.8 /
-                 cutmix 1.0, mix groups of 64); store of K=10 in chunks of 128 rows; student
-                 ``deit_tiny_patch16_224`` built at 64 px (5.5 M params); teacher random-init
-                 ``resnet50`` (23.5 M params) at 96 px (``teacher_input_size``); batch 64, 2 DataLoader
-                 workers, 1 epoch per run, 3 rounds. About 5 minutes on 2 shared cores.
+                 cutmix 1.0, mix groups of 64); store of K=10 (= all classes) in chunks of 128 rows;
+                 student random-init ``resnet18`` (11.2 M params) at 32 px; teacher random-init
+                 ``resnet50`` (23.5 M params) at 96 px (``teacher_input_size``; the views are
+                 upsampled for it); batch 64, 2 DataLoader workers, 2 epochs per offline / no-KD run
+                 (23 steps each), 1 per online run, 3 rounds. About 4.5 minutes on 2 shared cores
+                 (more when neighbours are busy).
   gpu            4,096 synthetic 320x256 JPEGs (an ImageFolder in a temp dir) rendered at 224 px with
                  the same recipe; student ``deit_tiny_patch16_224`` at 224; teacher random-init
                  ``vit_large_patch14_clip_224`` (304 M params) at 224; bf16 AMP on ``cuda``; batch
-                 256, min(8, cores - 1) workers, 2 epochs per run, 3 rounds. When CUDA is not
+                 256, min(8, cores - 1) workers, 2 epochs per offline / no-KD run, 3 rounds
+                 (``--online-epochs 2`` for a longer online window). When CUDA is not
                  available it prints that it was skipped and measures nothing.
 
 Teachers are random-init (``pretrained=False``, seeded) and saved with
@@ -50,7 +64,8 @@ Teachers are random-init (``pretrained=False``, seeded) and saved with
 nothing is downloaded. Everything is written under a temporary directory that is removed at the
 end. No timing is asserted.
 
-    .venv/bin/python pipelines/bench_train.py [--preset cpu|gpu] [--rounds R] [--epochs E]
+    .venv/bin/python pipelines/bench_train.py [--preset cpu|gpu] [--rounds R] [--repeats N]
+        [--epochs E] [--online-epochs E]
         [--student NAME] [--input-size PX] [--teacher NAME] [--teacher-input-size PX]
         [--data digits|synthetic-jpeg|SRC] [--images N] [--img-size PX] [--recipe tinyvit|light]
         [--batch-size B] [--workers W] [--k K] [--device cpu|cuda] [--amp none|bf16|fp16]
@@ -85,8 +100,8 @@ TINYVIT = dict(auto_augment="rand-m9-mstd0.5-inc1", color_jitter=0.4, interpolat
 LIGHT = dict(color_jitter=0.4, interpolation="bicubic")  # RandomResizedCrop + flip + jitter only
 
 PRESETS = {
-    "cpu": dict(data="digits", images=0, img_size=64, student="deit_tiny_patch16_224", input_size=64,
-                teacher="resnet50", teacher_input_size=96, batch_size=64, workers=2, epochs=1,
+    "cpu": dict(data="digits", images=0, img_size=32, student="resnet18", input_size=32,
+                teacher="resnet50", teacher_input_size=96, batch_size=64, workers=2, epochs=2,
                 chunk_rows=128, mix_group=64, device="cpu", amp="none", rounds=3),
     "gpu": dict(data="synthetic-jpeg", images=4096, img_size=224, student="deit_tiny_patch16_224", input_size=224,
                 teacher="vit_large_patch14_clip_224", teacher_input_size=224, batch_size=256, workers=None,
@@ -148,10 +163,14 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def train_config(args, mode: str, data: str, store: str, weights: str, out: str, spec: AugSpec) -> TrainConfig:
-    common = dict(data=data, student=args.student, out=out, epochs=args.epochs, batch_size=args.batch_size,
+def train_config(args, mode: str, data: str, store: str, weights: str, out: str, spec: AugSpec,
+                 epochs: int) -> TrainConfig:
+    # constant LR (min_lr = lr, no warm-up): a run's first epoch is then the same whatever its length,
+    # so the loss check in main() can compare a 1-epoch online run with the offline run's first epoch
+    common = dict(data=data, student=args.student, out=out, epochs=epochs, batch_size=args.batch_size,
                   workers=args.workers, device=args.device, amp=args.amp, seed=args.seed,
-                  input_size=args.input_size, warmup_epochs=0.5, progress=False)  # the clock records either way
+                  input_size=args.input_size, lr=1e-3, min_lr=1e-3, warmup_epochs=0.0,
+                  progress=False)  # the step clock records whether or not the bar is shown
     if mode == "offline":
         return TrainConfig(logits=store, **common)
     baseline = dict(spec=spec, view_seed=args.seed, unit_rows=args.chunk_rows, **common)
@@ -161,9 +180,11 @@ def train_config(args, mode: str, data: str, store: str, weights: str, out: str,
                        teacher_input_size=args.teacher_input_size, k=args.k, **baseline)
 
 
-def run_mode(args, mode: str, data: str, store: str, weights: str, tmp: Path, spec: AugSpec, tag: str) -> dict:
+def run_mode(args, mode: str, data: str, store: str, weights: str, tmp: Path, spec: AugSpec, tag: str,
+             epochs: int | None = None) -> dict:
     out = tmp / f"run_{mode}_{tag}"
-    cfg = train_config(args, mode, data, store, weights, str(out), spec)
+    epochs = epochs or (args.online_epochs if mode == "online" else args.epochs)
+    cfg = train_config(args, mode, data, store, weights, str(out), spec, epochs)
     import tqdm as tqdm_module
 
     StepClock.log = []
@@ -182,24 +203,52 @@ def run_mode(args, mode: str, data: str, store: str, weights: str, tmp: Path, sp
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     shutil.rmtree(out, ignore_errors=True)
     s = args.skip_steps
-    timed_steps, timed_s, steps = 0, 0.0, 0
+    timed_steps, timed_s, steps, step_s = 0, 0.0, 0, []
     for c in clocks:
         steps += len(c.times)
         if len(c.times) > s:
             start = c.times[s - 1] if s > 0 else c.t_open
             timed_steps += len(c.times) - s
             timed_s += c.times[-1] - start
+            edges = [start] + c.times[s:]
+            step_s += [b - a for a, b in zip(edges, edges[1:])]
     if summary.get("mode") != {"no-kd": "no_kd"}.get(mode, mode):
         raise RuntimeError(f"{mode}: train_student ran in mode {summary.get('mode')!r}")
-    rec = {"steps": steps, "timed_steps": timed_steps, "timed_s": timed_s,
+    rec = {"epochs": epochs, "steps": steps, "timed_steps": timed_steps, "timed_s": timed_s,
            "steps_per_s": timed_steps / timed_s if timed_s > 0 else None,
            "epoch_seconds": [m["seconds"] for m in metrics], "views": sum(m["views"] for m in metrics),
-           "wall_s": wall, "train_loss": summary.get("train_loss")}
+           "wall_s": wall, "epoch_losses": [m["train_loss"] for m in metrics], "step_s": step_s}
     rec["setup_s"] = wall - sum(rec["epoch_seconds"])  # before the first epoch plus checkpoints after each
     return rec
 
 
 # ---- reporting -----------------------------------------------------------------------------------
+
+def round_order(modes: list[str], r: int, repeats: int) -> list[str]:
+    """Round r: the modes rotated by r (each mode takes each slot in turn), then the offline and no-KD
+    runs repeated, each repeat in the reverse order of the one before (A B ... B A: a linear drift cancels)."""
+    order = modes[r % len(modes):] + modes[:r % len(modes)]
+    pair = [m for m in order if m in ("offline", "no-kd")]
+    for _ in range(repeats - 1):
+        pair = pair[::-1]
+        order = order + pair
+    return order
+
+
+def per_round(runs: list[dict], rounds: int, median: bool = False) -> list[float | None]:
+    """A mode's steps/s in each round: its timed steps in that round over their time (all its runs);
+    with ``median``, 1 / the median duration of those steps instead (robust to a neighbour's burst)."""
+    out = []
+    for r in range(rounds):
+        rs = [x for x in runs if x["round"] == r]
+        if median:
+            d = [t for x in rs for t in x["step_s"]]
+            out.append(1.0 / statistics.median(d) if d else None)
+            continue
+        t = sum(x["timed_s"] for x in rs)
+        out.append(sum(x["timed_steps"] for x in rs) / t if t > 0 else None)
+    return out
+
 
 def fmt_ratio(s, digits=3):
     return f"{s['median']:.{digits}f} [{s['min']:.{digits}f}, {s['max']:.{digits}f}]" if s else "-"
@@ -238,7 +287,11 @@ def parse_args(argv=None):
     ap.add_argument("--chunk-rows", type=int, help="store chunk rows = unit of work for every mode")
     ap.add_argument("--batch-size", type=int)
     ap.add_argument("--workers", type=int, help="DataLoader workers (all modes)")
-    ap.add_argument("--epochs", type=int, help="epochs per training run (the store holds as many)")
+    ap.add_argument("--epochs", type=int, help="epochs per offline / no-KD run (the store holds as many)")
+    ap.add_argument("--online-epochs", type=int,
+                    help="epochs per online run (default 1: it is by far the slowest and its rate is steady)")
+    ap.add_argument("--repeats", type=int, default=2,
+                    help="offline and no-KD runs per round (online runs once per round); default 2")
     ap.add_argument("--k", type=int, default=10, help="top-K kept in the store and by the online teacher")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", choices=["cpu", "cuda"])
@@ -252,6 +305,12 @@ def parse_args(argv=None):
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
+    if args.online_epochs is None:
+        args.online_epochs = 1
+    if not 1 <= args.online_epochs <= args.epochs:
+        ap.error("--online-epochs must be between 1 and --epochs (the store holds --epochs epochs of views)")
+    if args.repeats < 1 or args.rounds < 1:
+        ap.error("--repeats and --rounds must be >= 1")
     if args.workers is None:  # gpu preset: scale with the machine
         args.workers = max(1, min(8, (os.cpu_count() or 2) - 1))
     args.mode_list = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -318,46 +377,69 @@ def main(argv=None) -> int:
         print(f"store:   gen-logits {g['views']} views (K={args.k}) in {gen_s:.1f} s = {g['views'] / gen_s:.0f} views/s "
               "(one-off, not in any ratio)\n")
 
-        rounds: dict[str, list[dict]] = {m: [] for m in args.mode_list}
+        # warm-up, untimed: one epoch of the cheapest mode (first-call costs: allocator, oneDNN kernels,
+        # the student's shapes); the teacher has already run at its shapes in gen-logits above
+        warm = "no-kd" if "no-kd" in args.mode_list else args.mode_list[0]
+        t0 = time.perf_counter()
+        run_mode(args, warm, data, store, str(weights), tmp, spec, "warmup", epochs=1)
+        print(f"warm-up: one {warm} epoch in {time.perf_counter() - t0:.1f} s (not counted)")
+
         names = args.mode_list
+        runs: dict[str, list[dict]] = {m: [] for m in names}
         for r in range(args.rounds):
-            order = names[r % len(names):] + names[:r % len(names)]  # rotate: each mode takes each slot
             line = []
-            for mode in order:
-                rec = run_mode(args, mode, data, store, str(weights), tmp, spec, f"r{r}")
-                rec["loadavg"] = _loadavg()
-                rounds[mode].append(rec)
+            for i, mode in enumerate(round_order(names, r, args.repeats)):
+                rec = run_mode(args, mode, data, store, str(weights), tmp, spec, f"r{r}_{i}")
+                rec.update(round=r, slot=i, loadavg=_loadavg())
+                runs[mode].append(rec)
                 line.append(f"{mode} {rec['steps_per_s']:.2f}")
-            print(f"round {r + 1}/{args.rounds} ({', '.join(order)}): " + ", ".join(line) + " steps/s")
-        res["rounds"] = rounds
+            print(f"round {r + 1}/{args.rounds}: " + ", ".join(line) + " steps/s")
+        res["runs"] = runs
 
     # ---- summary
     summ: dict = {}
-    print(f"\nsteps/s: median over {args.rounds} rounds of (timed steps / their time), first {args.skip_steps} "
-          "step(s) of each epoch left out;\nepoch s: train_student's own epoch wall time (metrics.jsonl 'seconds', "
-          "includes worker start-up); setup s: the rest of the call")
-    print(f"{'mode':8s} {'steps/s':>8s} {'ms/step':>8s} {'min..max steps/s':>17s} {'steps':>6s} {'epoch s':>8s} "
-          f"{'setup s':>8s}")
+    rounds = {m: per_round(runs[m], args.rounds) for m in names}
+    rounds_med = {m: per_round(runs[m], args.rounds, median=True) for m in names}
+    res["per_round_steps_per_s"] = rounds
+    res["per_round_median_step_rate"] = rounds_med
+    print(f"\nsteps/s: median over {args.rounds} rounds of (the mode's timed steps in the round / their time), first "
+          f"{args.skip_steps} step(s) of each epoch left out;\nruns: the mode's runs per round x epochs per run; "
+          "epoch s: train_student's own epoch wall time (metrics.jsonl 'seconds', includes worker start-up);\n"
+          "setup s: the rest of the call (model, teacher, store + canary before the first epoch; checkpoints);\n"
+          "med ms: median duration of a timed step (median over rounds), a second estimator robust to bursts")
+    print(f"{'mode':8s} {'steps/s':>8s} {'ms/step':>8s} {'rounds min..max':>16s} {'med ms':>7s} {'runs':>6s} "
+          f"{'steps/epoch':>11s} {'epoch s':>8s} {'setup s':>8s}")
     for mode in names:
-        rs = rounds[mode]
-        sps = [x["steps_per_s"] for x in rs]
+        rs, sps = runs[mode], rounds[mode]
         epoch_s = med([statistics.mean(x["epoch_seconds"]) for x in rs])
         s = {"steps_per_s": med(sps), "ms_per_step": 1e3 / med(sps), "min": min(sps), "max": max(sps),
-             "steps_per_run": rs[0]["steps"], "epoch_seconds": epoch_s, "setup_s": med([x["setup_s"] for x in rs])}
+             "runs_per_round": len(rs) // args.rounds, "epochs_per_run": rs[0]["epochs"],
+             "steps_per_epoch": rs[0]["steps"] // rs[0]["epochs"], "epoch_seconds": epoch_s,
+             "setup_s": med([x["setup_s"] for x in rs]), "median_step_ms": 1e3 / med(rounds_med[mode])}
         summ[mode] = s
-        print(f"{mode:8s} {s['steps_per_s']:8.2f} {s['ms_per_step']:8.1f} {s['min']:8.2f}..{s['max']:<7.2f} "
-              f"{s['steps_per_run']:6d} {epoch_s:8.1f} {s['setup_s']:8.1f}")
-    if len({rounds[m][0]['steps'] for m in names}) != 1:
-        print("note: the modes took different numbers of steps per run (they should not)")
+        runs_txt = f"{s['runs_per_round']}x{s['epochs_per_run']}"
+        print(f"{mode:8s} {s['steps_per_s']:8.2f} {s['ms_per_step']:8.1f} {s['min']:7.2f}..{s['max']:<7.2f} "
+              f"{s['median_step_ms']:7.1f} {runs_txt:>6s} {s['steps_per_epoch']:11d} {epoch_s:8.1f} {s['setup_s']:8.1f}")
+    if len({summ[m]["steps_per_epoch"] for m in names}) != 1:
+        print("note: the modes took different numbers of steps per epoch (they should not)")
+    if "offline" in runs and "online" in runs:
+        # same views, same student init, constant LR, K = all classes: the online run's epoch and the offline
+        # run's first epoch train on the same targets up to the store's fp16 log-probs. Checks the views line up.
+        a, b = runs["offline"][0]["epoch_losses"][0], runs["online"][0]["epoch_losses"][0]
+        summ["loss_check"] = {"offline_epoch0": a, "online_epoch0": b, "rel_diff": abs(a - b) / abs(b) if b else None}
+        print(f"check: first-epoch mean loss offline {a:.5f}, online {b:.5f} (same views, same targets up to the "
+              f"store's fp16: relative difference {summ['loss_check']['rel_diff']:.1e})")
 
-    def ratio(a, b, key="steps_per_s"):
-        if a in rounds and b in rounds:
-            return ratio_stats([x[key] for x in rounds[a]], [x[key] for x in rounds[b]])
+    def ratio(a, b, table=rounds):
+        if a in table and b in table:
+            return ratio_stats(table[a], table[b])
         return None
 
     summ["offline/no-kd"] = ratio("offline", "no-kd")
     summ["offline/online"] = ratio("offline", "online")
     summ["no-kd/online"] = ratio("no-kd", "online")
+    summ["offline/no-kd median-step"] = ratio("offline", "no-kd", rounds_med)
+    summ["offline/online median-step"] = ratio("offline", "online", rounds_med)
     print("\nratios of steps/s, per round, median [min, max]:")
     if summ["offline/no-kd"]:
         print(f"  offline / no-KD  = {fmt_ratio(summ['offline/no-kd'])}   (1.0 = the store costs nothing; target >= 0.97)")
@@ -365,9 +447,13 @@ def main(argv=None) -> int:
         print(f"  offline / online = {fmt_ratio(summ['offline/online'], 2)}   (speed-up of offline over online KD)")
     if summ["no-kd/online"]:
         print(f"  no-KD / online   = {fmt_ratio(summ['no-kd/online'], 2)}")
+    alt = [f"offline / {b} = {fmt_ratio(summ[f'offline/{k} median-step'], d)}"
+           for k, b, d in (("no-kd", "no-KD", 3), ("online", "online", 2)) if summ[f"offline/{k} median-step"]]
+    if alt:
+        print("  from median step durations instead: " + ", ".join(alt))
     if "offline" in summ and "online" in summ:
         # one epoch of views costs the store gen_s / epochs once; online pays the teacher every epoch it trains
-        steps = summ["offline"]["steps_per_run"] / args.epochs
+        steps = summ["offline"]["steps_per_epoch"]
         extra = steps / summ["online"]["steps_per_s"] - steps / summ["offline"]["steps_per_s"]
         per_epoch = gen_s / args.epochs
         summ["gen_seconds_per_epoch_of_views"] = per_epoch

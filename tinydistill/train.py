@@ -99,6 +99,8 @@ def _views_and_targets(cfg: TrainConfig, source):
             if cfg.teacher_input_size:
                 teacher.input_size = cfg.teacher_input_size
             num_classes = teacher.num_classes
+            if cfg.k is not None and not 1 <= cfg.k <= num_classes:
+                raise TrainError(f"--k {cfg.k}: must be between 1 and the teacher's {num_classes} classes")
         seed = cfg.seed if cfg.view_seed is None else cfg.view_seed
         return None, cfg.spec, seed, num_classes, teacher
     if not cfg.logits:
