@@ -56,8 +56,8 @@ def test_offline_equals_online_with_k_equal_c(store, peaky_teacher, tmp_path):
     assert p.returncode == 0, p.stderr
     on = tmp_path / "on"
     p = cli("train-student", *TRAIN, "--online-teacher", "test_resnet", "--teacher-weights", peaky_teacher,
-            "--teacher-input-size", "32", "--view-seed", "0", "--unit-rows", "128", "--epochs", "1", "--workers", "0",
-            "--out", str(on), *VIEW)
+            "--teacher-input-size", "32", "--like", store, "--epochs", "1", "--workers", "0",
+            "--out", str(on))
     assert p.returncode == 0, p.stderr
     a, b = steps(off)[:8], steps(on)[:8]
     assert len(a) == len(b) == 8

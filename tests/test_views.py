@@ -1,3 +1,5 @@
+import dataclasses
+import json
 import random
 import subprocess
 import sys
@@ -11,9 +13,13 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 import tinydistill as td
-from tinydistill.augment import AugSpec, SpecError, ViewMaker, _posterize
+from tinydistill.augment import AugSpec, SpecError
+from tinydistill.params import Policy
+from tinydistill.render_pil import _posterize, render_base
+from tinydistill.replay import check_replay, create_view_store, views_digest
 from tinydistill.sources import BadSampleError, SourceError, open_source
-from tinydistill.views import ReplayError, ViewStream, check_replay, create_view_store, render_views, views_digest
+from tinydistill.stream import Item, ViewStream
+from tinydistill.views import ReplayError, Views, render_views
 
 SPEC = AugSpec(img_size=24, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.5, mixup=0.8, cutmix=1.0,
                mix_group=32, interpolation="random")
@@ -33,59 +39,61 @@ def _by_view(batches):
     return out
 
 
-def _stream(digits, **kw):
-    return ViewStream(digits, SPEC, base_seed=7, epochs=[0, 1, 2], unit_rows=kw.pop("unit_rows", 128), **kw)
+def _items(rows_by_epoch, batch):
+    return [Item(e, np.asarray(rows), batch) for e, rows in rows_by_epoch]
 
 
-def test_views_identical_across_workers_batches_order(digits):
+def test_views_identical_across_workers_batches_and_items(digits):
     ref = {(e, r): (v["image"], v["partner"], v["lam"])
            for (e, r), v in zip(PROBE, render_views(digits, SPEC, 7, PROBE))}
-    runs = [
-        dict(workers=0, batch=16, order_seed=None, unit_rows=128),
-        dict(workers=1, batch=5, order_seed=None, unit_rows=128),
-        dict(workers=3, batch=64, order_seed=123, unit_rows=128),  # another unit visiting order
-        dict(workers=0, batch=7, order_seed=5, unit_rows=256),     # other unit size
-    ]
-    for cfg in runs:
-        s = _stream(digits, order_seed=cfg["order_seed"], unit_rows=cfg["unit_rows"])
-        wanted = {(e, (r // cfg["unit_rows"])) for e, r in PROBE}
-        s.units = [u for u in s.units if u in wanted]  # only the units holding the probes
-        got = _by_view(DataLoader(s, batch_size=cfg["batch"], num_workers=cfg["workers"]))
+    rng = np.random.default_rng(0)
+    for workers, batch, cut in [(0, 16, 128), (1, 5, 64), (3, 64, 300), (2, 7, 1)]:
+        items = []
+        for e in range(3):  # the probes inside items of other sizes, other neighbours, other orders
+            rows = rng.permutation(len(digits))
+            items += [Item(e, rows[i:i + cut], batch) for i in range(0, len(rows), cut)
+                      if any((e, int(r)) in ref for r in rows[i:i + cut])]
+        got = _by_view(DataLoader(ViewStream(Views(digits, SPEC, 7), items), batch_size=None, num_workers=workers))
         for key in PROBE:
             img, partner, lam = got[key]
-            assert torch.equal(img, ref[key][0]), (cfg, key)
-            assert (partner, lam) == ref[key][1:], (cfg, key)
+            assert torch.equal(img, ref[key][0]), (workers, batch, cut, key)
+            assert (partner, lam) == ref[key][1:], (workers, batch, cut, key)
 
 
-def test_ranks_split_units_without_overlap(digits, monkeypatch):
-    one = _stream(digits)
-    all_units = one.my_units()
-    parts = []
-    for rank in range(2):
-        monkeypatch.setenv("RANK", str(rank))
-        monkeypatch.setenv("WORLD_SIZE", "2")
-        parts.append(_stream(digits).my_units())
-    assert sorted(parts[0] + parts[1]) == sorted(all_units) and not set(parts[0]) & set(parts[1])
-    # what rank 1 renders equals what a single process renders for the same units
-    four = all_units[:4]
-    monkeypatch.setenv("RANK", "1")
-    s = _stream(digits)
-    s.units = four
-    a = list(s)
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("WORLD_SIZE", "1")
-    s1 = _stream(digits)
-    s1.units = [four[1], four[3]]
-    b = list(s1)
-    assert len(a) == len(b) > 0
-    assert all(torch.equal(x["image"], y["image"]) and x["lam"] == y["lam"] and x["row"] == y["row"]
-               for x, y in zip(a, b))
+def test_stream_yields_items_in_order_whatever_the_workers(digits):
+    items = _items([(0, range(i, i + 10)) for i in range(0, 200, 10)], batch=10)
+    runs = []
+    for workers in (0, 1, 3):
+        batches = list(DataLoader(ViewStream(Views(digits, AugSpec(img_size=8, mix_group=4), 0), items),
+                                  batch_size=None, num_workers=workers))
+        runs.append([b["row"].tolist() for b in batches])
+        assert {b["worker"] for b in batches} == set(range(max(workers, 1)))  # every worker rendered
+    assert runs[0] == runs[1] == runs[2] == [list(range(i, i + 10)) for i in range(0, 200, 10)]
+
+
+def test_records_same_across_processes_and_render_twice_same_pixels(digits):
+    views = Views(digits, SPEC, 7)
+    recs = [views.render(e, [r], with_params=True)[0]["params"].to_dict() for e, r in PROBE]
+    code = (
+        "import json; from tinydistill.augment import AugSpec; from tinydistill.sources import open_source;"
+        "from tinydistill.views import Views;"
+        f"v = Views(open_source('digits'), AugSpec.from_dict({SPEC.to_dict()!r}), 7);"
+        f"print(json.dumps([v.render(e, [r], with_params=True)[0]['params'].to_dict() for e, r in {PROBE!r}]))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == json.loads(json.dumps(recs))
+    # a record rendered twice gives the same pixels; the record alone decides them
+    img = next(iter(digits.read([300])))[1]
+    p = views.render(0, [300], with_params=True)[0]["params"]
+    assert torch.equal(render_base(img, p, 24), render_base(img, p, 24))
+    q = dataclasses.replace(p, hflip=not p.hflip)
+    assert not torch.equal(render_base(img, p, 24), render_base(img, q, 24))
 
 
 def test_fresh_process_gives_same_pixels(digits):
     code = (
         "from tinydistill.augment import AugSpec; from tinydistill.sources import open_source;"
-        "from tinydistill.views import render_views, views_digest;"
+        "from tinydistill.views import render_views; from tinydistill.replay import views_digest;"
         f"spec = AugSpec.from_dict({SPEC.to_dict()!r});"
         f"print(views_digest(render_views(open_source('digits'), spec, 7, {PROBE!r})))"
     )
@@ -139,12 +147,70 @@ def test_posterize_zero_bits_is_black_not_an_error():
     img = Image.fromarray(np.full((4, 4, 3), 200, np.uint8))
     assert np.asarray(_posterize(img, 0)).max() == 0
     assert np.asarray(_posterize(img, 2)).max() == 192
-    maker = ViewMaker(AugSpec(img_size=8, auto_augment="rand-m9-mstd0.5-inc1"), 0)
-    ops = [op for op in maker.transform.transforms[1].transforms[0].ops if "Posterize" in op.name]
-    assert ops and all(op.aug_fn is _posterize for op in ops)
-    op = ops[0]
-    op.magnitude, op.magnitude_std, op.prob = 10, 0, 1.0  # the level that asks for 0 bits
-    assert np.asarray(op(img)).max() == 0
+    # rand-m9-mstd0.5 draws 0 bits now and then; the renderer makes it black instead of raising
+    views = Views(open_source("digits"), AugSpec(img_size=8, auto_augment="rand-m10-mstd0.5-inc1", mix_group=4), 0)
+    rows = range(400)
+    recs = [views.params(0, r, (8, 8)) for r in rows]
+    zero = [r for r, p in zip(rows, recs) if any(o.name == "PosterizeIncreasing" and o.args == (0,) for o in p.ops)]
+    assert zero
+    views.render(0, zero[:3])
+
+
+def test_records_follow_the_spec(digits):
+    """Every spec field changes the records it should, and nothing else."""
+    base = AugSpec(img_size=32, color_jitter=None, hflip=0.0, mix_group=32)
+
+    def recs(**kw):
+        v = Views(digits, dataclasses.replace(base, **kw), 3)
+        return [v.params(0, r, (40, 30)) for r in range(64)]
+
+    plain = recs()
+    assert all(not p.hflip and not p.vflip and not p.ops and p.jitter is None and not p.erase and p.mix == "none"
+               for p in plain)
+    assert {p.interpolation for p in plain} == {"bicubic"}
+    assert {p.interpolation for p in recs(interpolation="random")} == {"bilinear", "bicubic"}
+    # crops: inside the source image, area within scale (up to rounding), ratio honoured
+    for p in recs(scale=(0.5, 0.5), ratio=(1.0, 1.0)):
+        t, l, h, w = p.crop
+        assert 0 <= t and t + h <= 30 and 0 <= l and l + w <= 40 and abs(h * w - 600) < 60 and abs(h - w) <= 1
+    assert all(p.crop == (0, 0, 30, 40) for p in recs(scale=(1.0, 1.0), ratio=(4 / 3, 4 / 3)))
+    flips = [p.hflip for p in recs(hflip=0.5)]
+    assert 10 < sum(flips) < 54 and all(p.vflip for p in recs(vflip=1.0))
+    jit = recs(color_jitter=0.4)
+    assert all(0.6 <= p.jitter["brightness"] <= 1.4 and sorted(p.jitter["order"]) == ["brightness", "contrast", "saturation"]
+               for p in jit)
+    assert all(p.jitter is None for p in recs(color_jitter=0.4, auto_augment="rand-m9"))  # timm: off under AA
+    # RandAugment: 2 layers at prob 0.5, magnitudes from mstd around m, args from timm's level functions
+    ra = recs(auto_augment="rand-m9-mstd0.5-inc1")
+    n_ops = [len(p.ops) for p in ra]
+    assert max(n_ops) == 2 and 0.6 < np.mean(n_ops) < 1.4
+    mags = [o.magnitude for p in ra for o in p.ops]
+    assert 0 <= min(mags) and max(mags) <= 10 and 8 < np.mean(mags) < 10 and np.std(mags) > 0.2
+    assert all(o.magnitude == 9 for p in recs(auto_augment="rand-m9-inc1") for o in p.ops)
+    rot = [o for p in recs(auto_augment="rand-m9-mstd0.5-n4") for o in p.ops if o.name == "Rotate"]
+    assert rot and all(abs(o.args[0]) == pytest.approx(o.magnitude * 3) for o in rot)
+    assert {np.sign(o.args[0]) for o in rot} == {-1, 1} and all(o.resample in ("bilinear", "bicubic") for o in rot)
+    assert all(o.resample == "bicubic" for p in recs(auto_augment="rand-m9-n4") for o in p.ops if o.name == "Rotate")
+    aa = recs(auto_augment="original")
+    assert all(len(p.ops) <= 2 for p in aa) and any(p.ops for p in aa)
+    mix = recs(auto_augment="augmix-m5-w3")
+    assert all(len(p.augmix["chains"]) == 3 and abs(sum(p.augmix["weights"]) - 1) < 1e-5 for p in mix)
+    # erasing on the output image, up to re_count boxes
+    er = recs(re_prob=1.0, re_count=3, re_mode="rand")
+    assert all(1 <= len(p.erase) <= 3 and p.erase_mode == "rand" for p in er)
+    assert all(t + h <= 32 and l + w <= 32 for p in er for t, l, h, w in p.erase)
+    assert not any(p.erase for p in recs(re_prob=0.0))
+    # mixing: partner in the group, lam from Beta, cutmix box consistent with lam
+    mx = recs(mixup=0.8, cutmix=1.0)
+    assert {p.mix for p in mx} == {"mixup", "cutmix"}
+    for p in mx:
+        assert p.partner // 32 == p.row // 32 and p.partner != p.row and 0 < p.lam < 1
+        if p.mix == "cutmix":
+            assert p.lam == pytest.approx(1 - p.box[2] * p.box[3] / 32 ** 2)
+    assert {p.mix for p in recs(cutmix=1.0)} == {"cutmix"} and {p.mix for p in recs(mixup=1.0)} == {"mixup"}
+    assert sum(p.mix != "none" for p in recs(mixup=1.0, mix_prob=0.3)) < 40
+    with pytest.raises(SpecError, match="re_mode"):
+        AugSpec(re_mode="noise")
 
 
 def test_spec_yaml_and_validation(tmp_path):
@@ -162,7 +228,7 @@ def test_spec_yaml_and_validation(tmp_path):
     with pytest.raises(SpecError, match="cannot read"):
         AugSpec.from_yaml(tmp_path / "none.yaml")
     with pytest.raises(SpecError, match="timm cannot build"):
-        ViewMaker(AugSpec(auto_augment="nonsense-m9"), 0)
+        Policy(AugSpec(auto_augment="nonsense-m9"))
 
 
 # ---- sources ------------------------------------------------------------------------------------
@@ -259,18 +325,34 @@ def test_canary_and_store_view(digits, tmp_path, monkeypatch):
     ref = render_views(digits, SPEC, 7, [(1, 31)])[0]
     assert torch.equal(v.image, ref["image"]) and v.key == digits.keys[31] and v.lam == ref["lam"]
     assert v.to_pil().size == (24, 24)
+    assert v.params.row == 31 and v.params.src_size == (8, 8) and v.params.partner == v.partner
     with pytest.raises(ReplayError, match="not the data"):
         check_replay(td.open_store(st.path), open_source("digits:val"))
     # the view code changes under the store (e.g. a library now flips differently): refused
-    import tinydistill.augment as aug
-    orig = aug.ViewMaker.base
-    monkeypatch.setattr(aug.ViewMaker, "base", lambda self, img, seed: orig(self, img, seed + 1))
+    import tinydistill.render_pil as rp
+    orig = rp.render_base
+    monkeypatch.setattr(rp, "render_base", lambda img, p, size: orig(img, dataclasses.replace(p, hflip=not p.hflip), size))
     with pytest.raises(ReplayError, match="canary views differ"):
         check_replay(td.open_store(st.path), digits)
-    monkeypatch.setattr(aug.ViewMaker, "base", orig)
+    monkeypatch.setattr(rp, "render_base", orig)
     # the stored spec is edited without its hash: refused
     import zarr
     g = zarr.open_group(str(st.path), mode="r+")
     g.attrs["augmentation"] = {**SPEC.to_dict(), "hflip": 0.0}
     with pytest.raises(ReplayError, match="does not match its hash"):
         check_replay(td.open_store(st.path), digits)
+
+
+def test_store_of_view_format_1_is_refused_with_its_version(digits, tmp_path):
+    import zarr
+
+    st = create_view_store(tmp_path / "old.zarr", digits, SPEC, base_seed=7, epochs=2, k=3)
+    assert td.open_store(st.path).attrs["view_format"] == 2
+    g = zarr.open_group(str(st.path), mode="r+")
+    del g.attrs["view_format"]  # what tinydistill 0.1 wrote
+    old = td.open_store(st.path)
+    assert old.num_rows == len(digits)  # its arrays stay readable
+    with pytest.raises(ReplayError, match="view format 1 .* renders view format 2"):
+        check_replay(old, digits)
+    with pytest.raises(ReplayError, match="view format 1"):
+        old.view(0, 0, "digits")

@@ -1,13 +1,8 @@
-"""The augmentation spec, in timm's vocabulary, and the transforms built from it.
+"""The augmentation spec, in timm's vocabulary.
 
 The spec is what decides a view's pixels besides its seed, so it is stored in the logit store
-as canonical JSON with a hash, and replay refuses to run when it differs. The image ops are
-timm's (RandomResizedCrop, flips, colour jitter, RandAugment, RandomErasing, Mixup/CutMix
-decisions); tinydistill only decides where their randomness comes from.
-
-Views are float32 tensors [3, H, W] of pixel values in [0, 1] (random erasing may write noise
-outside that range), not normalised: teacher and student each normalise with their own
-mean/std (see :func:`tinydistill.views.prepare`).
+as canonical JSON with a hash, and replay refuses to run when it differs. What a spec draws
+per view is in :mod:`tinydistill.params`; how a record becomes pixels, in the renderers.
 """
 
 from __future__ import annotations
@@ -16,9 +11,6 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import numpy as np
-import torch
 
 from ._util import canonical_json, spec_hash
 from .errors import TinydistillError
@@ -60,6 +52,10 @@ class AugSpec:
                 raise SpecError(f"{name} must be a probability in [0, 1], got {v}")
         if self.mixup < 0 or self.cutmix < 0:
             raise SpecError("mixup and cutmix are Beta alphas: >= 0")
+        if self.re_mode not in ("const", "rand", "pixel"):
+            raise SpecError(f"re_mode must be const, rand or pixel, got {self.re_mode!r}")
+        if self.re_count < 1:
+            raise SpecError(f"re_count must be >= 1, got {self.re_count}")
         if self.mix_group < 2 or self.mix_group & (self.mix_group - 1):
             raise SpecError(f"mix_group must be a power of two >= 2, got {self.mix_group}")
 
@@ -104,110 +100,3 @@ class AugSpec:
         if not isinstance(d, dict):
             raise SpecError(f"{path}: expected a mapping of augmentation options")
         return cls.from_dict(d.get("augmentation", d), source=str(path))
-
-
-def _posterize(img, bits_to_keep, **__):
-    """timm's posterize, with 0 bits meaning a black image as in TF and Pillow < 13.
-
-    ``rand-m9-mstd0.5-inc1`` can ask for 0 bits; Pillow 13 raises on that (~0.14 % of calls).
-    """
-    from PIL import ImageOps
-
-    if bits_to_keep >= 8:
-        return img
-    if bits_to_keep <= 0:
-        return img.point(lambda _: 0)
-    return ImageOps.posterize(img, bits_to_keep)
-
-
-def _patch_posterize(tf) -> None:
-    ops = getattr(tf, "ops", None)
-    for op in ops or []:
-        if "Posterize" in getattr(op, "name", ""):
-            op.aug_fn = _posterize
-    for child in getattr(tf, "transforms", []) or []:
-        _patch_posterize(child)
-
-
-class ViewMaker:
-    """Builds timm's transforms for a spec and renders views under their seeds."""
-
-    def __init__(self, spec: AugSpec, base_seed: int):
-        from timm.data.transforms_factory import transforms_imagenet_train
-        from timm.data.mixup import Mixup
-        from timm.data.random_erasing import RandomErasing
-        from timm.data.transforms import MaybeToTensor
-        from torchvision import transforms
-
-        self.spec, self.base_seed = spec, int(base_seed)
-        try:
-            primary, secondary, _ = transforms_imagenet_train(
-                img_size=spec.img_size, scale=spec.scale, ratio=spec.ratio, hflip=spec.hflip,
-                vflip=spec.vflip, color_jitter=spec.color_jitter, auto_augment=spec.auto_augment,
-                interpolation=spec.interpolation, use_prefetcher=True, separate=True,
-            )
-        except (AssertionError, ValueError, KeyError) as e:
-            raise SpecError(f"timm cannot build this augmentation ({type(e).__name__}: {e}): {spec.to_json()}") from e
-        # our own final step: float pixels in [0, 1], no normalisation (the consumer's job)
-        self.transform = transforms.Compose([primary, secondary, MaybeToTensor()])
-        _patch_posterize(self.transform)
-        self.erase = (
-            RandomErasing(spec.re_prob, mode=spec.re_mode, max_count=spec.re_count, device="cpu")
-            if spec.re_prob > 0 else None
-        )
-        self.mixer = (
-            Mixup(mixup_alpha=spec.mixup, cutmix_alpha=spec.cutmix, prob=spec.mix_prob,
-                  switch_prob=spec.switch_prob, mode="batch", label_smoothing=0.0)
-            if spec.mixing else None
-        )
-
-    def base(self, img, seed: int) -> torch.Tensor:
-        """The un-mixed view of an image (PIL) under its encoded seed: float32 [3, H, W]."""
-        from .seeds import isolated_rng, view_generator
-
-        with isolated_rng(view_generator(self.base_seed, seed, stream=0)):
-            x = self.transform(img.convert("RGB") if img.mode != "RGB" else img)
-            if self.erase is not None:
-                x = self.erase(x)
-        return x
-
-    def mix(self, x: torch.Tensor, partner: torch.Tensor, seed: int) -> tuple[torch.Tensor, float]:
-        """Mix a view with its partner's view as timm's Mixup would; returns (view, lambda).
-
-        Lambda, the mixup/cutmix switch and the box come from the view's own seed.
-        """
-        from timm.data.mixup import cutmix_bbox_and_lam
-
-        from .seeds import isolated_rng, view_generator
-
-        if self.mixer is None:
-            return x, 1.0
-        with isolated_rng(view_generator(self.base_seed, seed, stream=1)):
-            lam, use_cutmix = self.mixer._params_per_batch()
-            if lam == 1.0:
-                return x, 1.0
-            if use_cutmix:
-                (yl, yh, xl, xh), lam = cutmix_bbox_and_lam(
-                    x.shape, lam, ratio_minmax=self.mixer.cutmix_minmax, correct_lam=self.mixer.correct_lam
-                )
-                out = x.clone()
-                out[:, yl:yh, xl:xh] = partner[:, yl:yh, xl:xh]
-                return out, float(lam)
-            return x * lam + partner * (1.0 - lam), float(lam)
-
-
-def mix_pairs(base_seed: int, epoch: int, group: int, rows: np.ndarray) -> dict[int, int]:
-    """Partner of each row of one mix group: a seeded random pairing (a <-> b).
-
-    With an odd number of rows the one left over is its own partner (not mixed).
-    """
-    from .seeds import group_generator
-
-    perm = group_generator(base_seed, epoch, group).permutation(np.asarray(rows))
-    partner = {}
-    for i in range(0, len(perm) - 1, 2):
-        a, b = int(perm[i]), int(perm[i + 1])
-        partner[a], partner[b] = b, a
-    if len(perm) % 2:
-        partner[int(perm[-1])] = int(perm[-1])
-    return partner

@@ -65,7 +65,11 @@ def _completeness_line(done: list[float]) -> str:
 @click.option("--max-views", type=click.IntRange(min=1), default=200_000, show_default=True,
               help="Views read for the statistics (whole chunks, sampled across epochs).")
 @click.option("--check", is_flag=True, help="Also read every complete shard in full; exit 1 if any is corrupt.")
-def inspect(store, as_json, plot, max_views, check):
+@click.option("--params", "n_params", type=click.IntRange(min=1), metavar="N",
+              help="Also print the parameter records of N views (needs --data): crop, flips, ops, erasing, mix.")
+@click.option("--data", help="SRC the store was made from (for --params).")
+@click.option("--epoch", type=click.IntRange(min=0), default=0, show_default=True, help="Epoch of the --params views.")
+def inspect(store, as_json, plot, max_views, check, n_params, data, epoch):
     """Summarise a logit store: shape, teacher, completeness, size on disk, teacher statistics.
 
     STORE is a local path or an fsspec URL (s3://, gs://, file://, memory://).
@@ -119,6 +123,22 @@ def inspect(store, as_json, plot, max_views, check):
         w = max(len(k) for k, _ in lines)
         for k, v in lines:
             click.echo(f"{k:<{w}}  {v}")
+    if n_params:
+        _print_params(st, data, epoch, n_params, as_json)
+
+
+def _print_params(st, data, epoch: int, n: int, as_json: bool) -> None:
+    """The parameter records of n views of one epoch, spread over the rows."""
+    if not data:
+        raise click.UsageError("--params needs --data SRC (the data the store was made from)")
+    if epoch >= st.epochs:
+        raise click.BadParameter(f"{epoch}: the store holds epochs 0..{st.epochs - 1}", param_hint="--epoch")
+    import numpy as np
+
+    rows = np.unique(np.linspace(0, st.num_rows - 1, num=min(n, st.num_rows)).round().astype(int))
+    for r in rows:
+        p = st.view(epoch, int(r), data=data).params
+        click.echo(json.dumps(p.to_dict()) if as_json else p.summary())
 
 
 # ---- shared options --------------------------------------------------------------------------
@@ -352,7 +372,8 @@ def verify(store, data, teacher, teacher_weights, samples, seed, device, amp, ma
 @click.option("--teacher-input-size", type=click.IntRange(min=1))
 @click.option("--k", type=click.IntRange(min=1), help="Online teacher: classes kept [default: all].")
 @click.option("--view-seed", type=int, help="Base seed of views for --no-kd/--online-teacher [default: --seed].")
-@click.option("--unit-rows", type=click.IntRange(min=2), help="--no-kd/--online-teacher: rows per work unit (a store uses its chunk rows).")
+@click.option("--like", metavar="STORE", help="--no-kd/--online-teacher: the views of this store (its augmentation and seed), "
+              "so the baseline sees the same batches as offline KD from it.")
 @click.option("--input-size", type=click.IntRange(min=1), help="Student input size [default: the views' size].")
 @click.option("--model-kwargs", multiple=True, metavar="KEY=VALUE",
               help="Extra timm.create_model argument for the student, e.g. patch_size=4 (repeatable).")
@@ -372,8 +393,8 @@ def train_student_cmd(**opts):
     aug_names = [n.lstrip("-").replace("-", "_") for n, _ in AUG_OPTIONS]
     on_cli = [n for n in aug_names if ctx.get_parameter_source(n) == click.core.ParameterSource.COMMANDLINE]
     in_recipe = [n for n in aug_names if ctx.get_parameter_source(n) == click.core.ParameterSource.DEFAULT_MAP]
-    if opts["logits"] and on_cli:
-        raise TrainError("augmentation options are for --no-kd/--online-teacher: a store replays its own views")
+    if (opts["logits"] or opts["like"]) and on_cli:
+        raise TrainError("augmentation options are for --no-kd/--online-teacher without --like: a store replays its own views")
     spec = spec_from_options(opts)
     device = opts["device"] or _default_device()
     rank = int(__import__("os").environ.get("RANK", 0))
@@ -388,7 +409,7 @@ def train_student_cmd(**opts):
         online_teacher=opts["online_teacher"], teacher_weights=opts["teacher_weights"],
         teacher_input_size=opts["teacher_input_size"], k=opts["k"], loss=opts["loss"], temperature=opts["temperature"],
         alpha=opts["alpha"], smoothing=opts["smoothing"], input_size=opts["input_size"],
-        num_classes=opts["num_classes"], val_crop_pct=opts["val_crop_pct"], spec=spec, view_seed=opts["view_seed"], unit_rows=opts["unit_rows"],
+        num_classes=opts["num_classes"], val_crop_pct=opts["val_crop_pct"], spec=spec, view_seed=opts["view_seed"], like=opts["like"],
         model_kwargs=_kv(opts["model_kwargs"]), expect_spec=bool(opts["logits"] and in_recipe),
         progress=not opts["no_progress"],
     )

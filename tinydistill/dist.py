@@ -26,14 +26,15 @@ def setup(device: str, workers: int = 0) -> tuple[int, int, torch.device]:
     """Join torchrun's process group when launched by it (nccl on CUDA, else gloo);
     returns (rank, world, this rank's device).
 
-    On the CPU, the model's threads leave one core to each DataLoader worker (unless
+    The main process's torch threads leave one core to each DataLoader worker (unless
     OMP_NUM_THREADS says otherwise): OpenMP threads that share cores with busy workers spin
-    and run several times slower than one thread alone.
+    and run several times slower than one thread alone, and on a GPU node the workers are
+    the ones that need the cores.
     """
     world = int(os.environ.get("WORLD_SIZE", 1))
     cuda = device.startswith("cuda")
-    if not cuda and workers > 0 and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) - workers))
+    if workers > 0 and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(int(os.environ.get("LOCAL_WORLD_SIZE", 1)), 1) - workers))
     if cuda and not torch.cuda.is_available():
         raise TinydistillError(f"--device {device}: no CUDA device is available here")
     if world > 1 and not active():
@@ -73,6 +74,16 @@ def broadcast_error(msg: str | None) -> None:
         msg = box[0]
     if msg:
         raise TinydistillError(msg)
+
+
+def gather_parts(obj, dst: int) -> list | None:
+    """Every rank's ``obj`` on rank ``dst``, in rank order (None on the others); ``[obj]``
+    without torch.distributed."""
+    if not active():
+        return [obj]
+    out = [None] * dist.get_world_size() if dist.get_rank() == dst else None
+    dist.gather_object(obj, out, dst=dst)
+    return out
 
 
 def all_reduce(values: list[float], op: str = "sum") -> list[float]:

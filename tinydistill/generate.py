@@ -1,9 +1,11 @@
 """Stage 1: run a teacher once over every view and fill the logit store.
 
 The store is created by rank 0 (or checked against this run when it exists: resume is the
-default), the missing (epoch, shard) units are split across ranks and DataLoader workers,
-top-K log-softmax runs on the device, and each finished shard goes to a background writer
-thread so disk I/O overlaps compute. A killed run loses at most the shards in flight.
+default). The (epoch, shard) units still to do are cut into small items that keep every
+DataLoader worker of every rank busy (:func:`tinydistill.stream.gen_plan`), top-K
+log-softmax runs on the device, and each shard, once all its rows are in, is gathered on the
+one rank that writes it and goes to a background writer thread, so disk I/O overlaps compute.
+A killed run loses at most the shards in flight.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -25,9 +27,11 @@ from .augment import AugSpec
 from . import dist
 from .errors import NotAStoreError, StoreError, TinydistillError
 from .sources import open_source
+from .replay import check_replay, create_view_store, run_mismatch
 from .store import DEFAULT_CHUNK_ROWS, DEFAULT_SHARD_CHUNKS, LogitStore, open_store
+from .stream import GenPlan, Meter, ViewStream, gen_plan
 from .teachers import load_teacher
-from .views import ViewStream, check_replay, create_view_store, prepare
+from .views import Views, prepare
 
 log = logging.getLogger("tinydistill")
 
@@ -72,30 +76,6 @@ def parse_epochs(text: str) -> tuple[int, int]:
 
 # ---- store set-up --------------------------------------------------------------------------------
 
-def _mismatch(store: LogitStore, cfg: GenConfig, teacher, source) -> str | None:
-    a = store.attrs
-    t = a.get("teacher", {})
-    checks = [
-        ("teacher", t.get("name"), teacher.name),
-        ("teacher weights", t.get("weights_digest"), teacher.weights_digest),
-        ("K", a.get("k"), cfg.k),
-        ("num_classes", a.get("num_classes"), teacher.num_classes),
-        ("augmentation spec hash", a.get("spec_hash"), cfg.spec.hash),
-        ("dataset fingerprint", a.get("dataset_fingerprint"), source.fingerprint),
-        ("seed", a.get("base_seed"), cfg.seed),
-    ]
-    if cfg.total_epochs is not None:
-        checks.append(("total epochs", a.get("epochs"), cfg.total_epochs))
-    for what, old, new in checks:
-        if old != new:
-            short = (lambda v: v[:16] + "..." if isinstance(v, str) and len(v) > 19 else v)
-            return (f"{cfg.out}: existing store has {what} {short(old)!r}, this run has {short(new)!r}; "
-                    "pass --overwrite to replace it, or another --out")
-    if cfg.epochs[1] > store.epochs:
-        return f"{cfg.out}: store holds {store.epochs} epochs, --epochs asks for up to {cfg.epochs[1]}"
-    return None
-
-
 def _prepare_store(cfg: GenConfig, teacher, source, rank: int) -> LogitStore:
     err = None
     if rank == 0:
@@ -108,23 +88,21 @@ def _prepare_store(cfg: GenConfig, teacher, source, rank: int) -> LogitStore:
                     if os.path.isdir(cfg.out) and os.listdir(cfg.out):
                         raise
             if existing is not None:
-                err = _mismatch(existing, cfg, teacher, source)
+                err = run_mismatch(existing, out=cfg.out, teacher=teacher, k=cfg.k, spec=cfg.spec, source=source,
+                                   seed=cfg.seed, epochs=cfg.epochs, total_epochs=cfg.total_epochs)
                 if err is None:
                     check_replay(existing, source)  # same views as the run that started it
                     log.info("resuming %s: %d of %d units complete", cfg.out,
                              int(existing.complete_mask().sum()), existing.complete_mask().size)
             else:
-                names = source.class_names if source.num_classes == teacher.num_classes else teacher.class_names
+                from_data = source.num_classes == teacher.num_classes
                 create_view_store(
                     cfg.out, source, cfg.spec, base_seed=cfg.seed, epochs=cfg.total_epochs or cfg.epochs[1],
                     k=cfg.k, num_classes=teacher.num_classes, teacher=teacher.describe(),
+                    class_names=None if from_data else teacher.class_names,
                     chunk_rows=cfg.chunk_rows, shard_rows=cfg.shard_rows, overwrite=cfg.overwrite,
-                    attrs={"class_names_source": "data" if names is source.class_names else "teacher"},
+                    attrs={"class_names_source": "data" if from_data else "teacher"},
                 )
-                if names is not None and names is not source.class_names:
-                    import zarr
-
-                    zarr.open_group(cfg.out, mode="r+").attrs["class_names"] = list(names)
                 log.info("created %s", cfg.out)
         except TinydistillError as e:
             err = str(e)
@@ -168,9 +146,57 @@ class _ShardWriter:
             raise self.error
 
 
+class _Rounds:
+    """Collects this rank's teacher outputs per round and hands each finished shard, whole,
+    to the one rank that writes it (rank j writes shard j of a round)."""
+
+    def __init__(self, plan: GenPlan, store: LogitStore, writer: _ShardWriter, rank: int, world: int):
+        self.plan, self.store, self.writer, self.rank, self.world = plan, store, writer, rank, world
+        self.parts: dict[tuple[int, int], list] = {}
+        self.got = [0] * len(plan.rounds)
+        self.next = 0  # the first round not yet exchanged
+        self.round_of = {u: i for i, rnd in enumerate(plan.rounds) for u in rnd}
+
+    def add(self, epoch: int, rows, logp, idx, seed, skipped) -> None:
+        shard = int(rows[0]) // self.store.shard_rows  # items never straddle shards
+        self.parts.setdefault((epoch, shard), []).append((rows, logp, idx, seed, skipped))
+        self.got[self.round_of[(epoch, shard)]] += len(rows)
+        self.flush()
+
+    def flush(self, final: bool = False) -> None:
+        """Exchange every finished round, in order (all ranks take part in each)."""
+        while self.next < len(self.plan.rounds) and (final or self.got[self.next] >= self.plan.round_rows[self.next]):
+            if self.got[self.next] != self.plan.round_rows[self.next]:
+                raise StoreError(f"{self.store.path}: round {self.next} received {self.got[self.next]} of "
+                                 f"{self.plan.round_rows[self.next]} rows")
+            for j, unit in enumerate(self.plan.rounds[self.next]):
+                mine = self.parts.pop(unit, [])
+                parts = dist.gather_parts(mine, dst=j)
+                if self.rank == j:
+                    self.writer.put(self._assemble(unit, [p for ps in parts for p in ps]))
+            self.next += 1
+
+    def _assemble(self, unit: tuple[int, int], parts: list):
+        epoch, shard = unit
+        a, b = self.store.shard_bounds(shard)
+        rows = np.concatenate([p[0] for p in parts]) - a
+        if len(rows) != b - a or not np.array_equal(np.sort(rows), np.arange(b - a)):
+            raise StoreError(f"{self.store.path}: shard {shard} of epoch {epoch} got {len(rows)} rows for {b - a}")
+        out = []
+        for i in range(1, 5):
+            arr = np.concatenate([p[i] for p in parts])
+            full = np.empty((b - a,) + arr.shape[1:], arr.dtype)
+            full[rows] = arr
+            out.append(full)
+        return (epoch, shard, *out)
+
+
 @dist.keeps_threads
-def gen_logits(cfg: GenConfig) -> dict[str, Any]:
-    """Fill epochs [cfg.epochs) of the store at cfg.out; returns the run summary."""
+def gen_logits(cfg: GenConfig, on_step: Callable[[dict], None] | None = None) -> dict[str, Any]:
+    """Fill epochs [cfg.epochs) of the store at cfg.out; returns the run summary.
+
+    ``on_step`` (optional) is called after every teacher batch with ``{"views", "seconds"}``.
+    """
     t_start = time.time()
     rank, world, device = dist.setup(cfg.device, cfg.workers)
     source = open_source(cfg.data)
@@ -187,9 +213,9 @@ def gen_logits(cfg: GenConfig) -> dict[str, Any]:
 
     mask = store.complete_mask(refresh=True)
     todo = [(e, s) for e in range(*cfg.epochs) for s in range(store.num_shards) if not mask[e, s]]
-    stream = ViewStream(source, cfg.spec, cfg.seed, epochs=range(*cfg.epochs), unit_rows=shard_rows,
-                        units=todo, skip_bad=cfg.skip_bad, batch_size=cfg.batch_size)
-    my_views = stream.rank_views(cfg.workers)
+    plan = gen_plan(todo, store.shard_bounds, store.num_rows, cfg.spec.mix_group, cfg.batch_size,
+                    cfg.workers, world, rank)
+    stream = ViewStream(Views(source, cfg.spec, cfg.seed, skip_bad=cfg.skip_bad), plan.items)
     loader = torch.utils.data.DataLoader(
         stream, batch_size=None, num_workers=cfg.workers, pin_memory=device.type == "cuda",
         persistent_workers=False, prefetch_factor=4 if cfg.workers else None,
@@ -203,12 +229,13 @@ def gen_logits(cfg: GenConfig) -> dict[str, Any]:
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
 
     writer = _ShardWriter(store)
-    buffers: dict[tuple[int, int], dict] = {}
+    rounds = _Rounds(plan, store, writer, rank, world)
+    meter = Meter(cfg.workers)
     views = skipped = 0
-    bar = _progress(my_views, enabled=cfg.progress and rank == 0, desc=f"gen-logits ({world} rank(s))")
+    bar = _progress(stream.num_views, enabled=cfg.progress and rank == 0, desc=f"gen-logits ({world} rank(s))")
     try:
         with torch.inference_mode():
-            for batch in loader:
+            for batch in meter(loader):
                 x = batch["image"].to(device, non_blocking=True)
                 x = prepare(x, teacher.input_size, teacher.mean, teacher.std, teacher.interpolation)
                 if device.type == "cuda":
@@ -218,22 +245,20 @@ def gen_logits(cfg: GenConfig) -> dict[str, Any]:
                 logp, idx = torch.log_softmax(logits.float(), dim=-1).topk(cfg.k, dim=-1)
                 logp, idx = logp.cpu().numpy(), idx.cpu().numpy()
                 rows, valid = batch["row"].numpy(), batch["valid"].numpy()
-                # the stream never batches across units, and a unit is one (epoch, shard)
-                done = _fill(buffers, store, int(batch["epoch"][0]), int(rows[0]) // shard_rows, rows, logp, idx,
-                             batch["seed"].numpy().astype(np.uint64), ~valid)
-                if done is not None:
-                    writer.put(done)
+                rounds.add(int(batch["epoch"][0]), rows, logp, idx, batch["seed"].numpy().astype(np.uint64), ~valid)
                 views += len(rows)
                 skipped += int((~valid).sum())
                 bar.update(len(rows))
+                if on_step is not None:
+                    on_step({"views": len(rows), "seconds": time.time() - t_start})
+        rounds.flush(final=True)
         writer.close()
     finally:
         bar.close()
         if writer.thread.is_alive():  # an error above: stop the writer after the shards it holds
             writer.q.put(None)
             writer.thread.join()
-    if buffers:
-        raise StoreError(f"{cfg.out}: {len(buffers)} shard(s) did not receive all their rows")
+    load = meter.report()
     dist.barrier()
     views, skipped, written = (int(v) for v in dist.all_reduce([views, skipped, writer.written]))
     secs = time.time() - t_start
@@ -243,25 +268,8 @@ def gen_logits(cfg: GenConfig) -> dict[str, Any]:
         "seconds": round(secs, 2), "views_per_s": round(views / secs, 1) if secs else None,
         "complete": [round(float(f), 4) for f in store.completed()],
         "teacher": teacher.name, "k": cfg.k, "num_classes": teacher.num_classes,
+        "item_rows": plan.item_rows, "items": len(plan.items), "load": load,
     }
-
-
-def _fill(buffers, store, epoch, shard, rows, logp, idx, seed, skipped):
-    """Put a batch's rows into its shard buffer; return the write item once the shard is full."""
-    key = (epoch, shard)
-    a, b = store.shard_bounds(shard)
-    buf = buffers.get(key)
-    if buf is None:
-        k = store.k
-        buf = buffers[key] = {"logp": np.zeros((b - a, k), np.float32), "index": np.zeros((b - a, k), np.int64),
-                              "seed": np.zeros(b - a, np.uint64), "skipped": np.zeros(b - a, bool), "n": 0}
-    r = rows - a
-    buf["logp"][r], buf["index"][r], buf["seed"][r], buf["skipped"][r] = logp, idx, seed, skipped
-    buf["n"] += len(rows)
-    if buf["n"] == b - a:
-        del buffers[key]
-        return (epoch, shard, buf["logp"], buf["index"], buf["seed"], buf["skipped"])
-    return None
 
 
 def _progress(total: int, enabled: bool, desc: str):

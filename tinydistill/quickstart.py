@@ -41,7 +41,7 @@ def quickstart(out: str, seed: int = 0, epochs: int = 30, teacher_epochs: int = 
     log.info("[1/5] teacher: %s, supervised, %d epochs", TEACHER, teacher_epochs)
     t = time.time()
     train_student(TrainConfig(student=TEACHER, out=str(outp / "teacher"), no_kd=True, epochs=teacher_epochs,
-                                        lr=2e-3, spec=SPEC, view_seed=seed + 1000, unit_rows=128, **common))
+                                        lr=2e-3, spec=SPEC, view_seed=seed + 1000, **common))
     timings["teacher"] = time.time() - t
     weights = str(outp / "teacher" / "best.pth")
 
@@ -49,17 +49,16 @@ def quickstart(out: str, seed: int = 0, epochs: int = 30, teacher_epochs: int = 
     t = time.time()
     gen = gen_logits(GenConfig(data="digits", teacher=TEACHER, teacher_weights=weights, teacher_input_size=32,
                                out=str(outp / "logits.zarr"), k=K, epochs=(0, epochs), seed=seed, batch_size=128,
-                               workers=workers, device=device, spec=SPEC, chunk_rows=128, shard_rows=256,
-                               overwrite=True, progress=progress))
+                               workers=workers, device=device, spec=SPEC, overwrite=True, progress=progress))
     timings["gen_logits"] = time.time() - t
 
     students = {}
     student = dict(student=STUDENT, epochs=epochs, lr=1e-3, model_kwargs=STUDENT_KWARGS, **common)
     for i, (name, extra) in enumerate([
-        ("no_kd", dict(no_kd=True, spec=SPEC, view_seed=seed, unit_rows=128)),
+        ("no_kd", dict(no_kd=True, like=str(outp / "logits.zarr"))),  # the same views and batches as offline KD
         ("offline_kd", dict(logits=str(outp / "logits.zarr"))),
-        ("online_kd", dict(online_teacher=TEACHER, teacher_weights=weights, teacher_input_size=32, k=K, spec=SPEC,
-                           view_seed=seed, unit_rows=128)),
+        ("online_kd", dict(online_teacher=TEACHER, teacher_weights=weights, teacher_input_size=32, k=K,
+                           like=str(outp / "logits.zarr"))),
     ]):
         log.info("[%d/5] student %s: %s", 3 + min(i, 2), STUDENT, name)
         t = time.time()

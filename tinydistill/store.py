@@ -279,6 +279,18 @@ class LogitStore:
         return list(self.attrs["class_names"])
 
     @property
+    def base_seed(self) -> int:
+        """Base seed of every view's generator."""
+        return int(self.attrs.get("base_seed", 0))
+
+    @property
+    def spec(self):
+        """The augmentation spec the views were made with (:class:`tinydistill.augment.AugSpec`)."""
+        from .augment import AugSpec
+
+        return AugSpec.from_dict(self.attrs.get("augmentation", {}), source=f"{self.path} augmentation")
+
+    @property
     def teacher(self) -> dict:
         return dict(self.attrs.get("teacher", {}))
 
@@ -321,7 +333,7 @@ class LogitStore:
             "teacher": self.teacher,
             "spec_hash": self.attrs.get("spec_hash"),
             "dataset_fingerprint": self.attrs.get("dataset_fingerprint"),
-            "base_seed": self.attrs.get("base_seed"),
+            "base_seed": self.base_seed,
             "index_dtype": str(self._index.dtype),
             "bytes_on_disk": total,
             "bytes_per_view": total / views_done if views_done else None,
@@ -502,23 +514,22 @@ class LogitStore:
         return bad
 
     def view(self, epoch: int, row: int, data):
-        """The view (epoch, row) as the teacher saw it: a :class:`tinydistill.views.View`.
+        """The view (epoch, row) as the teacher saw it: a :class:`tinydistill.views.View`,
+        with its parameter record in ``.params``.
 
         ``data`` is the SRC string (or an opened source) the store was made from; the first
         call checks it and the replay canary, and refuses if the views no longer match.
         """
+        from .replay import check_replay
         from .sources import Source, open_source
-        from .views import View, check_replay, render_views
+        from .views import Views
 
         self._rows(epoch, row)  # bounds
         name = data.name if isinstance(data, Source) else str(data)
         if name not in self._replay:
             source = data if isinstance(data, Source) else open_source(name)
-            self._replay[name] = (source, check_replay(self, source))
-        source, spec = self._replay[name]
-        v = render_views(source, spec, int(self.attrs.get("base_seed", 0)), [(epoch, int(row))], skip_bad=True)[0]
-        return View(epoch=epoch, row=int(row), key=source.keys[int(row)], seed=v["seed"], image=v["image"],
-                    label=v["label"], partner=v["partner"], partner_label=v["partner_label"], lam=v["lam"])
+            self._replay[name] = Views(source, check_replay(self, source), self.base_seed, skip_bad=True)
+        return self._replay[name].view(epoch, int(row))
 
     # ---- writing ----------------------------------------------------------------------------
 

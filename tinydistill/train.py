@@ -2,7 +2,8 @@
 
 Three modes share one loop, so comparisons are fair: offline KD from a store (default),
 ``no_kd`` (supervised on ground-truth labels) and ``online_teacher`` (the same loss with the
-teacher run every step on the same views). The loop is timm's parts: ``create_model``,
+teacher run every step on the same views). Every epoch visits all rows in a fresh seeded order
+(:func:`tinydistill.stream.epoch_order`) that is the same in all three modes for the same seed. The loop is timm's parts: ``create_model``,
 ``create_optimizer_v2``, ``CosineLRScheduler`` with warmup, ``ModelEmaV3``, gradient
 clipping, AMP, DDP under torchrun.
 """
@@ -18,7 +19,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -28,7 +29,8 @@ from .errors import TinydistillError
 from . import dist
 from .losses import DistillLoss, mixed_labels, soft_cross_entropy
 from .sources import open_source
-from .views import ViewStream, prepare
+from .stream import Meter, ViewStream, epoch_order, train_items
+from .views import Views, prepare
 
 log = logging.getLogger("tinydistill")
 
@@ -72,7 +74,7 @@ class TrainConfig:
     val_crop_pct: float | None = None
     spec: AugSpec = field(default_factory=AugSpec)  # views for no_kd / online (a store brings its own)
     view_seed: int | None = None  # base seed of views for no_kd / online (default: seed)
-    unit_rows: int | None = None  # no_kd / online: rows per work unit (a store uses its chunks)
+    like: str | None = None  # no_kd / online: take spec and view seed from this store (the views offline KD sees)
     expect_spec: bool = False  # offline: ``spec`` came from a recipe and must equal the store's
     progress: bool = True
 
@@ -101,12 +103,22 @@ def _views_and_targets(cfg: TrainConfig, source):
             num_classes = teacher.num_classes
             if cfg.k is not None and not 1 <= cfg.k <= num_classes:
                 raise TrainError(f"--k {cfg.k}: must be between 1 and the teacher's {num_classes} classes")
+        if cfg.like:  # the views of a store, so the baseline sees what offline KD sees
+            from .replay import check_replay
+            from .store import open_store
+
+            like = open_store(cfg.like)
+            if cfg.view_seed is not None:
+                raise TrainError("--view-seed and --like exclude each other: --like takes the store's seed")
+            return None, check_replay(like, source), like.base_seed, num_classes, teacher
         seed = cfg.seed if cfg.view_seed is None else cfg.view_seed
         return None, cfg.spec, seed, num_classes, teacher
+    if cfg.like:
+        raise TrainError("--like is for --no-kd / --online-teacher; offline KD replays the views of --logits")
     if not cfg.logits:
         raise TrainError("--logits STORE is required (or --no-kd / --online-teacher for the baselines)")
+    from .replay import check_replay
     from .store import open_store
-    from .views import check_replay
 
     store = open_store(cfg.logits)
     spec = check_replay(store, source)  # keys and order, spec hash, canary pixels
@@ -120,7 +132,7 @@ def _views_and_targets(cfg: TrainConfig, source):
     for e in range(min(cfg.epochs, store.epochs)):
         if done[e] < 1.0:
             raise TrainError(f"{cfg.logits}: epoch {e} is {100 * done[e]:.1f}% complete; finish gen-logits first")
-    return store, spec, int(store.attrs.get("base_seed", 0)), store.num_classes, None
+    return store, spec, store.base_seed, store.num_classes, None
 
 
 def create_student(cfg: TrainConfig, num_classes: int, input_size: int):
@@ -202,22 +214,12 @@ def _set_rng_state(s: dict) -> None:
     random.setstate(tuple(s["python"][:1]) + (tuple(s["python"][1]),) + tuple(s["python"][2:]))
 
 
-def _steps_this_epoch(stream: ViewStream, batch_size: int, workers: int) -> int:
-    """Batches this rank will see (each DataLoader worker ends on its own partial batch),
-    equalised to the minimum over ranks so DDP ranks always take the same number of steps."""
-    rank, world = dist.rank_world()
-    nw = max(workers, 1)
-    steps = 0
-    for w in range(nw):
-        units = stream.units[rank * nw + w :: world * nw]
-        steps += math.ceil(sum(b - a for _, u in units for a, b in [stream.unit_bounds(u)]) / batch_size)
-    return int(dist.all_reduce([steps], op="min")[0])
-
-
 # ---- the loop ------------------------------------------------------------------------------------
 
 @dist.keeps_threads
-def train_student(cfg: TrainConfig) -> dict[str, Any]:
+def train_student(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> dict[str, Any]:
+    """Train ``cfg.student``; returns the last epoch's metrics. ``on_step`` (optional) is
+    called after every optimizer step with ``{"epoch", "step", "views", "loss"}``."""
     from timm.data import resolve_data_config
     from timm.optim import create_optimizer_v2
     from timm.scheduler import CosineLRScheduler
@@ -249,10 +251,7 @@ def train_student(cfg: TrainConfig) -> dict[str, Any]:
     model.to(device)
     ema = ModelEmaV3(model, decay=cfg.ema, device=device) if cfg.ema else None
     optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if store is not None:
-        unit_rows = store.chunk_rows
-    else:
-        unit_rows = cfg.unit_rows or _unit_rows(len(source), spec, cfg.workers, world)
+    views_of = Views(source, spec, view_seed, skip_bad=store is not None)
     steps_per_epoch_est = max(1, math.ceil(len(source) / (cfg.batch_size * world)))
     total_steps = cfg.epochs * steps_per_epoch_est
     scheduler = CosineLRScheduler(optimizer, t_initial=total_steps, lr_min=cfg.min_lr, warmup_lr_init=cfg.warmup_lr,
@@ -303,24 +302,27 @@ def train_student(cfg: TrainConfig) -> dict[str, Any]:
     try:
         for epoch in range(start_epoch, cfg.epochs):
             t0 = time.time()
-            store_epoch = epoch % store.epochs if store is not None else epoch
-            stream = ViewStream(source, spec, view_seed, epochs=[store_epoch], unit_rows=unit_rows,
-                                order_seed=cfg.seed * 100003 + epoch, targets=store)
-            n_steps = _steps_this_epoch(stream, cfg.batch_size, cfg.workers)
-            loader = torch.utils.data.DataLoader(stream, batch_size=cfg.batch_size, num_workers=cfg.workers,
-                                                 pin_memory=device.type == "cuda")
+            view_epoch = epoch % store.epochs if store is not None else epoch
+            order = epoch_order(len(source), spec.mix_group, spec.mixing, view_seed, view_epoch, cfg.seed, epoch)
+            items = train_items(order, view_epoch, cfg.batch_size, world, rank)
+            stream = ViewStream(views_of, items, targets=store)
+            n_steps = len(items)
+            loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.workers,
+                                                 pin_memory=device.type == "cuda",
+                                                 prefetch_factor=4 if cfg.workers else None)
+            meter = Meter(cfg.workers)
             model.train()
             if distilled:
                 model.set_distilled_training(True)
             bar = tqdm(total=n_steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", file=sys.stderr,
                        disable=not (cfg.progress and rank == 0), dynamic_ncols=True)
-            loss_sum, views, it = 0.0, 0, iter(loader)
+            loss_sum, views, it = 0.0, 0, meter(loader)
             lr = optimizer.param_groups[0]["lr"]
             for i in range(n_steps):
                 batch = next(it)
                 keep = batch["valid"]
                 if not keep.all():  # unreadable images skipped at gen-logits time
-                    batch = {k: v[keep] for k, v in batch.items()}
+                    batch = {k: v[keep] if torch.is_tensor(v) else v for k, v in batch.items()}
                 x_raw = batch["image"].to(device, non_blocking=True)
                 label = batch["label"].to(device)
                 y = mixed_labels(label, batch["partner_label"].to(device), batch["lam"].to(device), num_classes,
@@ -364,10 +366,12 @@ def train_student(cfg: TrainConfig) -> dict[str, Any]:
                     steps_f.write(json.dumps({"epoch": epoch, "step": step, "loss": loss.item(), "lr": lr}) + "\n")
                 bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
                 bar.update(1)
+                if on_step is not None:
+                    on_step({"epoch": epoch, "step": step, "views": len(label), "loss": loss.item()})
             bar.close()
             del it, loader
             row = {"epoch": epoch, "step": step, "train_loss": loss_sum / max(n_steps, 1), "lr": lr,
-                   "views": views * world, "seconds": round(time.time() - t0, 2)}
+                   "views": views * world, "seconds": round(time.time() - t0, 2), "load": meter.report()}
             if val is not None:
                 if distilled:
                     model.set_distilled_training(False)
@@ -403,12 +407,6 @@ def train_student(cfg: TrainConfig) -> dict[str, Any]:
             tb.close()
     return {"out": str(out), "epochs": cfg.epochs, "best_val_top1": best if best >= 0 else None,
             "mode": "no_kd" if cfg.no_kd else ("online" if cfg.online_teacher else "offline"), **summary}
-
-
-def _unit_rows(n: int, spec: AugSpec, workers: int, world: int) -> int:
-    """Units for runs without a store: small enough that every worker of every rank gets work."""
-    want = max(spec.mix_group, math.ceil(n / (4 * max(workers, 1) * world)))
-    return min(4096, math.ceil(want / spec.mix_group) * spec.mix_group)
 
 
 def _cfg_dict(cfg: TrainConfig) -> dict:

@@ -1,7 +1,7 @@
 """``tinydistill verify``: replay stored views, re-run the teacher, compare with the store.
 
-Each sampled view is recomputed inside the very batch gen-logits ran it in (a unit is always
-cut into the same consecutive batches), so on the same hardware, dtype and thread count the
+Each sampled view is recomputed inside the very batch gen-logits ran it in (batches are always
+the same shard-relative runs of ``batch_size`` rows), so on the same hardware, dtype and thread count the
 recomputed fp16 log-probabilities equal the stored ones bit for bit. Elsewhere, pass a
 tolerance: ``--max-logp-diff`` and ``--min-id-agreement``.
 """
@@ -16,7 +16,8 @@ from .errors import TinydistillError
 from .sources import open_source
 from .store import open_store
 from .teachers import load_teacher
-from .views import ViewStream, check_replay, prepare
+from .replay import check_replay
+from .views import Views, prepare
 
 
 @keeps_threads
@@ -47,7 +48,7 @@ def verify_store(path: str, data: str, teacher_name: str, weights: str | None = 
         picks.append((e, s, int(rng.integers(a, b))))
     # the batches gen-logits ran these views in: (epoch, shard, batch index within the unit)
     batches = sorted({(e, s, (r - store.shard_bounds(s)[0]) // batch_size) for e, s, r in picks})
-    stream = ViewStream(source, spec, int(store.attrs.get("base_seed", 0)), epochs=[], unit_rows=store.shard_rows)
+    views_of = Views(source, spec, store.base_seed, skip_bad=True)
     model = teacher.model.to(device)
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     want = {(e, r) for e, _, r in picks}
@@ -56,7 +57,7 @@ def verify_store(path: str, data: str, teacher_name: str, weights: str | None = 
         for e, s, bi in batches:
             a, b = store.shard_bounds(s)
             rows = range(a + bi * batch_size, min(a + (bi + 1) * batch_size, b))
-            views = list(stream.rows_views(e, rows))
+            views = views_of.render(e, rows)
             x = torch.stack([v["image"] for v in views]).to(device)
             x = prepare(x, teacher.input_size, teacher.mean, teacher.std, teacher.interpolation)
             with torch.autocast(torch.device(device).type, dtype=dt, enabled=dt is not None):

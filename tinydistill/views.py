@@ -1,29 +1,28 @@
-"""The view stream both stages share: (epoch, row) -> the same pixels, in any process.
+"""Views: (epoch, row) -> a parameter record -> pixels, the same in any process.
 
-Work is split in units of whole row blocks of one epoch (the store's shards for gen-logits,
-its chunks for a student). Units are shuffled per epoch by a seed, split across ranks and
-DataLoader workers, and each unit decodes every image once. Inside a unit, rows are handled
-in mix groups (``spec.mix_group`` aligned rows, inside one store chunk): the group's images
-are augmented under their own seeds and, when mixing is on, each view is mixed with its
-partner from a seeded pairing of the group. Nothing depends on which process, worker, batch
-or unit order produced a view.
+:class:`Views` is the view core both stages, ``verify``, the replay canary and notebooks go
+through. For a set of rows of one epoch it finds each row's mix partner (a seeded pairing of
+its mix group), decodes every image it needs once, draws each view's record
+(:mod:`tinydistill.params`) and renders it (:mod:`tinydistill.render_pil`). Which rows go to
+which worker, rank or batch is the stream's business (:mod:`tinydistill.stream`).
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
 
-from .augment import AugSpec, ViewMaker, mix_pairs
-from .dist import rank_world
+from .augment import AugSpec
 from .errors import TinydistillError
+from .params import Policy, ViewParams, mix_pairs
 from .seeds import encode_seed
 from .sources import BadSampleError, Source
+
+VIEW_FORMAT = 2  # how views are made: 1 = timm transforms under reseeded global RNGs; 2 = records
+RENDERER = "pil"
 
 
 class ReplayError(TinydistillError):
@@ -43,6 +42,7 @@ class View:
     partner: int  # row mixed in (== row when not mixed)
     partner_label: int
     lam: float  # weight of this row's image (1.0 when not mixed)
+    params: ViewParams | None = None  # the record the pixels were rendered from
 
     def to_pil(self):
         from torchvision.transforms.functional import to_pil_image
@@ -50,157 +50,108 @@ class View:
         return to_pil_image(self.image.clamp(0, 1))
 
 
-class ViewStream(IterableDataset):
-    """IterableDataset of views over (epoch, unit) work units.
+class Views:
+    """The views of one source under one spec and base seed."""
 
-    Yields dicts: ``epoch``, ``row``, ``seed``, ``image`` (float32 [3, S, S]), ``label``,
-    ``partner``, ``partner_label``, ``lam``, ``valid`` (False for a skipped unreadable image,
-    whose ``image`` is zeros). Collate with a plain DataLoader; rows come in unit order.
-
-    With ``batch_size`` it yields collated batches instead (use ``DataLoader(batch_size=None)``):
-    each unit is cut into the same consecutive batches whatever else runs, so a model's
-    outputs for a unit do not depend on which units ran before it (resume, ranks, workers).
-    """
-
-    def __init__(
-        self,
-        source: Source,
-        spec: AugSpec,
-        base_seed: int,
-        epochs: Iterable[int],
-        unit_rows: int,
-        units: Iterable[tuple[int, int]] | None = None,
-        order_seed: int | None = None,
-        skip_bad: bool = False,
-        batch_size: int | None = None,
-        targets=None,
-    ):
-        self.source, self.spec, self.base_seed = source, spec, int(base_seed)
-        self.batch_size = batch_size
-        self.targets = targets  # a LogitStore: attach each view's stored top-K (read a unit at a time)
+    def __init__(self, source: Source, spec: AugSpec, base_seed: int, skip_bad: bool = False):
+        self.source, self.spec, self.base_seed, self.skip_bad = source, spec, int(base_seed), skip_bad
         self.num_rows = len(source)
-        self.unit_rows = int(unit_rows)
-        if self.unit_rows % spec.mix_group and self.unit_rows < self.num_rows:
-            raise ReplayError(f"unit of {unit_rows} rows is not a multiple of mix_group={spec.mix_group}")
-        self.skip_bad = skip_bad
-        self.num_units = -(-self.num_rows // self.unit_rows)
-        seed = self.base_seed if order_seed is None else int(order_seed)
-        wanted = None if units is None else {(int(e), int(u)) for e, u in units}
-        self.units = [
-            (e, int(u))
-            for e in epochs
-            for u in np.random.default_rng([seed, 0x6F72, int(e)]).permutation(self.num_units)
-            if wanted is None or (e, int(u)) in wanted
-        ]
-        self._maker: ViewMaker | None = None
+        self._policy: Policy | None = None
+        self._pairs: dict[tuple[int, int], dict[int, int]] = {}
+
+    def __getstate__(self):  # DataLoader workers build their own policy
+        return {**self.__dict__, "_policy": None, "_pairs": {}}
 
     @property
-    def maker(self) -> ViewMaker:
-        if self._maker is None:  # built lazily, inside each worker
-            self._maker = ViewMaker(self.spec, self.base_seed)
-        return self._maker
+    def policy(self) -> Policy:
+        if self._policy is None:
+            self._policy = Policy(self.spec)
+        return self._policy
 
-    def unit_bounds(self, unit: int) -> tuple[int, int]:
-        lo = unit * self.unit_rows
-        return lo, min(lo + self.unit_rows, self.num_rows)
+    def seed(self, epoch: int, row: int) -> int:
+        return int(encode_seed(epoch, row, self.num_rows))
 
-    def my_units(self) -> list[tuple[int, int]]:
-        """The units this rank and DataLoader worker handle (a strided share)."""
-        rank, world = rank_world()
-        info = get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        return self.units[rank * nw + wid :: world * nw]
-
-    def rank_views(self, num_workers: int) -> int:
-        """How many views this rank yields in total over its ``num_workers`` DataLoader workers."""
-        rank, world = rank_world()
-        nw = max(num_workers, 1)
-        units = [u for w in range(nw) for u in self.units[rank * nw + w :: world * nw]]
-        return sum(b - a for _, u in units for a, b in [self.unit_bounds(u)])
-
-    def __len__(self) -> int:
-        return sum(b - a for _, u in self.units for a, b in [self.unit_bounds(u)])
-
-    def __iter__(self) -> Iterator[dict]:
-        from torch.utils.data import default_collate
-
-        for epoch, unit in self.my_units():
-            lo, hi = self.unit_bounds(unit)
-            views = self.rows_views(epoch, range(lo, hi))
-            if self.targets is not None:
-                views = self._with_targets(views, epoch, lo, hi)
-            if not self.batch_size:
-                yield from views
-                continue
-            batch = []
-            for v in views:
-                batch.append(v)
-                if len(batch) == self.batch_size:
-                    yield default_collate(batch)
-                    batch = []
-            if batch:
-                yield default_collate(batch)
-
-    def _with_targets(self, views: Iterator[dict], epoch: int, lo: int, hi: int) -> Iterator[dict]:
-        logp, index = self.targets.topk(epoch, slice(lo, hi), order="stored")  # one block read
-        for v in views:
-            r = v["row"] - lo
-            v["logp"], v["index"] = torch.from_numpy(logp[r]), torch.from_numpy(index[r])
-            v["valid"] = v["valid"] and not bool(np.isnan(logp[r, 0]))
-            yield v
-
-    def rows_views(self, epoch: int, rows: Sequence[int]) -> Iterator[dict]:
-        """Views of the given rows of one epoch (ascending), rendering partners as needed."""
+    def partners(self, epoch: int, rows: Sequence[int]) -> dict[int, int]:
+        """Mix partner of each row (the row itself when the spec does not mix)."""
+        if not self.spec.mixing:
+            return {int(r): int(r) for r in rows}
         g = self.spec.mix_group
-        rows = sorted(int(r) for r in rows)
-        start = 0
-        while start < len(rows):
-            group = rows[start] // g
-            end = start
-            while end < len(rows) and rows[end] // g == group:
-                end += 1
-            yield from self._group_views(epoch, group, rows[start:end])
-            start = end
+        out = {}
+        for r in rows:
+            group = int(r) // g
+            key = (int(epoch), group)
+            if key not in self._pairs:
+                if len(self._pairs) > 64:
+                    self._pairs.clear()
+                members = np.arange(group * g, min((group + 1) * g, self.num_rows))
+                self._pairs[key] = mix_pairs(self.base_seed, epoch, group, members)
+            out[int(r)] = self._pairs[key][int(r)]
+        return out
 
-    def _group_views(self, epoch: int, group: int, rows: list[int]) -> Iterator[dict]:
-        g = self.spec.mix_group
-        members = np.arange(group * g, min((group + 1) * g, self.num_rows))
-        if self.spec.mixing:
-            partner = mix_pairs(self.base_seed, epoch, group, members)
-        else:
-            partner = {r: r for r in rows}
-        need = sorted(set(rows) | {partner[r] for r in rows})
-        base: dict[int, torch.Tensor | BadSampleError] = {}
+    def params(self, epoch: int, row: int, src_size: tuple[int, int]) -> ViewParams:
+        """The record of view (epoch, row) for a decoded image of ``src_size`` = (w, h)."""
+        partner = self.partners(epoch, [row])[int(row)]
+        return self.policy.draw(self.base_seed, epoch, row, self.seed(epoch, row), src_size, partner)
+
+    def render(self, epoch: int, rows: Sequence[int], with_params: bool = False) -> list[dict]:
+        """Views of ``rows`` of one epoch, in the order given, each image decoded once.
+
+        Each is a dict: ``epoch``, ``row``, ``seed``, ``image`` (float32 [3, S, S]), ``label``,
+        ``partner``, ``partner_label``, ``lam``, ``valid`` (False for a skipped unreadable
+        image, whose ``image`` is zeros), and ``params`` with ``with_params``.
+        """
+        from . import render_pil
+
+        rows = [int(r) for r in rows]
+        partner = self.partners(epoch, rows)
+        need = sorted(set(rows) | set(partner.values()))
+        partner.update(self.partners(epoch, [q for q in need if q not in partner]))
+        size = self.spec.img_size
+        base: dict[int, tuple] = {}
         for r, img in self.source.read(need):
             if isinstance(img, BadSampleError):
                 if not self.skip_bad:
                     raise img
-                base[r] = img
-            else:
-                base[r] = self.maker.base(img, int(encode_seed(epoch, r, self.num_rows)))
-        labels = self.source.labels
-        size = self.spec.img_size
-        for r in rows:
-            seed = int(encode_seed(epoch, r, self.num_rows))
-            x = base[r]
-            p = partner[r]
-            if isinstance(x, BadSampleError):
-                yield dict(epoch=epoch, row=r, seed=seed, image=torch.zeros(3, size, size), label=int(labels[r]),
-                           partner=r, partner_label=int(labels[r]), lam=1.0, valid=False)
+                base[r] = (None, None)
                 continue
-            lam = 1.0
-            if p != r and not isinstance(base[p], BadSampleError):
-                x, lam = self.maker.mix(x, base[p], seed)
-            if lam == 1.0:
-                p = r
-            yield dict(epoch=epoch, row=r, seed=seed, image=x, label=int(labels[r]), partner=p,
-                       partner_label=int(labels[p]), lam=float(lam), valid=True)
+            p = self.policy.draw(self.base_seed, epoch, r, self.seed(epoch, r), img.size, partner[r])
+            base[r] = (render_pil.render_base(img, p, size), p)
+        labels = self.source.labels
+        out = []
+        for r in rows:
+            x, p = base[r]
+            seed = self.seed(epoch, r)
+            if x is None:
+                out.append(dict(epoch=epoch, row=r, seed=seed, image=torch.zeros(3, size, size), label=int(labels[r]),
+                                partner=r, partner_label=int(labels[r]), lam=1.0, valid=False))
+                if with_params:
+                    out[-1]["params"] = None
+                continue
+            if p.mix != "none" and base[p.partner][0] is not None:
+                x = render_pil.mix(x, base[p.partner][0], p)
+                q, lam = p.partner, p.lam
+            else:
+                q, lam = r, 1.0
+            out.append(dict(epoch=epoch, row=r, seed=seed, image=x, label=int(labels[r]), partner=q,
+                            partner_label=int(labels[q]), lam=float(lam), valid=True))
+            if with_params:
+                out[-1]["params"] = p
+        return out
+
+    def view(self, epoch: int, row: int) -> View:
+        """One view with its record, for people looking at it."""
+        if not 0 <= int(row) < self.num_rows:
+            raise IndexError(f"row {row} out of range [0, {self.num_rows})")
+        v = self.render(epoch, [row], with_params=True)[0]
+        return View(epoch=int(epoch), row=int(row), key=self.source.keys[int(row)], seed=v["seed"], image=v["image"],
+                    label=v["label"], partner=v["partner"], partner_label=v["partner_label"], lam=v["lam"],
+                    params=v["params"])
 
 
 def render_views(source: Source, spec: AugSpec, base_seed: int, views: Sequence[tuple[int, int]],
                  skip_bad: bool = False) -> list[dict]:
-    """Render specific (epoch, row) views, in the order asked, exactly as the stream does."""
-    stream = ViewStream(source, spec, base_seed, epochs=[], unit_rows=spec.mix_group, skip_bad=skip_bad)
+    """Render specific (epoch, row) views, in the order asked."""
+    core = Views(source, spec, base_seed, skip_bad=skip_bad)
     by_epoch: dict[int, list[int]] = {}
     for e, r in views:
         if not 0 <= int(r) < len(source):
@@ -208,7 +159,7 @@ def render_views(source: Source, spec: AugSpec, base_seed: int, views: Sequence[
         by_epoch.setdefault(int(e), []).append(int(r))
     out = {}
     for e, rows in by_epoch.items():
-        for v in stream.rows_views(e, sorted(set(rows))):
+        for v in core.render(e, sorted(set(rows))):
             out[e, v["row"]] = v
     return [out[int(e), int(r)] for e, r in views]
 
@@ -227,83 +178,3 @@ def prepare(images: torch.Tensor, size: int, mean: Sequence[float], std: Sequenc
     m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
     s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
     return (x - m) / s
-
-
-# ---- replay canary ------------------------------------------------------------------------------
-
-def canary_views(num_rows: int, epochs: int) -> list[tuple[int, int]]:
-    """A few fixed views spread over the store: first and last epoch, start and middle rows."""
-    cand = [(0, 0), (0, num_rows // 2), (epochs - 1, min(1, num_rows - 1)), (epochs - 1, num_rows - 1)]
-    return sorted(set(cand))
-
-
-def views_digest(views: Sequence[dict]) -> str:
-    """sha256 over the exact pixels (float32 bytes), mix partners and lambdas of views."""
-    h = hashlib.sha256()
-    for v in views:
-        h.update(np.ascontiguousarray(v["image"].numpy(), dtype=np.float32).tobytes())
-        h.update(f"{v['epoch']},{v['row']},{v['partner']},{v['lam']!r},{v['valid']}".encode())
-    return h.hexdigest()
-
-
-def make_canary(source: Source, spec: AugSpec, base_seed: int, epochs: int) -> dict:
-    """The canary record a new store keeps: which views, and the digest of their pixels."""
-    views = canary_views(len(source), epochs)
-    return {"views": [list(v) for v in views],
-            "digest": views_digest(render_views(source, spec, base_seed, views, skip_bad=True))}
-
-
-def check_replay(store, source: Source) -> AugSpec:
-    """Refuse to replay a store whose data, spec or rendered canary views no longer match.
-
-    Returns the store's augmentation spec for the caller to render with.
-    """
-    from ._util import library_versions
-
-    attrs = store.attrs
-    if source.fingerprint != attrs.get("dataset_fingerprint"):
-        keys = list(store.keys)
-        if len(keys) != len(source):
-            why = f"{len(source)} samples, the store has {len(keys)}"
-        else:
-            i = next((i for i, (a, b) in enumerate(zip(keys, source.keys)) if a != b), None)
-            why = f"row {i} is {source.keys[i]!r}, the store has {keys[i]!r}" if i is not None else "keys differ"
-        raise ReplayError(f"{store.path}: data {source.name} is not the data the store was made from ({why})")
-    try:
-        spec = AugSpec.from_dict(attrs.get("augmentation", {}), source=f"{store.path} augmentation")
-    except TinydistillError as e:
-        raise ReplayError(str(e)) from e
-    if spec.hash != attrs.get("spec_hash"):
-        raise ReplayError(f"{store.path}: stored augmentation does not match its hash "
-                          f"({spec.hash[:12]} != {str(attrs.get('spec_hash'))[:12]})")
-    canary = attrs.get("canary")
-    if not canary:
-        raise ReplayError(f"{store.path}: store has no replay canary; it cannot be checked for replay")
-    views = [tuple(v) for v in canary["views"]]
-    digest = views_digest(render_views(source, spec, int(attrs.get("base_seed", 0)), views, skip_bad=True))
-    if digest != canary["digest"]:
-        then, now = attrs.get("versions", {}), library_versions()
-        diff = [f"{k} {then.get(k)} -> {now.get(k)}" for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k)]
-        raise ReplayError(
-            f"{store.path}: replayed canary views differ from what the teacher saw (spec {spec.hash[:12]}); "
-            + (f"library versions differ: {', '.join(diff)}" if diff else "same library versions: the view code or data changed")
-        )
-    return spec
-
-
-def create_view_store(path, source: Source, spec: AugSpec, *, base_seed: int, epochs: int, k: int,
-                      num_classes: int | None = None, teacher: dict | None = None, **kwargs):
-    """Create a store for the views of ``source`` under ``spec``: keys, labels, class names,
-    the spec and its hash, the base seed and the replay canary all come from here."""
-    from .store import DEFAULT_CHUNK_ROWS, create_store
-
-    chunk_rows = kwargs.pop("chunk_rows", DEFAULT_CHUNK_ROWS)
-    if chunk_rows % spec.mix_group:
-        raise ReplayError(f"chunk_rows={chunk_rows} must be a multiple of mix_group={spec.mix_group}")
-    num_classes = num_classes or source.num_classes
-    names = source.class_names if len(source.class_names) == num_classes else None
-    attrs = {"data": source.name, "canary": make_canary(source, spec, base_seed, epochs), **kwargs.pop("attrs", {})}
-    return create_store(path, num_classes=num_classes, k=k, epochs=epochs, keys=source.keys,
-                        labels=source.labels, class_names=names, teacher=teacher,
-                        augmentation=spec.to_dict(), base_seed=base_seed, chunk_rows=chunk_rows,
-                        attrs=attrs, **kwargs)

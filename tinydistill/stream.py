@@ -1,0 +1,248 @@
+"""The view stream: which rows each rank and DataLoader worker renders, in which batches,
+with which stored targets.
+
+Work is cut into *items*: rows of one epoch that one DataLoader worker renders together and
+cuts into consecutive batches. Items are small and independent of how the store is laid out,
+so every worker of every rank has work whatever the data size:
+
+- gen-logits (:func:`gen_plan`): each (epoch, shard) still to do is cut into items of a few
+  mix groups, aligned with the teacher's batches (every batch is a fixed shard-relative run of
+  ``batch_size`` rows, so a view's teacher output never depends on workers, ranks or resume).
+  Shards are taken in *rounds* of ``world`` shards; a round's items are dealt to all ranks, and
+  shard j of a round is gathered and written, whole, by rank j (one writer per shard).
+- training (:func:`epoch_order`, :func:`train_items`): every epoch is a fresh seeded order of
+  all rows (mix groups in random order, pairs or rows inside a group shuffled), cut into
+  global batches of ``batch_size * world``; one item is one rank's batch.
+
+:class:`ViewStream` hands a rank's items to its DataLoader workers round-robin (item i to
+worker i % workers), which the DataLoader returns in item order: the batches a model sees do
+not depend on the worker count. Stored targets are joined in the worker, reading each store
+chunk it needs once per epoch (:class:`ChunkTargets`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from .params import pair_order
+from .views import Views
+
+ITEMS_PER_WORKER = 4  # aim: at least this many items per worker per epoch
+
+
+@dataclass(frozen=True)
+class Item:
+    """Rows of one (view) epoch rendered by one worker and cut into batches of ``batch``."""
+
+    epoch: int
+    rows: np.ndarray
+    batch: int
+
+    @property
+    def num_batches(self) -> int:
+        return -(-len(self.rows) // self.batch)
+
+
+# ---- gen-logits -------------------------------------------------------------------------------
+
+@dataclass
+class GenPlan:
+    rounds: list[list[tuple[int, int]]]  # (epoch, shard) groups; shard j of a round is written by rank j
+    items: list[Item]  # this rank's items, in order
+    item_round: list[int]  # round of each item
+    round_rows: list[int]  # this rank's rows in each round
+    item_rows: int
+
+
+def item_rows(num_rows: int, mix_group: int, batch_size: int, workers: int, world: int) -> int:
+    """Rows per gen-logits item: a multiple of the mix group and of the batch size, small enough
+    that each of the ``workers * world`` DataLoader workers gets ``ITEMS_PER_WORKER`` items of
+    an epoch when the data allows it."""
+    unit = math.lcm(int(mix_group), int(batch_size))
+    want = num_rows / (ITEMS_PER_WORKER * max(workers, 1) * max(world, 1))
+    return unit * max(1, int(want // unit))
+
+
+def gen_plan(todo: Sequence[tuple[int, int]], shard_bounds: Callable[[int], tuple[int, int]], num_rows: int,
+             mix_group: int, batch_size: int, workers: int, world: int, rank: int) -> GenPlan:
+    size = item_rows(num_rows, mix_group, batch_size, workers, world)
+    rounds = [list(todo[i:i + world]) for i in range(0, len(todo), world)]
+    items, item_round, round_rows = [], [], []
+    for ri, rnd in enumerate(rounds):
+        pieces = []
+        for e, s in rnd:
+            a, b = shard_bounds(s)
+            pieces += [Item(int(e), np.arange(lo, min(lo + size, b)), batch_size) for lo in range(a, b, size)]
+        mine = pieces[rank::world]
+        items += mine
+        item_round += [ri] * len(mine)
+        round_rows.append(sum(len(it.rows) for it in mine))
+    return GenPlan(rounds=rounds, items=items, item_round=item_round, round_rows=round_rows, item_rows=size)
+
+
+# ---- training order ---------------------------------------------------------------------------
+
+def epoch_order(num_rows: int, mix_group: int, mixing: bool, view_seed: int, view_epoch: int,
+                order_seed: int, epoch: int) -> np.ndarray:
+    """All rows of one training epoch in a fresh seeded order.
+
+    Mix groups come in a random order; inside a group rows are shuffled, and when the spec
+    mixes, each row sits next to its mix partner (pairs shuffled), so a batch holds both views
+    of a pair and renders no image twice. Depends on neither the store's chunking nor the
+    worker count nor the world size.
+    """
+    rng = np.random.default_rng([int(order_seed), 0x6F72, int(epoch)])
+    n_groups = -(-num_rows // mix_group)
+    parts = []
+    for g in rng.permutation(n_groups):
+        members = np.arange(g * mix_group, min((g + 1) * mix_group, num_rows))
+        if mixing:
+            seq = pair_order(view_seed, view_epoch, int(g), members)
+            n_pairs = len(seq) // 2
+            pairs = seq[:2 * n_pairs].reshape(n_pairs, 2)[rng.permutation(n_pairs)].ravel()
+            parts.append(np.concatenate([pairs, seq[2 * n_pairs:]]))
+        else:
+            parts.append(members[rng.permutation(len(members))])
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
+def train_items(order: np.ndarray, view_epoch: int, batch_size: int, world: int, rank: int) -> list[Item]:
+    """This rank's batches of an epoch: global batch t is ``order[t*B*W:(t+1)*B*W]``, rank r
+    takes its r-th slice of ``B``. A last partial global batch is split evenly over ranks (and
+    dropped when there are fewer rows than ranks), so every rank takes the same number of steps."""
+    step = batch_size * world
+    full = len(order) // step
+    out = [order[t * step + rank * batch_size: t * step + (rank + 1) * batch_size] for t in range(full)]
+    rest = order[full * step:]
+    if len(rest) >= world:
+        out.append(np.array_split(rest, world)[rank])
+    return [Item(int(view_epoch), rows, len(rows)) for rows in out]
+
+
+# ---- targets ----------------------------------------------------------------------------------
+
+class ChunkTargets:
+    """Stored top-K of one worker's items, reading each store chunk it needs once.
+
+    When a chunk is first needed it is read whole and the rows this worker will ask for later
+    are kept; rows are dropped once handed out. Memory: at most this worker's share of an
+    epoch's targets.
+    """
+
+    def __init__(self, store, items: Sequence[Item]):
+        self.store, self.cr = store, store.chunk_rows
+        self.need: dict[tuple[int, int], list[np.ndarray]] = {}
+        for it in items:
+            for c in np.unique(it.rows // self.cr):
+                self.need.setdefault((it.epoch, int(c)), []).append(it.rows[it.rows // self.cr == c])
+        self.cache: dict[tuple[int, int], list] = {}
+        self.reads = 0
+
+    def get(self, epoch: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        logp = np.empty((len(rows), self.store.k), np.float32)
+        index = np.empty((len(rows), self.store.k), np.int64)
+        chunks = rows // self.cr
+        for c in np.unique(chunks):
+            key = (int(epoch), int(c))
+            if key not in self.cache:
+                self.cache[key] = self._load(*key)
+            kept, lp, ix, left = self.cache[key]
+            sel = chunks == c
+            pos = np.searchsorted(kept, rows[sel])
+            logp[sel], index[sel] = lp[pos], ix[pos]
+            left -= int(sel.sum())
+            if left <= 0:
+                del self.cache[key]
+            else:
+                self.cache[key][3] = left
+        return logp, index
+
+    def _load(self, epoch: int, chunk: int) -> list:
+        want = np.unique(np.concatenate(self.need.pop((epoch, chunk))))
+        lo = chunk * self.cr
+        lp, ix = self.store.topk(epoch, slice(lo, min(lo + self.cr, self.store.num_rows)), order="stored")
+        self.reads += 1
+        return [want, lp[want - lo].copy(), ix[want - lo].copy(), len(want)]
+
+
+# ---- the stream -------------------------------------------------------------------------------
+
+class ViewStream(IterableDataset):
+    """IterableDataset of collated batches of views over a rank's items.
+
+    Use ``DataLoader(stream, batch_size=None, num_workers=W)``. Batches are dicts of
+    ``epoch``, ``row``, ``seed``, ``image`` [B, 3, S, S], ``label``, ``partner``,
+    ``partner_label``, ``lam``, ``valid``, with ``logp``/``index`` when ``targets`` (a store)
+    is given, and ``worker`` / ``busy_s`` (which worker made it, and the seconds it worked on it).
+    """
+
+    def __init__(self, views: Views, items: Sequence[Item], targets=None):
+        self.views, self.items, self.targets = views, list(items), targets
+
+    def __len__(self) -> int:
+        return sum(it.num_batches for it in self.items)
+
+    @property
+    def num_views(self) -> int:
+        return sum(len(it.rows) for it in self.items)
+
+    def __iter__(self) -> Iterator[dict]:
+        from torch.utils.data import default_collate
+
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        mine = self.items[wid::nw]
+        targets = ChunkTargets(self.targets, mine) if self.targets is not None else None
+        t0 = time.perf_counter()
+        for it in mine:
+            views = self.views.render(it.epoch, it.rows)
+            for lo in range(0, len(views), it.batch):
+                batch = default_collate(views[lo:lo + it.batch])
+                if targets is not None:
+                    logp, index = targets.get(it.epoch, it.rows[lo:lo + it.batch])
+                    batch["logp"], batch["index"] = torch.from_numpy(logp), torch.from_numpy(index)
+                    batch["valid"] &= ~torch.isnan(batch["logp"][:, 0])
+                batch["worker"] = wid
+                batch["busy_s"] = time.perf_counter() - t0
+                yield batch
+                t0 = time.perf_counter()
+
+
+class Meter:
+    """Where a consuming loop's time goes: each worker's views and busy seconds, and the time
+    the main process waited for data (the rest is its own work: the model)."""
+
+    def __init__(self, workers: int):
+        self.n = max(workers, 1)
+        self.views = [0] * self.n
+        self.busy = [0.0] * self.n
+        self.wait = 0.0
+        self.t0 = time.perf_counter()
+
+    def __call__(self, loader) -> Iterator[dict]:
+        it = iter(loader)
+        while True:
+            t = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            self.wait += time.perf_counter() - t
+            w = int(batch["worker"])
+            self.views[w] += len(batch["row"])
+            self.busy[w] += float(batch["busy_s"])
+            yield batch
+
+    def report(self) -> dict:
+        wall = max(time.perf_counter() - self.t0, 1e-9)
+        return {"wall_s": round(wall, 3), "wait_s": round(self.wait, 3),
+                "main_busy_share": round(1 - self.wait / wall, 3),
+                "worker_views": list(self.views),
+                "worker_busy_share": [round(b / wall, 3) for b in self.busy]}
