@@ -35,15 +35,18 @@ from .params import pair_order
 from .views import Views
 
 ITEMS_PER_WORKER = 4  # aim: at least this many items per worker per epoch
+MAX_ITEM_ROWS = 4096  # items stay small on big data too: quick to hand out, cheap to lose
 
 
 @dataclass(frozen=True)
 class Item:
-    """Rows of one (view) epoch rendered by one worker and cut into batches of ``batch``."""
+    """Rows of one (view) epoch rendered by one worker, ``render`` rows at a time (0: all at
+    once; a multiple of ``batch``), and cut into consecutive batches of ``batch``."""
 
     epoch: int
     rows: np.ndarray
     batch: int
+    render: int = 0
 
     @property
     def num_batches(self) -> int:
@@ -61,25 +64,32 @@ class GenPlan:
     item_rows: int
 
 
+def render_rows(mix_group: int, batch_size: int) -> int:
+    """Rows a gen-logits worker renders at once: whole mix groups (no partner rendered twice)
+    and whole teacher batches."""
+    return math.lcm(int(mix_group), int(batch_size))
+
+
 def item_rows(num_rows: int, mix_group: int, batch_size: int, workers: int, world: int) -> int:
-    """Rows per gen-logits item: a multiple of the mix group and of the batch size, small enough
-    that each of the ``workers * world`` DataLoader workers gets ``ITEMS_PER_WORKER`` items of
-    an epoch when the data allows it."""
-    unit = math.lcm(int(mix_group), int(batch_size))
+    """Rows per gen-logits item: a multiple of :func:`render_rows`, small enough that each of
+    the ``workers * world`` DataLoader workers gets ``ITEMS_PER_WORKER`` items of an epoch when
+    the data allows it, and at most ``MAX_ITEM_ROWS`` (or one render unit) on big data."""
+    unit = render_rows(mix_group, batch_size)
     want = num_rows / (ITEMS_PER_WORKER * max(workers, 1) * max(world, 1))
-    return unit * max(1, int(want // unit))
+    return unit * max(1, min(int(want // unit), MAX_ITEM_ROWS // unit))
 
 
 def gen_plan(todo: Sequence[tuple[int, int]], shard_bounds: Callable[[int], tuple[int, int]], num_rows: int,
              mix_group: int, batch_size: int, workers: int, world: int, rank: int) -> GenPlan:
     size = item_rows(num_rows, mix_group, batch_size, workers, world)
+    unit = render_rows(mix_group, batch_size)
     rounds = [list(todo[i:i + world]) for i in range(0, len(todo), world)]
     items, item_round, round_rows = [], [], []
     for ri, rnd in enumerate(rounds):
         pieces = []
         for e, s in rnd:
             a, b = shard_bounds(s)
-            pieces += [Item(int(e), np.arange(lo, min(lo + size, b)), batch_size) for lo in range(a, b, size)]
+            pieces += [Item(int(e), np.arange(lo, min(lo + size, b)), batch_size, unit) for lo in range(a, b, size)]
         mine = pieces[rank::world]
         items += mine
         item_round += [ri] * len(mine)
@@ -202,17 +212,20 @@ class ViewStream(IterableDataset):
         targets = ChunkTargets(self.targets, mine) if self.targets is not None else None
         t0 = time.perf_counter()
         for it in mine:
-            views = self.views.render(it.epoch, it.rows)
-            for lo in range(0, len(views), it.batch):
-                batch = default_collate(views[lo:lo + it.batch])
-                if targets is not None:
-                    logp, index = targets.get(it.epoch, it.rows[lo:lo + it.batch])
-                    batch["logp"], batch["index"] = torch.from_numpy(logp), torch.from_numpy(index)
-                    batch["valid"] &= ~torch.isnan(batch["logp"][:, 0])
-                batch["worker"] = wid
-                batch["busy_s"] = time.perf_counter() - t0
-                yield batch
-                t0 = time.perf_counter()
+            step = it.render or len(it.rows)
+            for start in range(0, len(it.rows), step):
+                rows = it.rows[start:start + step]
+                views = self.views.render(it.epoch, rows)
+                for lo in range(0, len(views), it.batch):
+                    batch = default_collate(views[lo:lo + it.batch])
+                    if targets is not None:
+                        logp, index = targets.get(it.epoch, rows[lo:lo + it.batch])
+                        batch["logp"], batch["index"] = torch.from_numpy(logp), torch.from_numpy(index)
+                        batch["valid"] &= ~torch.isnan(batch["logp"][:, 0])
+                    batch["worker"] = wid
+                    batch["busy_s"] = time.perf_counter() - t0
+                    yield batch
+                    t0 = time.perf_counter()
 
 
 class Meter:

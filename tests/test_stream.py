@@ -1,0 +1,192 @@
+"""Work split and order: small items for every worker, fresh epoch orders, chunk reads."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+import tinydistill as td
+import tinydistill.train as train_mod
+from tinydistill.augment import AugSpec
+from tinydistill.generate import GenConfig, gen_logits
+from tinydistill.params import mix_pairs
+from tinydistill.store import create_store
+from tinydistill.stream import ChunkTargets, Item, epoch_order, gen_plan, item_rows, train_items
+from tinydistill.train import TrainConfig, train_student
+
+
+# ---- training order -------------------------------------------------------------------------------
+
+def test_epoch_order_is_fresh_each_epoch_and_keeps_pairs_together():
+    n, g = 1000, 32
+    a, b = epoch_order(n, g, True, 7, 0, 3, 0), epoch_order(n, g, True, 7, 0, 3, 1)
+    assert sorted(a) == sorted(b) == list(range(n)) and not np.array_equal(a, b)
+    assert np.array_equal(a, epoch_order(n, g, True, 7, 0, 3, 0))  # seeded
+    assert not np.array_equal(a, epoch_order(n, g, True, 7, 0, 4, 0))  # another seed, another order
+    # fine-grained: consecutive rows are rarely consecutive in the order (not chunk runs)
+    assert np.mean(np.abs(np.diff(a)) == 1) < 0.1
+    # groups are contiguous runs; inside them, each row sits next to its mix partner
+    pos = 0
+    while pos < n:
+        grp = a[pos] // g
+        members = np.arange(grp * g, min((grp + 1) * g, n))
+        run = a[pos:pos + len(members)]
+        assert sorted(run) == list(members)
+        partner = mix_pairs(7, 0, int(grp), members)
+        for i in range(0, len(run) - 1, 2):
+            assert partner[int(run[i])] == int(run[i + 1])
+        pos += len(members)
+    # without mixing, rows inside a group are shuffled too
+    c = epoch_order(n, g, False, 7, 0, 3, 0)
+    assert sorted(c) == list(range(n)) and np.mean(np.abs(np.diff(c)) == 1) < 0.1
+
+
+def test_train_items_same_rows_for_any_world_size():
+    order = epoch_order(1000, 32, True, 7, 0, 3, 0)
+    one = train_items(order, 0, 64, world=1, rank=0)
+    two = [train_items(order, 0, 32, world=2, rank=r) for r in range(2)]
+    assert len(two[0]) == len(two[1])  # DDP ranks take the same number of steps
+    # step t of two ranks with batch 32 sees the rows of batch t of one rank with batch 64
+    for t, it in enumerate(one):
+        assert np.array_equal(np.concatenate([two[0][t].rows, two[1][t].rows]), it.rows)
+    assert np.array_equal(np.concatenate([it.rows for it in one]), order)
+    # the last partial global batch is split evenly, not given to one rank
+    three = [train_items(order, 0, 64, world=3, rank=r) for r in range(3)]
+    assert len({len(x) for x in three}) == 1 and [len(x[-1].rows) for x in three] == [14, 13, 13]
+
+
+# ---- targets: each chunk read once per worker per epoch ------------------------------------------
+
+def _store(path, n=1000, k=4, chunk=64):
+    st = create_store(path, num_classes=20, k=k, epochs=2, keys=[f"k{i}" for i in range(n)], chunk_rows=chunk,
+                      shard_rows=2 * chunk)
+    rng = np.random.default_rng(0)
+    for e in range(2):
+        for s in range(st.num_shards):
+            a, b = st.shard_bounds(s)
+            lp = np.log(rng.dirichlet(np.ones(20), size=b - a)).astype(np.float32)
+            idx = np.argsort(-lp, 1)[:, :k]
+            st.write_shard(e, s, np.take_along_axis(lp, idx, 1), idx, np.arange(a, b, dtype=np.uint64))
+    return td.open_store(st.path)
+
+
+def test_chunk_targets_read_each_chunk_once(tmp_path, monkeypatch):
+    st = _store(tmp_path / "s.zarr")
+    order = epoch_order(st.num_rows, 32, False, 0, 1, 5, 0)
+    items = train_items(order, 1, 16, 1, 0)[1::3]  # what worker 1 of 3 gets
+    reads = []
+    orig = type(st).topk
+    monkeypatch.setattr(type(st), "topk", lambda self, e, rows, order="desc": reads.append((e, rows.start)) or
+                        orig(self, e, rows, order=order))
+    tg = ChunkTargets(st, items)
+    for it in items:
+        lp, ix = tg.get(it.epoch, it.rows)
+        ref_lp, ref_ix = orig(st, 1, it.rows, order="stored")
+        assert np.array_equal(lp, ref_lp) and np.array_equal(ix, ref_ix)
+    touched = {int(r) // 64 for it in items for r in it.rows}
+    assert len(reads) == len(set(reads)) == len(touched) == tg.reads  # once each, only those needed
+    assert all(rows % 64 == 0 for _, rows in reads) and not tg.cache  # whole chunks; nothing left over
+
+
+# ---- gen-logits plan ------------------------------------------------------------------------------
+
+def test_gen_plan_items_cover_shards_aligned_with_batches():
+    shard = 4096 * 16
+    bounds = lambda s: (s * shard, min((s + 1) * shard, 70_000))  # noqa: E731
+    todo = [(0, 0), (0, 1), (1, 0), (1, 1)]
+    plans = [gen_plan(todo, bounds, 70_000, 256, 96, workers=5, world=3, rank=r) for r in range(3)]
+    size = plans[0].item_rows
+    assert size % 768 == 0 and 70_000 / size >= 4 * 5 * 3  # lcm(256, 96); >= 4 items per worker and epoch
+    seen = {}
+    for r, plan in enumerate(plans):
+        assert plan.rounds == [[(0, 0), (0, 1), (1, 0)], [(1, 1)]]
+        for it, rnd in zip(plan.items, plan.item_round):
+            assert (it.epoch, int(it.rows[0]) // shard) in plan.rounds[rnd]
+            a = bounds(int(it.rows[0]) // shard)[0]
+            assert (it.rows[0] - a) % 96 == 0 and it.batch == 96 and it.render == 768  # shard-relative runs of 96
+            assert int(it.rows[-1]) // shard == int(it.rows[0]) // shard  # never across shards
+            for row in it.rows:
+                seen[it.epoch, int(row)] = seen.get((it.epoch, int(row)), 0) + 1
+        assert sum(plan.round_rows) == sum(len(it.rows) for it in plan.items)
+    assert len(seen) == 2 * 70_000 and set(seen.values()) == {1}
+    # small data still gives every worker something; big data keeps items small
+    assert item_rows(2000, 256, 64, 3, 1) == 256 and item_rows(10**7, 256, 256, 15, 8) == 4096
+
+
+# ---- both stages keep every worker busy, and the store does not depend on workers -----------------
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """2,304 small RGB images in 12 class folders."""
+    root = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    for i in range(2304):
+        d = root / f"c{i % 12:02d}"
+        d.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(d / f"{i:05d}.png")
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def teacher_weights(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("w") / "t.pth"
+    torch.save(timm.create_model("test_resnet", pretrained=False, num_classes=12).state_dict(), path)
+    return str(path)
+
+
+SPEC = AugSpec(img_size=16, mixup=0.8, cutmix=1.0)  # default mix_group (256)
+
+
+def test_three_workers_busy_in_both_stages_and_store_identical_to_one(photos, teacher_weights, tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the same teacher arithmetic in both runs
+    torch.set_num_threads(1)
+    runs = {}
+    for workers in (3, 1):
+        out = tmp_path / f"w{workers}.zarr"
+        runs[workers] = gen_logits(GenConfig(data=photos, teacher="test_resnet", teacher_weights=teacher_weights,
+                                             teacher_input_size=16, out=str(out), k=5, epochs=(0, 2), workers=workers,
+                                             spec=SPEC, progress=False))  # default chunk, shard and batch sizes
+    load = runs[3]["load"]
+    assert len(load["worker_views"]) == 3 and min(load["worker_views"]) >= 256, load
+    assert sum(load["worker_views"]) == 2 * 2304 and min(load["worker_busy_share"]) > 0
+    for name in ("logp", "index", "seed", "complete"):  # every stored byte is the same
+        files = sorted(p.relative_to(tmp_path / "w1.zarr") for p in (tmp_path / "w1.zarr" / name).rglob("*")
+                       if p.is_file() and p.name != "zarr.json")
+        assert files
+        for f in files:
+            assert (tmp_path / "w3.zarr" / f).read_bytes() == (tmp_path / "w1.zarr" / f).read_bytes(), f
+    res = train_student(TrainConfig(data=photos, student="test_vit", out=str(tmp_path / "student"),
+                                    logits=str(tmp_path / "w3.zarr"), epochs=1, batch_size=64, workers=3,
+                                    model_kwargs={"img_size": 16, "patch_size": 4}, progress=False))
+    assert len(res["load"]["worker_views"]) == 3 and min(res["load"]["worker_views"]) >= 64 * 10, res["load"]
+
+
+def test_offline_no_kd_and_online_draw_the_same_batches(photos, teacher_weights, tmp_path, monkeypatch):
+    store = tmp_path / "s.zarr"
+    gen_logits(GenConfig(data=photos, teacher="test_resnet", teacher_weights=teacher_weights, teacher_input_size=16,
+                         out=str(store), k=12, epochs=(0, 2), workers=0, spec=SPEC, progress=False))
+    seen = []
+
+    class Recorder(train_mod.ViewStream):
+        def __init__(self, views, items, targets=None):
+            seen[-1].append([(it.epoch, it.rows.tolist()) for it in items])
+            super().__init__(views, items, targets)
+
+    monkeypatch.setattr(train_mod, "ViewStream", Recorder)
+    common = dict(data=photos, student="test_vit", epochs=2, batch_size=128, workers=0, seed=3, progress=False,
+                  model_kwargs={"img_size": 16, "patch_size": 4})
+    for mode in (dict(logits=str(store)), dict(no_kd=True, like=str(store)),
+                 dict(online_teacher="test_resnet", teacher_weights=teacher_weights, teacher_input_size=16,
+                      like=str(store))):
+        seen.append([])
+        train_student(TrainConfig(out=str(tmp_path / f"m{len(seen)}"), **common, **mode))
+    assert seen[0] == seen[1] == seen[2]
+    epochs = seen[0]
+    assert [e for e, _ in epochs[0]] == [0] * 18 and [e for e, _ in epochs[1]] == [1] * 18
+    assert [r for _, r in epochs[0]] != [r for _, r in epochs[1]]
