@@ -16,7 +16,8 @@ import tinydistill as td
 from tinydistill.augment import AugSpec, SpecError
 from tinydistill.params import Policy
 from tinydistill.render_pil import _posterize, render_base
-from tinydistill.replay import check_replay, create_view_store, views_digest
+from tinydistill.generate import create_view_store
+from tinydistill.replay import check_replay, views_digest
 from tinydistill.sources import BadSampleError, SourceError, open_source
 from tinydistill.stream import Item, ViewStream
 from tinydistill.views import ReplayError, Views, render_views
@@ -356,3 +357,21 @@ def test_store_of_view_format_1_is_refused_with_its_version(digits, tmp_path):
         check_replay(old, digits)
     with pytest.raises(ReplayError, match="view format 1"):
         old.view(0, 0, "digits")
+
+
+def test_inspect_prints_records(digits, tmp_path):
+    from click.testing import CliRunner
+
+    from tinydistill.cli import main
+
+    st = create_view_store(tmp_path / "p.zarr", digits, SPEC, base_seed=7, epochs=2, k=3)
+    r = CliRunner().invoke(main, ["inspect", str(st.path), "--params", "3", "--data", "digits", "--epoch", "1"])
+    assert r.exit_code == 0, r.output
+    lines = [l for l in r.output.splitlines() if l.startswith("(1,")]
+    assert len(lines) == 3 and all("crop" in l for l in lines) and "(1,1437)" in lines[-1]
+    assert lines[0] == td.open_store(st.path).view(1, 0, "digits").params.summary()
+    r = CliRunner().invoke(main, ["inspect", str(st.path), "--json", "--params", "2", "--data", "digits"])
+    recs = [json.loads(l) for l in r.output.splitlines()[1:]]
+    assert r.exit_code == 0 and [p["row"] for p in recs] == [0, 1437] and "ops" in recs[0]
+    r = CliRunner().invoke(main, ["inspect", str(st.path), "--params", "2"])
+    assert r.exit_code != 0 and "--params needs --data" in r.output

@@ -271,7 +271,7 @@ def _setup_logging(rank0: bool = True):
 @click.option("--amp", type=click.Choice(["bf16", "fp16", "none"]), default=None, help="[default: bf16 on cuda, none on cpu]")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the teacher.")
 @click.option("--chunk-rows", type=click.IntRange(min=2), default=4096, show_default=True)
-@click.option("--shard-rows", type=click.IntRange(min=2), default=None, help="Rows per shard (the unit of work) [default: 16 chunks].")
+@click.option("--shard-rows", type=click.IntRange(min=2), default=None, help="Rows per shard (written whole by one process) [default: 16 chunks].")
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable images (counted, recorded in the store) instead of stopping.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store instead of resuming it.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")

@@ -76,13 +76,20 @@ def broadcast_error(msg: str | None) -> None:
         raise TinydistillError(msg)
 
 
+_cpu_group = None
+
+
 def gather_parts(obj, dst: int) -> list | None:
     """Every rank's ``obj`` on rank ``dst``, in rank order (None on the others); ``[obj]``
-    without torch.distributed."""
+    without torch.distributed. Goes through a gloo group, so objects never touch GPU memory
+    (every rank must call it, in the same order)."""
+    global _cpu_group
     if not active():
         return [obj]
+    if _cpu_group is None:
+        _cpu_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
     out = [None] * dist.get_world_size() if dist.get_rank() == dst else None
-    dist.gather_object(obj, out, dst=dst)
+    dist.gather_object(obj, out, dst=dst, group=_cpu_group)
     return out
 
 

@@ -27,8 +27,8 @@ from .augment import AugSpec
 from . import dist
 from .errors import NotAStoreError, StoreError, TinydistillError
 from .sources import open_source
-from .replay import check_replay, create_view_store, run_mismatch
-from .store import DEFAULT_CHUNK_ROWS, DEFAULT_SHARD_CHUNKS, LogitStore, open_store
+from .replay import check_replay, run_mismatch, view_store_attrs
+from .store import DEFAULT_CHUNK_ROWS, DEFAULT_SHARD_CHUNKS, LogitStore, create_store, open_store
 from .stream import GenPlan, Meter, ViewStream, gen_plan
 from .teachers import load_teacher
 from .views import Views, prepare
@@ -75,6 +75,24 @@ def parse_epochs(text: str) -> tuple[int, int]:
 
 
 # ---- store set-up --------------------------------------------------------------------------------
+
+def create_view_store(path, source, spec: AugSpec, *, base_seed: int, epochs: int, k: int,
+                      num_classes: int | None = None, teacher: dict | None = None, **kwargs):
+    """Create a store for the views of ``source`` under ``spec``: keys, labels, class names,
+    the spec and its hash, the base seed, the view format and the replay canary come from here."""
+    chunk_rows = kwargs.pop("chunk_rows", DEFAULT_CHUNK_ROWS)
+    if chunk_rows % spec.mix_group:
+        raise TinydistillError(f"chunk_rows={chunk_rows} must be a multiple of mix_group={spec.mix_group}")
+    num_classes = num_classes or source.num_classes
+    names = kwargs.pop("class_names", None)
+    if names is None:
+        names = source.class_names if len(source.class_names) == num_classes else None
+    attrs = {**view_store_attrs(source, spec, base_seed, epochs), **kwargs.pop("attrs", {})}
+    return create_store(path, num_classes=num_classes, k=k, epochs=epochs, keys=source.keys,
+                        labels=source.labels, class_names=names, teacher=teacher,
+                        augmentation=spec.to_dict(), base_seed=base_seed, chunk_rows=chunk_rows,
+                        attrs=attrs, **kwargs)
+
 
 def _prepare_store(cfg: GenConfig, teacher, source, rank: int) -> LogitStore:
     err = None

@@ -1,7 +1,7 @@
 """Does this store match this run? Every rule in one place.
 
-- :func:`create_view_store`: a new store for the views of a source under a spec, with keys,
-  labels, the spec and its hash, the base seed, the view format and the replay canary.
+- :func:`view_store_attrs`: what a new store records about its views (data, view format,
+  renderer, replay canary); :func:`tinydistill.generate.create_view_store` writes it.
 - :func:`check_replay`: refuse to replay a store whose data, spec, view format or rendered
   canary views no longer match what the teacher saw.
 - :func:`run_mismatch`: what differs between an existing store and a gen-logits run that
@@ -121,22 +121,7 @@ def run_mismatch(store, *, out: str, teacher, k: int, spec: AugSpec, source: Sou
     return None
 
 
-def create_view_store(path, source: Source, spec: AugSpec, *, base_seed: int, epochs: int, k: int,
-                      num_classes: int | None = None, teacher: dict | None = None, **kwargs):
-    """Create a store for the views of ``source`` under ``spec``: keys, labels, class names,
-    the spec and its hash, the base seed, the view format and the replay canary come from here."""
-    from .store import DEFAULT_CHUNK_ROWS, create_store
-
-    chunk_rows = kwargs.pop("chunk_rows", DEFAULT_CHUNK_ROWS)
-    if chunk_rows % spec.mix_group:
-        raise ReplayError(f"chunk_rows={chunk_rows} must be a multiple of mix_group={spec.mix_group}")
-    num_classes = num_classes or source.num_classes
-    names = kwargs.pop("class_names", None)
-    if names is None:
-        names = source.class_names if len(source.class_names) == num_classes else None
-    attrs = {"data": source.name, "view_format": VIEW_FORMAT, "renderer": RENDERER,
-             "canary": make_canary(source, spec, base_seed, epochs), **kwargs.pop("attrs", {})}
-    return create_store(path, num_classes=num_classes, k=k, epochs=epochs, keys=source.keys,
-                        labels=source.labels, class_names=names, teacher=teacher,
-                        augmentation=spec.to_dict(), base_seed=base_seed, chunk_rows=chunk_rows,
-                        attrs=attrs, **kwargs)
+def view_store_attrs(source: Source, spec: AugSpec, base_seed: int, epochs: int) -> dict:
+    """Attributes a new store keeps so that replay can check itself later."""
+    return {"data": source.name, "view_format": VIEW_FORMAT, "renderer": RENDERER,
+            "canary": make_canary(source, spec, base_seed, epochs)}
