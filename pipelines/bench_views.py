@@ -1,400 +1,173 @@
-"""Benchmark: what replayable views cost, and how many views per second one worker renders.
+"""Benchmark: what a view costs to describe and to render, and how rendering scales with workers.
 
-Everything is measured side by side in one run. On a shared, noisy machine absolute times
-wander, so the variants of each comparison take turns on the same data in small blocks (one
-mix group / unit of 64 rows; the order rotates from block to block), every round renders
-fresh views (epoch = round), and the figures are medians over rounds: views/s of each
-variant, and the per-round ratio between variants (with its min and max).
+Views are explicit parameter records (:mod:`tinydistill.params`) rendered by the PIL renderer
+(:mod:`tinydistill.render_pil`). Measured side by side in one run on ImageNet-like 500x375
+JPEGs (``benchlib.make_photo_folder``) with TinyViT's recipe at 224 px (RandAugment
+``rand-m9-mstd0.5-inc1``, mixup 0.8 / cutmix 1.0, mix groups of 256):
 
-  A. Replay overhead on the same decoded images and the same AugSpec. *plain* calls
-     ``maker.transform(img)`` (+ ``maker.erase``; + a per-view mix with its partner when the
-     spec mixes) with nobody touching the global RNGs; *replay* renders the same images through
-     ``maker.base(img, seed)`` (+ ``maker.mix(..., seed)`` and the seeded pairing), which reseeds
-     Python ``random`` / numpy / torch from each view's PCG64 stream and restores them after.
-     The image work is the same code; only the bookkeeping differs (the ops drawn differ, so
-     each round renders fresh views: epoch = round).
-  B. The bookkeeping alone, per view: ``view_generator`` + ``isolated_rng`` around nothing,
-     and its parts (state save/restore of each RNG).
-  C. The full path, per worker (one process, one torch thread): ``ViewStream`` iterated
-     directly (decode once per unit, augment, seeded mix, collate batches of 64) against the
-     plain timm-style loop (decode, transform, erase, collate, timm ``Mixup`` in batch mode).
-     On the built-in ``digits`` source (8x8 grey, rendered at 32 px) and on a temporary
-     ImageFolder of synthetic 320x256 JPEG photos (rendered at 224 px).
-  D. ``DataLoader(ViewStream, num_workers=2)`` against ``num_workers=0`` on the JPEGs (wall
-     time; whole passes alternate; persistent workers, warmed up before timing).
+  A. Per view, in this process with one torch thread (as a DataLoader worker runs), on the same
+     images in blocks of 64 rows with the parts taking turns block by block (the order rotating),
+     every round a fresh epoch of views:
+       decode   ``source.read(rows)`` (JPEG decode to a PIL image)
+       draw     ``Views.params(epoch, row, size)``: the mix partner lookup and ``Policy.draw``
+       render   ``render_pil.render_base(img, record, 224)``: crop, flip, RandAugment ops, to tensor
+       mix      ``render_pil.mix(x, partner_x, record)`` for the mixed views
+     The record is what replay costs beyond plain augmentation; it should be small against the
+     render.
+  B. ``DataLoader(ViewStream(Views(...), items), num_workers=W)`` for W = 1 and 2, whole passes
+     over one training epoch's batches of 64 (``epoch_order`` + ``train_items``) alternating,
+     wall time from creating the loader to the last batch (worker start-up included), and each
+     worker's busy share from the batches' ``busy_s``.
 
-Specs: TinyViT's ImageNet recipe in timm terms (img_size 224, RandAugment
-``rand-m9-mstd0.5-inc1``, colour jitter 0.4, bicubic, random erasing 0.25 pixel mode), with and
-without mixup 0.8 / cutmix 1.0 (switch 0.5); ``mix_group`` 64 so units of 64 rows split evenly
-over workers. Digits use the same specs at img_size 32. No timing is asserted.
+Medians over rounds, ratios per round with [min, max]. No timing is asserted.
 
-    .venv/bin/python pipelines/bench_views.py [--rounds R] [--images N] [--out FILE.json]
+    .venv/bin/python pipelines/bench_views.py [--rounds R] [--images N] [--data-dir DIR] [--out FILE.json]
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
-import json
-import os
-import platform
-import random
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from tinydistill.augment import AugSpec, ViewMaker, mix_pairs
-from tinydistill.seeds import encode_seed, isolated_rng, view_generator
-from tinydistill.sources import open_source
-from tinydistill.views import ViewStream
-from benchlib import make_jpeg_folder  # noqa: E402
+from benchlib import environment, fmt_ratio, make_photo_folder, ratio_stats, shares, write_json
 
-TINYVIT = dict(auto_augment="rand-m9-mstd0.5-inc1", color_jitter=0.4, interpolation="bicubic",
-               re_prob=0.25, re_mode="pixel", mix_group=64)
-MIX = dict(mixup=0.8, cutmix=1.0, switch_prob=0.5)
-BATCH = 64
+RECIPE = dict(img_size=224, auto_augment="rand-m9-mstd0.5-inc1", mixup=0.8, cutmix=1.0)
+BLOCK = 64
 
 
-# ---- data ---------------------------------------------------------------------------------------
+def per_view_parts(views, rows: list[int], rounds: int) -> dict:
+    """Microseconds per view of decode, draw, render and mix, rounds x blocks, parts taking turns."""
+    from tinydistill import render_pil
 
-def decoded(source, rows) -> list:
-    return [img.convert("RGB") if img.mode != "RGB" else img for _, img in source.read(rows)]
-
-
-# ---- timing -------------------------------------------------------------------------------------
-
-def interleave(variants: dict, blocks: list, rounds: int, warmup: bool = False) -> dict:
-    """Time ``fn(round, block) -> views`` of every variant on every block, for several rounds.
-
-    Variants take turns block by block (the order rotates from block to block), so a slow spell
-    of the shared machine falls on all of them alike. Each round gives one total per variant;
-    views of round r are those of epoch r. ``warmup`` runs each variant once on the first block,
-    untimed, first.
-    """
-    names = list(variants)
-    if warmup:
-        for name in names:
-            variants[name](10_000, blocks[0])
-    out = {k: [] for k in names}
+    src, size = views.source, views.spec.img_size
+    imgs = dict(src.read(rows))  # decoded once for draw/render/mix; decode is timed on its own
+    parts = ["decode", "draw", "render", "mix"]
+    out = {p: [] for p in parts}
     turn = 0
     for r in range(rounds):
-        acc = {k: {"views": 0, "wall_s": 0.0, "cpu_s": 0.0} for k in names}
+        acc = {p: [0.0, 0] for p in parts}
         gc.collect()
         gc.disable()
         try:
-            for b in blocks:
-                for name in names[turn % len(names):] + names[:turn % len(names)]:
-                    c0, t0 = time.process_time(), time.perf_counter()
-                    n = variants[name](r, b)
-                    acc[name]["wall_s"] += time.perf_counter() - t0
-                    acc[name]["cpu_s"] += time.process_time() - c0
-                    acc[name]["views"] += n
+            for lo in range(0, len(rows), BLOCK):
+                block = rows[lo:lo + BLOCK]
+                recs, base = {}, {}
+                for part in parts[turn % 4:] + parts[:turn % 4]:
+                    t0 = time.perf_counter()
+                    if part == "decode":
+                        n = sum(1 for _ in src.read(block))
+                    elif part == "draw":
+                        recs = {q: views.params(r, q, imgs[q].size) for q in block}
+                        n = len(block)
+                    elif part == "render":
+                        recs = recs or {q: views.params(r, q, imgs[q].size) for q in block}
+                        t0 = time.perf_counter()
+                        base = {q: render_pil.render_base(imgs[q], recs[q], size) for q in block}
+                        n = len(block)
+                    else:
+                        recs = recs or {q: views.params(r, q, imgs[q].size) for q in block}
+                        base = base or {q: render_pil.render_base(imgs[q], recs[q], size) for q in block}
+                        t0 = time.perf_counter()
+                        mixed = [q for q in block if recs[q].mix != "none" and recs[q].partner in base]
+                        for q in mixed:
+                            render_pil.mix(base[q], base[recs[q].partner], recs[q])
+                        n = len(mixed)
+                    acc[part][0] += time.perf_counter() - t0
+                    acc[part][1] += n
                 turn += 1
         finally:
             gc.enable()
-        for k in names:
-            out[k].append(acc[k])
+        for p in parts:
+            out[p].append(1e6 * acc[p][0] / max(acc[p][1], 1))
+        print(f"  A round {r + 1}/{rounds}: " + ", ".join(f"{p} {out[p][-1]:.0f} us" for p in parts), flush=True)
     return out
 
 
-def blocks_of(n: int, size: int) -> list:
-    return [(lo, min(lo + size, n)) for lo in range(0, n, size)]
+def loader_pass(views, items, workers: int) -> dict:
+    from tinydistill.stream import ViewStream
+
+    t0 = time.perf_counter()
+    loader = torch.utils.data.DataLoader(ViewStream(views, items), batch_size=None, num_workers=workers,
+                                         prefetch_factor=4)
+    n, busy = 0, [0.0] * workers
+    for b in loader:
+        n += len(b["row"])
+        busy[int(b["worker"])] += float(b["busy_s"])
+    wall = time.perf_counter() - t0
+    return {"views": n, "wall_s": wall, "views_per_s": n / wall, "worker_busy": [x / wall for x in busy]}
 
 
-def summarise(runs: dict, base: str, *others: str) -> dict:
-    """Median views/s of each variant, and per-round ratios other/base of views/s (median, min, max).
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--images", type=int, default=512, help="500x375 JPEGs (default 512)")
+    ap.add_argument("--data-dir", help="where the JPEGs are made and kept (default: a temporary directory)")
+    ap.add_argument("--out", help="also write the figures to this JSON file")
+    args = ap.parse_args(argv)
 
-    ``cpu`` ratios use this process's CPU time instead of wall time (meaningless with workers).
-    """
-    def vps(x, key="wall_s"):
-        return x["views"] / x[key]
+    from tinydistill.augment import AugSpec
+    from tinydistill.sources import open_source
+    from tinydistill.stream import epoch_order, train_items
+    from tinydistill.views import Views
 
-    out = {k: statistics.median(vps(x) for x in runs[k]) for k in (base, *others)}
-    for o in others:
-        ratios = [vps(y) / vps(x) for x, y in zip(runs[base], runs[o])]
-        cpu = [vps(y, "cpu_s") / vps(x, "cpu_s") for x, y in zip(runs[base], runs[o])]
-        out[f"{o}/{base}"] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
-                              "cpu_median": statistics.median(cpu)}
-    out["rounds"] = runs
-    return out
-
-
-# ---- A: replay overhead on decoded images ---------------------------------------------------------
-
-def plain_mix(maker: ViewMaker, x: torch.Tensor, partner: torch.Tensor) -> torch.Tensor:
-    """``ViewMaker.mix`` without the reseeding: the same timm draws, from the global RNGs."""
-    from timm.data.mixup import cutmix_bbox_and_lam
-
-    lam, use_cutmix = maker.mixer._params_per_batch()
-    if lam == 1.0:
-        return x
-    if use_cutmix:
-        (yl, yh, xl, xh), lam = cutmix_bbox_and_lam(x.shape, lam, ratio_minmax=maker.mixer.cutmix_minmax,
-                                                    correct_lam=maker.mixer.correct_lam)
-        out = x.clone()
-        out[:, yl:yh, xl:xh] = partner[:, yl:yh, xl:xh]
-        return out
-    return x * lam + partner * (1.0 - lam)
-
-
-def overhead_variants(maker: ViewMaker, imgs: list) -> dict:
-    """Variants over a block = one mix group of rows [lo, hi) of ``imgs``."""
-    n, mixing = len(imgs), maker.mixer is not None
-
-    def plain(_r, block):
-        lo, hi = block
-        xs = []
-        for img in imgs[lo:hi]:
-            x = maker.transform(img)
-            if maker.erase is not None:
-                x = maker.erase(x)
-            xs.append(x)
-        if mixing:  # partner: the mirror row of the group, as timm's batch flip
-            for j in range(len(xs)):
-                plain_mix(maker, xs[j], xs[-1 - j])
-        return hi - lo
-
-    def reseed(r, block):  # seeded per view like replay, but no save/restore of the RNG states
-        lo, hi = block
-        xs = []
-        for i in range(lo, hi):
-            _seed_from(view_generator(maker.base_seed, int(encode_seed(r, i, n)), 0))
-            x = maker.transform(imgs[i])
-            if maker.erase is not None:
-                x = maker.erase(x)
-            xs.append(x)
-        if mixing:
-            partner = mix_pairs(maker.base_seed, r, lo // maker.spec.mix_group, np.arange(lo, hi))
-            for i in range(lo, hi):
-                _seed_from(view_generator(maker.base_seed, int(encode_seed(r, i, n)), 1))
-                plain_mix(maker, xs[i - lo], xs[partner[i] - lo])
-        return hi - lo
-
-    def replay(r, block):  # what ViewStream does with decoded images
-        lo, hi = block
-        xs = [maker.base(imgs[i], int(encode_seed(r, i, n))) for i in range(lo, hi)]
-        if mixing:
-            partner = mix_pairs(maker.base_seed, r, lo // maker.spec.mix_group, np.arange(lo, hi))
-            for i in range(lo, hi):
-                maker.mix(xs[i - lo], xs[partner[i] - lo], int(encode_seed(r, i, n)))
-        return hi - lo
-
-    return {"plain": plain, "reseed": reseed, "replay": replay}
-
-
-def _seed_from(gen: np.random.Generator) -> None:
-    """What ``isolated_rng`` does on entry, without saving the states it would restore."""
-    s = gen.integers(0, 2**63, size=3)
-    random.seed(int(s[0]))
-    np.random.seed(int(s[1]) % 2**32)
-    torch.default_generator.manual_seed(int(s[2]))
-
-
-# ---- B: bookkeeping alone -----------------------------------------------------------------------
-
-def bookkeeping(rounds: int, n: int = 3000) -> dict:
-    st = (random.getstate(), np.random.get_state(), torch.get_rng_state())
-    parts = {
-        "view_generator (SeedSequence + PCG64)": lambda i: view_generator(0, i, 0),
-        "isolated_rng(view_generator(..)) around nothing": lambda i: _empty_isolated(i),
-        "python random getstate+setstate": lambda i: random.setstate(random.getstate()),
-        "numpy get_state+set_state": lambda i: np.random.set_state(np.random.get_state()),
-        "torch get_rng_state+set_rng_state": lambda i: torch.set_rng_state(torch.get_rng_state()),
-        "seed all three (random.seed, np.random.seed, default_generator)": lambda i: _seed3(i),
-        "encode_seed": lambda i: int(encode_seed(3, i, 1_281_167)),
-    }
-    res = {k: [] for k in parts}
-    for r in range(rounds):
-        for k, f in (parts.items() if r % 2 == 0 else reversed(parts.items())):
-            gc.collect()
-            t0 = time.perf_counter()
-            for i in range(n):
-                f(i)
-            res[k].append((time.perf_counter() - t0) / n * 1e6)
-    random.setstate(st[0]), np.random.set_state(st[1]), torch.set_rng_state(st[2])
-    return {k: statistics.median(v) for k, v in res.items()}
-
-
-def _empty_isolated(i):
-    with isolated_rng(view_generator(0, i, 0)):
-        pass
-
-
-def _seed3(i):
-    random.seed(i * 7919 + 12345)
-    np.random.seed(i)
-    torch.default_generator.manual_seed(i)
-
-
-# ---- C: full path per worker --------------------------------------------------------------------
-
-def full_path_variants(source, spec: AugSpec) -> dict:
-    from timm.data.mixup import Mixup
-    from torch.utils.data import default_collate
-
-    maker = ViewMaker(spec, 0)
-    mixer = (Mixup(mixup_alpha=spec.mixup, cutmix_alpha=spec.cutmix, prob=spec.mix_prob,
-                   switch_prob=spec.switch_prob, mode="batch", label_smoothing=0.0,
-                   num_classes=source.num_classes) if spec.mixing else None)
-
-    def plain(_r, block):  # a block is one unit (and one batch) of rows
-        lo, hi = block
-        batch = []
-        for row, img in source.read(range(lo, hi)):
-            x = maker.transform(img.convert("RGB") if img.mode != "RGB" else img)
-            if maker.erase is not None:
-                x = maker.erase(x)
-            batch.append((x, int(source.labels[row])))
-        x, y = default_collate(batch)
-        if mixer is not None and len(x) >= 2:
-            m = len(x) - len(x) % 2  # timm's batch Mixup wants an even batch
-            mixer(x[:m], y[:m])
-        return len(batch)
-
-    def stream(r, block):
-        unit = block[0] // spec.mix_group
-        vs = ViewStream(source, spec, base_seed=0, epochs=[r], unit_rows=spec.mix_group, units=[(r, unit)],
-                        batch_size=BATCH)
-        vs._maker = maker  # built once, as in a persistent worker
-        return sum(len(b["row"]) for b in vs)
-
-    return {"plain": plain, "stream": stream}
-
-
-# ---- D: DataLoader workers ----------------------------------------------------------------------
-
-def worker_variants(source, spec: AugSpec, workers: int, epochs: int) -> tuple[dict, list]:
-    from torch.utils.data import DataLoader
-
-    vs = ViewStream(source, spec, base_seed=0, epochs=range(epochs), unit_rows=spec.mix_group, batch_size=BATCH)
-    loaders = {f"workers={w}": DataLoader(vs, batch_size=None, num_workers=w, persistent_workers=w > 0)
-               for w in (0, workers)}
-
-    def run(loader):
-        return lambda _r, _b: sum(len(b["row"]) for b in loader)
-
-    for loader in loaders.values():  # warm-up: start workers, build their ViewMakers
-        run(loader)(0, None)
-    return {k: run(v) for k, v in loaders.items()}, list(loaders.values())
-
-
-# ---- main ---------------------------------------------------------------------------------------
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=7, help="interleaved rounds per comparison (default 7)")
-    ap.add_argument("--images", type=int, default=300, help="synthetic JPEGs to generate (default 300)")
-    ap.add_argument("--workers", type=int, default=2, help="DataLoader workers to compare with 0 (default 2; 0 skips D)")
-    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads in this process (default 1, as a worker)")
-    ap.add_argument("--out", help="also write all figures and raw rounds to this JSON file")
-    args = ap.parse_args()
-
-    import timm
-    import PIL
-
-    torch.set_num_threads(args.threads)
-    random.seed(0), np.random.seed(0), torch.manual_seed(0)
-    t_start = time.perf_counter()
-    env = {"date": datetime.date.today().isoformat(), "python": platform.python_version(),
-           "torch": torch.__version__, "timm": timm.__version__, "pillow": PIL.__version__,
-           "numpy": np.__version__, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-           "rounds": args.rounds, "images": args.images, "batch": BATCH,
-           "loadavg_start": [round(x, 2) for x in os.getloadavg()]}
-    print(f"bench_views: {env}\n")
-    res: dict = {"env": env}
-
-    specs = {"tinyvit": AugSpec(img_size=224, **TINYVIT), "tinyvit+mix": AugSpec(img_size=224, **TINYVIT, **MIX)}
-    dspecs = {"tinyvit": AugSpec(img_size=32, **TINYVIT), "tinyvit+mix": AugSpec(img_size=32, **TINYVIT, **MIX)}
-
+    env = environment()
+    print(f"bench_views: {env}")
+    res: dict = {"env": env, "config": vars(args)}
     with tempfile.TemporaryDirectory(prefix="bench_views_") as tmp:
-        t0 = time.perf_counter()
-        make_jpeg_folder(Path(tmp), args.images)
-        jpeg = open_source(tmp)
-        digits = open_source("digits")
-        jpeg_bytes = sum(p.stat().st_size for p in Path(tmp).rglob("*.jpg"))
-        print(f"data: {len(jpeg)} JPEGs 320x256 q90 ({jpeg_bytes / len(jpeg) / 1024:.0f} KiB avg, "
-              f"made in {time.perf_counter() - t0:.1f} s); digits:train {len(digits)} images 8x8\n")
+        root = args.data_dir or str(Path(tmp) / "jpeg")
+        info = make_photo_folder(root, args.images, classes=10)
+        print(f"data: {args.images} JPEGs 500x375, mean {info['mean_kb']:.1f} KB; TinyViT recipe at 224 px, "
+              f"{args.rounds} rounds")
+        source = open_source(root)
+        spec = AugSpec(**RECIPE)
+        views = Views(source, spec, 0)
 
-        # decode cost alone, for the breakdown
-        dec = interleave({"decode": lambda _r, _b: sum(1 for _ in jpeg.read(range(len(jpeg))))}, [None], 3)
-        res["jpeg_decode_ms"] = statistics.median(d["wall_s"] / d["views"] * 1e3 for d in dec["decode"])
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            a = per_view_parts(views, list(range(len(source))), args.rounds)
+        finally:
+            torch.set_num_threads(threads)
+        res["A_us_per_view"] = a
 
-        # A
-        print("A. replay overhead, same decoded images and spec (views/s, median of rounds; ratios: median of "
-              "per-round ratios)\n   plain  = transform (+erase) (+mix with partner) drawing from the global RNGs "
-              "as they are\n   reseed = the same, seeding the three global RNGs per view from its PCG64 stream, "
-              "no save/restore\n   replay = ViewMaker.base(img, seed) (+ seeded pairing and ViewMaker.mix(.., seed)), "
-              "as ViewStream does")
-        print(f"   {'images':9s} {'spec':12s} {'plain':>7s} {'reseed':>7s} {'replay':>7s}  {'replay/plain [min, max]':>24s}"
-              f" {'reseed/plain':>12s} {'cpu r/p':>7s} {'plain ms':>8s} {'+us/view':>8s}")
-        res["A"] = {}
-        cases = [("jpeg224", k, specs[k], decoded(jpeg, range(len(jpeg)))) for k in specs]
-        cases += [("digits32", k, dspecs[k], decoded(digits, range(len(digits)))) for k in dspecs]
-        for name, sname, spec, imgs in cases:
-            maker = ViewMaker(spec, 0)
-            runs = interleave(overhead_variants(maker, imgs), blocks_of(len(imgs), spec.mix_group), args.rounds,
-                              warmup=True)
-            s = summarise(runs, "plain", "reseed", "replay")
-            s["replay_extra_us_per_view"] = (1 / s["replay"] - 1 / s["plain"]) * 1e6
-            res["A"][f"{name}/{sname}"] = s
-            rp, sp = s["replay/plain"], s["reseed/plain"]
-            print(f"   {name:9s} {sname:12s} {s['plain']:7.0f} {s['reseed']:7.0f} {s['replay']:7.0f}  "
-                  f"{rp['median']:9.3f} [{rp['min']:.3f}, {rp['max']:.3f}] {sp['median']:12.3f} {rp['cpu_median']:7.3f} "
-                  f"{1e3 / s['plain']:8.2f} {s['replay_extra_us_per_view']:8.0f}")
+        order = epoch_order(len(source), spec.mix_group, spec.mixing, 0, 0, 0, 0)
+        items = train_items(order, 0, 64, 1, 0)
+        b = {1: [], 2: []}
+        for r in range(args.rounds):
+            for w in ((1, 2) if r % 2 == 0 else (2, 1)):
+                b[w].append(loader_pass(views, items, w))
+            print(f"  B round {r + 1}/{args.rounds}: 1 worker {b[1][-1]['views_per_s']:.0f}, "
+                  f"2 workers {b[2][-1]['views_per_s']:.0f} views/s", flush=True)
+        res["B_loader"] = b
 
-        # B
-        print("\nB. bookkeeping alone, us per view (median over rounds)")
-        res["B_us"] = bookkeeping(args.rounds)
-        for k, v in res["B_us"].items():
-            print(f"   {k:66s} {v:7.1f}")
-
-        # C
-        print(f"\nC. full path, one process ({args.threads} torch thread), views/s; stream = ViewStream iterated "
-              f"directly (decode once, seeded\n   augment and mix, collate {BATCH}); plain = decode, transform, "
-              "erase, collate, timm Mixup in batch mode; units of 64 rows take turns")
-        print(f"   {'source':9s} {'spec':12s} {'plain':>7s} {'stream':>7s}  {'stream/plain [min, max]':>24s}"
-              f" {'cpu s/p':>7s} {'plain ms':>8s} {'stream ms':>9s}")
-        res["C"] = {}
-        for name, src, sp in [("jpeg224", jpeg, specs), ("digits32", digits, dspecs)]:
-            for sname, spec in sp.items():
-                runs = interleave(full_path_variants(src, spec), blocks_of(len(src), spec.mix_group), args.rounds,
-                                  warmup=True)
-                s = summarise(runs, "plain", "stream")
-                res["C"][f"{name}/{sname}"] = s
-                q = s["stream/plain"]
-                print(f"   {name:9s} {sname:12s} {s['plain']:7.0f} {s['stream']:7.0f}  {q['median']:9.3f} "
-                      f"[{q['min']:.3f}, {q['max']:.3f}] {q['cpu_median']:7.3f} {1e3 / s['plain']:8.2f} "
-                      f"{1e3 / s['stream']:9.2f}")
-
-        # D
-        if args.workers > 0:
-            epochs = 2
-            print(f"\nD. DataLoader(ViewStream(batch_size={BATCH}), batch_size=None) on jpeg224/tinyvit+mix, "
-                  f"{epochs} epochs per pass\n   ({epochs * len(jpeg)} views in units of 64 rows), wall time, "
-                  "persistent workers warmed up first")
-            variants, loaders = worker_variants(jpeg, specs["tinyvit+mix"], args.workers, epochs)
-            a, b = list(variants)
-            s = summarise(interleave(variants, [None], args.rounds), a, b)
-            res["D"] = s
-            q = s[f"{b}/{a}"]
-            print(f"   {a}: {s[a]:.0f} views/s   {b}: {s[b]:.0f} views/s   {b}/{a}: {q['median']:.2f} "
-                  f"[{q['min']:.2f}, {q['max']:.2f}]")
-            del loaders
-
-    res["elapsed_s"] = time.perf_counter() - t_start
-    res["env"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-    print(f"\njpeg decode alone: {res['jpeg_decode_ms']:.2f} ms/image; total {res['elapsed_s']:.0f} s; "
-          f"load average (1, 5, 15 min) at start {res['env']['loadavg_start']}, at end {res['env']['loadavg_end']}")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(res, indent=1, default=float) + "\n")
-        print(f"wrote {args.out}")
+    med = statistics.median
+    print(f"\nA. per view, one process, one torch thread; median over {args.rounds} rounds [min, max], microseconds:")
+    print(f"{'part':8s} {'us/view':>8s} {'[min, max]':>14s}  share of draw+render")
+    for p in ("decode", "draw", "render", "mix"):
+        xs = a[p]
+        share = ratio_stats(xs, [d + r for d, r in zip(a["draw"], a["render"])]) if p in ("draw", "render") else None
+        span = f"[{min(xs):.0f}, {max(xs):.0f}]"
+        print(f"{p:8s} {med(xs):8.0f} {span:>14s}  {fmt_ratio(share) if share else ''}")
+    dr = ratio_stats(a["draw"], a["render"])
+    print(f"draw / render = {fmt_ratio(dr)} (per round)")
+    print(f"\nB. DataLoader(ViewStream), {len(items)} batches of 64 per pass, worker start-up included:")
+    for w in (1, 2):
+        xs = [x["views_per_s"] for x in b[w]]
+        busy = [med([x["worker_busy"][i] for x in b[w]]) for i in range(w)]
+        print(f"  {w} worker(s): {med(xs):6.0f} views/s [{min(xs):.0f}, {max(xs):.0f}], worker busy {shares(busy)}")
+    sc = ratio_stats([x["views_per_s"] for x in b[2]], [x["views_per_s"] for x in b[1]])
+    print(f"  2 workers / 1 worker = {fmt_ratio(sc)}")
+    res["summary"] = {"draw/render": dr, "2w/1w": sc}
+    write_json(args.out, res)
+    return 0
 
 
 if __name__ == "__main__":

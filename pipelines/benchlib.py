@@ -50,3 +50,187 @@ def write_json(path, res) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(res, indent=1, default=float) + "\n")
         print(f"wrote {path}")
+
+
+def fmt_ratio(s: dict | None, digits: int = 3) -> str:
+    """``median [min, max]`` of a :func:`ratio_stats` result."""
+    return f"{s['median']:.{digits}f} [{s['min']:.{digits}f}, {s['max']:.{digits}f}]" if s else "-"
+
+
+def environment(**extra) -> dict:
+    """Versions, cores and load: what a figure depends on besides the code."""
+    import datetime
+    import platform
+
+    import PIL
+    import timm
+    import torch
+    import zarr
+
+    env = {"date": datetime.date.today().isoformat(), "python": platform.python_version(),
+           "torch": torch.__version__, "timm": timm.__version__, "pillow": PIL.__version__,
+           "zarr": zarr.__version__, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+           "platform": platform.platform(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+           "loadavg_at_start": loadavg(), **extra}
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(0)
+    return env
+
+
+# ---- ImageNet-like photos ----------------------------------------------------------------------
+
+def photo_jpeg(seed: int, i: int, size: tuple[int, int] = (500, 375), quality: int = 90) -> bytes:
+    """One synthetic 'photo' as JPEG bytes, a pure function of (seed, i): a smooth random colour
+    field, 4-11 filled shapes, a blur, a mid-frequency texture and pixel noise. At 500x375 and
+    quality 90 these come out at ~50-70 KB, like ImageNet's JPEGs, so decoding costs about what
+    a real image costs."""
+    import io
+
+    from PIL import Image, ImageDraw, ImageFilter
+
+    w, h = size
+    rng = np.random.default_rng([int(seed), int(i)])
+    low = rng.integers(0, 256, size=(int(rng.integers(2, 6)), int(rng.integers(2, 6)), 3), dtype=np.uint8)
+    img = Image.fromarray(low).resize((w, h), Image.BICUBIC)
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(4, 12))):
+        colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+        x0, y0 = int(rng.integers(-w // 4, w)), int(rng.integers(-h // 4, h))
+        box = (x0, y0, x0 + int(rng.integers(20, w // 2)), y0 + int(rng.integers(20, h // 2)))
+        kind = int(rng.integers(3))
+        if kind == 0:
+            draw.ellipse(box, fill=colour)
+        elif kind == 1:
+            draw.rectangle(box, fill=colour)
+        else:
+            pts = [(int(rng.integers(0, w)), int(rng.integers(0, h))) for _ in range(int(rng.integers(3, 7)))]
+            draw.polygon(pts, fill=colour)
+    img = img.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.5, 2.0))))
+    x = np.asarray(img, dtype=np.float32)
+    tex = rng.normal(0.0, float(rng.uniform(12, 20)), size=(h // 4 + 1, w // 4 + 1)).astype(np.float32)
+    x += np.asarray(Image.fromarray(tex).resize((w, h), Image.BICUBIC))[..., None]
+    x += rng.normal(0.0, float(rng.uniform(4, 8)), size=x.shape).astype(np.float32)
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(x, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _write_photos(job) -> int:
+    root, seed, lo, hi, classes, size, quality = job
+    nbytes = 0
+    for i in range(lo, hi):
+        data = photo_jpeg(seed, i, size, quality)
+        d = Path(root) / f"class{i % classes:03d}"
+        d.mkdir(parents=True, exist_ok=True)
+        tmp = d / f".{i:06d}.tmp"
+        tmp.write_bytes(data)
+        os.replace(tmp, d / f"{i:06d}.jpg")
+        nbytes += len(data)
+    return nbytes
+
+
+def make_photo_folder(root, n: int, classes: int = 100, size: tuple[int, int] = (500, 375), seed: int = 0,
+                      quality: int = 90, procs: int | None = None) -> dict:
+    """An ImageFolder of ``n`` :func:`photo_jpeg` images in ``classes`` folders, made with a
+    process pool, and kept: a manifest records what was made, and a later call asking for the
+    same thing returns at once (anything else in ``root`` is refused, never deleted)."""
+    import multiprocessing as mp
+    import time
+
+    root = Path(root)
+    want = {"images": n, "classes": classes, "size": list(size), "seed": seed, "quality": quality, "version": 1}
+    manifest = root / "manifest.json"
+    if manifest.exists():
+        have = json.loads(manifest.read_text())
+        if {k: have.get(k) for k in want} == want:
+            return {**have, "cached": True}
+        raise SystemExit(f"{root}: holds another data set ({have}); pass another --data-dir or remove it")
+    if root.exists() and any(p.name != ".partial" for p in root.iterdir()) and not (root / ".partial").exists():
+        raise SystemExit(f"{root}: exists and is not a data set made by this script; pass another --data-dir")
+    root.mkdir(parents=True, exist_ok=True)
+    (root / ".partial").touch()
+    procs = procs or os.cpu_count() or 1
+    step = 256
+    jobs = [(str(root), seed, lo, min(lo + step, n), classes, tuple(size), quality) for lo in range(0, n, step)]
+    t0, done, nbytes = time.perf_counter(), 0, 0
+    with mp.get_context("spawn").Pool(procs) as pool:
+        for b in pool.imap_unordered(_write_photos, jobs):
+            done += 1
+            nbytes += b
+            if done % max(1, len(jobs) // 8) == 0 or done == len(jobs):
+                print(f"  data: {min(done * step, n)}/{n} JPEGs, {time.perf_counter() - t0:.0f} s", flush=True)
+    info = {**want, "bytes": nbytes, "mean_kb": nbytes / n / 1e3, "seconds": round(time.perf_counter() - t0, 1)}
+    manifest.write_text(json.dumps(info) + "\n")
+    (root / ".partial").unlink()
+    return {**info, "cached": False}
+
+
+# ---- models and the command line ---------------------------------------------------------------
+
+def save_random_model(name: str, num_classes: int, path, seed: int = 0) -> int:
+    """A seeded random-init timm model's state_dict at ``path`` (what ``--teacher-weights``
+    takes); nothing is downloaded. Returns its parameter count."""
+    import timm
+    import torch
+
+    torch.manual_seed(seed)
+    model = timm.create_model(name, pretrained=False, num_classes=num_classes)
+    torch.save(model.state_dict(), path)
+    return sum(p.numel() for p in model.parameters())
+
+
+def run_cli(args: list[str], label: str = "", every_s: float = 30.0) -> tuple[str, float]:
+    """Run ``python -m tinydistill ARGS``; returns (stdout, wall seconds).
+
+    The command's progress bar and log go to a pipe: its latest line is echoed at most every
+    ``every_s`` seconds (so long runs show progress without flooding a log), and the last lines
+    are shown if the command fails.
+    """
+    import subprocess
+    import sys
+    import threading
+    import time
+    from collections import deque
+
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "tinydistill", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, bufsize=1)
+    tail: deque[str] = deque(maxlen=40)
+
+    def pump():
+        last, buf = time.perf_counter(), ""
+        while True:
+            c = proc.stderr.read(1)
+            if not c:
+                break
+            if c in "\r\n":
+                if buf.strip():
+                    tail.append(buf)
+                    if time.perf_counter() - last >= every_s:
+                        print(f"    {label} | {buf.strip()[:150]}", flush=True)
+                        last = time.perf_counter()
+                buf = ""
+            else:
+                buf += c
+
+    th = threading.Thread(target=pump, daemon=True)
+    th.start()
+    out = proc.stdout.read()
+    proc.wait()
+    th.join()
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        raise RuntimeError(f"tinydistill {' '.join(args)} exited {proc.returncode}:\n" + "\n".join(tail))
+    return out, wall
+
+
+def last_json(stdout: str) -> dict:
+    for line in reversed(stdout.strip().splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    raise RuntimeError(f"no JSON summary line in: {stdout[-500:]!r}")
+
+
+def shares(xs) -> str:
+    """A list of busy shares as ``0.97/0.95``."""
+    return "/".join(f"{x:.2f}" for x in xs) if xs else "-"
