@@ -31,7 +31,7 @@ from .replay import check_replay, run_mismatch, view_store_attrs
 from .store import DEFAULT_CHUNK_ROWS, DEFAULT_SHARD_CHUNKS, LogitStore, create_store, open_store
 from .stream import GenPlan, Meter, ViewStream, gen_plan
 from .teachers import load_teacher
-from .views import Views, prepare
+from .views import Views
 
 log = logging.getLogger("tinydistill")
 
@@ -239,12 +239,7 @@ def gen_logits(cfg: GenConfig, on_step: Callable[[dict], None] | None = None) ->
         persistent_workers=False, prefetch_factor=4 if cfg.workers else None,
     )
 
-    model = teacher.model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    if cfg.compile:
-        model = torch.compile(model)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+    teacher.place(device, cfg.amp, compile=cfg.compile)
 
     writer = _ShardWriter(store)
     rounds = _Rounds(plan, store, writer, rank, world)
@@ -252,23 +247,16 @@ def gen_logits(cfg: GenConfig, on_step: Callable[[dict], None] | None = None) ->
     views = skipped = 0
     bar = _progress(stream.num_views, enabled=cfg.progress and rank == 0, desc=f"gen-logits ({world} rank(s))")
     try:
-        with torch.inference_mode():
-            for batch in meter(loader):
-                x = batch["image"].to(device, non_blocking=True)
-                x = prepare(x, teacher.input_size, teacher.mean, teacher.std, teacher.interpolation)
-                if device.type == "cuda":
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    logits = model(x)
-                logp, idx = torch.log_softmax(logits.float(), dim=-1).topk(cfg.k, dim=-1)
-                logp, idx = logp.cpu().numpy(), idx.cpu().numpy()
-                rows, valid = batch["row"].numpy(), batch["valid"].numpy()
-                rounds.add(int(batch["epoch"][0]), rows, logp, idx, batch["seed"].numpy().astype(np.uint64), ~valid)
-                views += len(rows)
-                skipped += int((~valid).sum())
-                bar.update(len(rows))
-                if on_step is not None:
-                    on_step({"views": len(rows), "seconds": time.time() - t_start})
+        for batch in meter(loader):
+            logp, idx = teacher.topk(batch["image"], cfg.k)
+            logp, idx = logp.cpu().numpy(), idx.cpu().numpy()
+            rows, valid = batch["row"].numpy(), batch["valid"].numpy()
+            rounds.add(int(batch["epoch"][0]), rows, logp, idx, batch["seed"].numpy().astype(np.uint64), ~valid)
+            views += len(rows)
+            skipped += int((~valid).sum())
+            bar.update(len(rows))
+            if on_step is not None:
+                on_step({"views": len(rows), "seconds": time.time() - t_start})
         rounds.flush(final=True)
         writer.close()
     finally:

@@ -60,3 +60,25 @@ class DistillLoss:
         if self.alpha >= 1.0:
             return kd
         return (1 - self.alpha) * soft_cross_entropy(logits, labels) + self.alpha * kd
+
+
+class Objective:
+    """The student's loss for one batch in any mode, kept out of the training loop.
+
+    ``kd`` is None for training on labels alone (``--no-kd``). Students with a distillation
+    token (DeiT) return two outputs: the class head learns the labels, the distillation head the
+    teacher (or the labels too, without a teacher), each with weight 0.5.
+    """
+
+    def __init__(self, kd: DistillLoss | None):
+        self.kd = kd
+
+    def __call__(self, out, labels: torch.Tensor, logp: torch.Tensor | None = None,
+                 index: torch.Tensor | None = None) -> torch.Tensor:
+        if isinstance(out, tuple):
+            cls, dist = out
+            second = soft_cross_entropy(dist, labels) if self.kd is None else self.kd.kd(dist, logp, index)
+            return 0.5 * soft_cross_entropy(cls, labels) + 0.5 * second
+        if self.kd is None:
+            return soft_cross_entropy(out, labels)
+        return self.kd(out, logp, index, labels)

@@ -45,6 +45,36 @@ class Teacher:
     weights_digest: str
     class_names: list[str] | None = None
     meta: dict = field(default_factory=dict)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    amp: str = "none"
+
+    def place(self, device, amp: str | None = "none", compile: bool = False) -> "Teacher":
+        """Move the model to ``device`` (channels-last on CUDA, optionally compiled) and set
+        the autocast dtype every forward uses."""
+        self.device, self.amp = torch.device(device), amp or "none"
+        self.model = self.model.to(self.device).eval()
+        if self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        if compile:
+            self.model = torch.compile(self.model)
+        return self
+
+    @torch.inference_mode()
+    def topk(self, images: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The one teacher forward (gen-logits, online KD and verify all call it): views
+        [B, 3, H, W] in [0, 1] -> top-K log-probabilities (float32, descending) and class ids,
+        on the teacher's device. Resize, interpolation, normalisation, memory layout and
+        autocast are the teacher's own."""
+        from .views import prepare
+
+        x = prepare(images.to(self.device, non_blocking=True), self.input_size, self.mean, self.std,
+                    self.interpolation)
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        dt = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.amp)
+        with torch.autocast(self.device.type, dtype=dt, enabled=dt is not None):
+            logits = self.model(x)
+        return torch.log_softmax(logits.float(), dim=-1).topk(k, dim=-1)
 
     def describe(self) -> dict:
         """What the store records about the teacher."""

@@ -27,7 +27,7 @@ import torch
 from .augment import AugSpec
 from .errors import TinydistillError
 from . import dist
-from .losses import DistillLoss, mixed_labels, soft_cross_entropy
+from .losses import DistillLoss, Objective, mixed_labels
 from .sources import open_source
 from .stream import Meter, ViewStream, epoch_order, train_items
 from .views import Views, prepare
@@ -214,6 +214,55 @@ def _set_rng_state(s: dict) -> None:
     random.setstate(tuple(s["python"][:1]) + (tuple(s["python"][1]),) + tuple(s["python"][2:]))
 
 
+# ---- targets --------------------------------------------------------------------------------------
+
+class StoreTargets:
+    """Offline KD: the stored top-K, joined to each batch by the DataLoader workers."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def __call__(self, batch: dict, images: torch.Tensor):
+        return batch["logp"].to(self.device, non_blocking=True), batch["index"].to(self.device, non_blocking=True)
+
+
+class OnlineTargets:
+    """Online KD: the teacher's top-K on the batch's views, with the forward gen-logits uses."""
+
+    def __init__(self, teacher, k: int):
+        self.teacher, self.k = teacher, k
+
+    def __call__(self, batch: dict, images: torch.Tensor):
+        logp, index = self.teacher.topk(images, self.k)
+        return logp.clone(), index.clone()  # out of inference mode: usable in the loss
+
+
+def label_targets(batch: dict, images: torch.Tensor):
+    """No KD: the loss uses the (mixed, smoothed) labels alone."""
+    return None, None
+
+
+# ---- checkpoints ----------------------------------------------------------------------------------
+
+def _resume(path: Path, cfg: TrainConfig, parts: dict) -> tuple[int, int, float]:
+    """Load ``parts`` (model, optimizer, ...) from a checkpoint; returns (next epoch, step, best)."""
+    if not path.exists():
+        raise TrainError(f"{path}: no checkpoint to resume from")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise TrainError(f"{path}: cannot load checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+    if ck["config"]["student"] != cfg.student or ck["config"]["epochs"] != cfg.epochs:
+        raise TrainError(f"{path}: checkpoint is of {ck['config']['student']} for {ck['config']['epochs']} "
+                         f"epochs; this run is {cfg.student} for {cfg.epochs}")
+    for name, obj in parts.items():
+        if obj is not None and ck.get(name) is not None:
+            obj.load_state_dict(ck[name])
+    _set_rng_state(ck["rng"])
+    log.info("resumed %s at epoch %d, step %d", path, ck["epoch"] + 1, ck["step"])
+    return ck["epoch"] + 1, ck["step"], ck.get("best", -1.0)
+
+
 # ---- the loop ------------------------------------------------------------------------------------
 
 @dist.keeps_threads
@@ -246,52 +295,31 @@ def train_student(cfg: TrainConfig, on_step: Callable[[dict], None] | None = Non
     data_cfg = resolve_data_config({}, model=model)
     mean, std = data_cfg["mean"], data_cfg["std"]
     distilled = hasattr(model, "set_distilled_training")
-    if distilled:
-        model.set_distilled_training(True)
     model.to(device)
     ema = ModelEmaV3(model, decay=cfg.ema, device=device) if cfg.ema else None
     optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    views_of = Views(source, spec, view_seed, skip_bad=store is not None)
-    steps_per_epoch_est = max(1, math.ceil(len(source) / (cfg.batch_size * world)))
-    total_steps = cfg.epochs * steps_per_epoch_est
-    scheduler = CosineLRScheduler(optimizer, t_initial=total_steps, lr_min=cfg.min_lr, warmup_lr_init=cfg.warmup_lr,
-                                  warmup_t=int(cfg.warmup_epochs * steps_per_epoch_est), t_in_epochs=False)
+    steps_per_epoch = max(1, math.ceil(len(source) / (cfg.batch_size * world)))
+    scheduler = CosineLRScheduler(optimizer, t_initial=cfg.epochs * steps_per_epoch, lr_min=cfg.min_lr,
+                                  warmup_lr_init=cfg.warmup_lr, warmup_t=int(cfg.warmup_epochs * steps_per_epoch),
+                                  t_in_epochs=False)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     if teacher is not None:
-        teacher.model.to(device).eval()
-    loss_fn = DistillLoss(num_classes, kind=cfg.loss, temperature=cfg.temperature, alpha=cfg.alpha)
+        targets = OnlineTargets(teacher.place(device, cfg.amp), cfg.k or num_classes)
+    else:
+        targets = StoreTargets(device) if store is not None else label_targets
+    objective = Objective(None if cfg.no_kd else
+                          DistillLoss(num_classes, kind=cfg.loss, temperature=cfg.temperature, alpha=cfg.alpha))
+    views_of = Views(source, spec, view_seed, skip_bad=store is not None)
 
-    start_epoch, step, best = 0, 0, -1.0
-    if cfg.resume:
-        ck_path = out / "last.pth"
-        if not ck_path.exists():
-            raise TrainError(f"{ck_path}: no checkpoint to resume from")
-        try:
-            ck = torch.load(ck_path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise TrainError(f"{ck_path}: cannot load checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from e
-        if ck["config"]["student"] != cfg.student or ck["config"]["epochs"] != cfg.epochs:
-            raise TrainError(f"{ck_path}: checkpoint is of {ck['config']['student']} for {ck['config']['epochs']} "
-                             f"epochs; this run is {cfg.student} for {cfg.epochs}")
-        model.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        scheduler.load_state_dict(ck["scheduler"])
-        scaler.load_state_dict(ck["scaler"])
-        if ema is not None and ck.get("ema") is not None:
-            ema.load_state_dict(ck["ema"])
-        start_epoch, step, best = ck["epoch"] + 1, ck["step"], ck.get("best", -1.0)
-        _set_rng_state(ck["rng"])
-        log.info("resumed %s at epoch %d, step %d", ck_path, start_epoch, step)
-
+    parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler, "ema": ema}
+    start_epoch, step, best = _resume(out / "last.pth", cfg, parts) if cfg.resume else (0, 0, -1.0)
     ddp = model
     if world > 1:
-        ddp = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     val = None
     if cfg.val_data:
-        crop = cfg.val_crop_pct or data_cfg.get("crop_pct", 0.875)
-        val, _ = _val_loader(cfg, input_size, mean, std, crop, world, rank)
+        val, _ = _val_loader(cfg, input_size, mean, std, cfg.val_crop_pct or data_cfg.get("crop_pct", 0.875), world, rank)
 
     metrics_f = open(out / "metrics.jsonl", "a") if rank == 0 else None
     steps_f = open(out / "steps.jsonl", "a") if rank == 0 else None
@@ -302,11 +330,11 @@ def train_student(cfg: TrainConfig, on_step: Callable[[dict], None] | None = Non
     try:
         for epoch in range(start_epoch, cfg.epochs):
             t0 = time.time()
+            # every epoch a fresh order of all rows, the same in every mode (stream.epoch_order)
             view_epoch = epoch % store.epochs if store is not None else epoch
             order = epoch_order(len(source), spec.mix_group, spec.mixing, view_seed, view_epoch, cfg.seed, epoch)
-            items = train_items(order, view_epoch, cfg.batch_size, world, rank)
-            stream = ViewStream(views_of, items, targets=store)
-            n_steps = len(items)
+            stream = ViewStream(views_of, train_items(order, view_epoch, cfg.batch_size, world, rank),
+                                targets=store)
             loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.workers,
                                                  pin_memory=device.type == "cuda",
                                                  prefetch_factor=4 if cfg.workers else None)
@@ -314,38 +342,19 @@ def train_student(cfg: TrainConfig, on_step: Callable[[dict], None] | None = Non
             model.train()
             if distilled:
                 model.set_distilled_training(True)
-            bar = tqdm(total=n_steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", file=sys.stderr,
+            bar = tqdm(total=len(stream), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", file=sys.stderr,
                        disable=not (cfg.progress and rank == 0), dynamic_ncols=True)
-            loss_sum, views, it = 0.0, 0, meter(loader)
-            lr = optimizer.param_groups[0]["lr"]
-            for i in range(n_steps):
-                batch = next(it)
-                keep = batch["valid"]
-                if not keep.all():  # unreadable images skipped at gen-logits time
-                    batch = {k: v[keep] if torch.is_tensor(v) else v for k, v in batch.items()}
-                x_raw = batch["image"].to(device, non_blocking=True)
-                label = batch["label"].to(device)
-                y = mixed_labels(label, batch["partner_label"].to(device), batch["lam"].to(device), num_classes,
-                                 smoothing=cfg.smoothing if cfg.no_kd else 0.0)
-                if teacher is not None:
-                    with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                        tl = teacher.model(prepare(x_raw, teacher.input_size, teacher.mean, teacher.std))
-                    logp, index = torch.log_softmax(tl.float(), -1).topk(cfg.k or num_classes, -1)
-                    logp, index = logp.clone(), index.clone()
-                elif store is not None:
-                    logp, index = batch["logp"].to(device), batch["index"].to(device)
-                x = prepare(x_raw, input_size, mean, std)
+            loss_sum, views, lr = 0.0, 0, optimizer.param_groups[0]["lr"]
+            for batch in meter(loader):
+                if not batch["valid"].all():  # unreadable images skipped at gen-logits time
+                    batch = {k: v[batch["valid"]] if torch.is_tensor(v) else v for k, v in batch.items()}
+                images = batch["image"].to(device, non_blocking=True)
+                labels = mixed_labels(batch["label"].to(device), batch["partner_label"].to(device),
+                                      batch["lam"].to(device), num_classes, smoothing=cfg.smoothing if cfg.no_kd else 0.0)
+                logp, index = targets(batch, images)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    outp = ddp(x)
-                if cfg.no_kd:
-                    logits = outp[0] if isinstance(outp, tuple) else outp
-                    loss = soft_cross_entropy(logits, y)
-                    if isinstance(outp, tuple):
-                        loss = 0.5 * loss + 0.5 * soft_cross_entropy(outp[1], y)
-                elif isinstance(outp, tuple):  # DeiT distillation token: class head on labels, dist head on teacher
-                    loss = 0.5 * soft_cross_entropy(outp[0], y) + 0.5 * loss_fn.kd(outp[1], logp, index)
-                else:
-                    loss = loss_fn(outp, logp, index, y)
+                    outputs = ddp(prepare(images, input_size, mean, std))
+                loss = objective(outputs, labels, logp, index)
                 if not torch.isfinite(loss):
                     raise TrainError(f"epoch {epoch} step {step}: loss is {loss.item()}; lower --lr or check the store")
                 optimizer.zero_grad(set_to_none=True)
@@ -359,18 +368,17 @@ def train_student(cfg: TrainConfig, on_step: Callable[[dict], None] | None = Non
                 scheduler.step_update(num_updates=step)
                 if ema is not None:
                     ema.update(model, step=step)
-                loss_sum += loss.item()
-                views += len(label)
-                lr = optimizer.param_groups[0]["lr"]
+                loss_v, lr = loss.item(), optimizer.param_groups[0]["lr"]
+                loss_sum, views = loss_sum + loss_v, views + len(labels)
                 if steps_f:
-                    steps_f.write(json.dumps({"epoch": epoch, "step": step, "loss": loss.item(), "lr": lr}) + "\n")
-                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
+                    steps_f.write(json.dumps({"epoch": epoch, "step": step, "loss": loss_v, "lr": lr}) + "\n")
+                bar.set_postfix(loss=f"{loss_v:.4f}", lr=f"{lr:.2e}")
                 bar.update(1)
                 if on_step is not None:
-                    on_step({"epoch": epoch, "step": step, "views": len(label), "loss": loss.item()})
+                    on_step({"epoch": epoch, "step": step, "views": len(labels), "loss": loss_v})
             bar.close()
-            del it, loader
-            row = {"epoch": epoch, "step": step, "train_loss": loss_sum / max(n_steps, 1), "lr": lr,
+            del loader
+            row = {"epoch": epoch, "step": step, "train_loss": loss_sum / max(len(stream), 1), "lr": lr,
                    "views": views * world, "seconds": round(time.time() - t0, 2), "load": meter.report()}
             if val is not None:
                 if distilled:
@@ -387,11 +395,9 @@ def train_student(cfg: TrainConfig, on_step: Callable[[dict], None] | None = Non
                     for k, v in row.items():
                         if isinstance(v, (int, float)) and k != "epoch":
                             tb.add_scalar(k, v, epoch)
-                ck = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                      "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                      "ema": ema.state_dict() if ema is not None else None, "epoch": epoch, "step": step,
-                      "best": max(best, score), "rng": _rng_state(), "config": _cfg_dict(cfg),
-                      "num_classes": num_classes, "input_size": input_size}
+                ck = {name: obj.state_dict() if obj is not None else None for name, obj in parts.items()}
+                ck.update(epoch=epoch, step=step, best=max(best, score), rng=_rng_state(), config=_cfg_dict(cfg),
+                          num_classes=num_classes, input_size=input_size)
                 _save(out / "last.pth", ck)
                 if score > best:
                     _save(out / "best.pth", ck)

@@ -17,7 +17,7 @@ from .sources import open_source
 from .store import open_store
 from .teachers import load_teacher
 from .replay import check_replay
-from .views import Views, prepare
+from .views import Views
 
 
 @keeps_threads
@@ -49,34 +49,28 @@ def verify_store(path: str, data: str, teacher_name: str, weights: str | None = 
     # the batches gen-logits ran these views in: (epoch, shard, batch index within the unit)
     batches = sorted({(e, s, (r - store.shard_bounds(s)[0]) // batch_size) for e, s, r in picks})
     views_of = Views(source, spec, store.base_seed, skip_bad=True)
-    model = teacher.model.to(device)
-    dt = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    teacher.place(device, amp)
     want = {(e, r) for e, _, r in picks}
     got_rows, same_ids, max_diff = 0, 0, 0.0
-    with torch.inference_mode():
-        for e, s, bi in batches:
-            a, b = store.shard_bounds(s)
-            rows = range(a + bi * batch_size, min(a + (bi + 1) * batch_size, b))
-            views = views_of.render(e, rows)
-            x = torch.stack([v["image"] for v in views]).to(device)
-            x = prepare(x, teacher.input_size, teacher.mean, teacher.std, teacher.interpolation)
-            with torch.autocast(torch.device(device).type, dtype=dt, enabled=dt is not None):
-                logits = model(x)
-            lp, ix = torch.log_softmax(logits.float(), -1).topk(store.k, -1)
-            lp, ix = lp.cpu().numpy(), ix.cpu().numpy()
-            s_lp, s_ix = store.topk(e, np.array(list(rows)), order="stored")
-            for j, r in enumerate(rows):
-                if (e, r) not in want or not views[j]["valid"]:
-                    continue
-                got_rows += 1
-                o = np.argsort(ix[j])
-                new_ix, new_lp = ix[j][o], lp[j][o].astype(np.float16).astype(np.float32)
-                if np.array_equal(new_ix, s_ix[j]):
-                    same_ids += 1
-                    max_diff = max(max_diff, float(np.abs(new_lp - s_lp[j]).max()))
-                else:
-                    common, ia, ib = np.intersect1d(new_ix, s_ix[j], return_indices=True)
-                    if len(common):
-                        max_diff = max(max_diff, float(np.abs(new_lp[ia] - s_lp[j][ib]).max()))
+    for e, s, bi in batches:
+        a, b = store.shard_bounds(s)
+        rows = range(a + bi * batch_size, min(a + (bi + 1) * batch_size, b))
+        views = views_of.render(e, rows)
+        lp, ix = teacher.topk(torch.stack([v["image"] for v in views]), store.k)
+        lp, ix = lp.cpu().numpy(), ix.cpu().numpy()
+        s_lp, s_ix = store.topk(e, np.array(list(rows)), order="stored")
+        for j, r in enumerate(rows):
+            if (e, r) not in want or not views[j]["valid"]:
+                continue
+            got_rows += 1
+            o = np.argsort(ix[j])
+            new_ix, new_lp = ix[j][o], lp[j][o].astype(np.float16).astype(np.float32)
+            if np.array_equal(new_ix, s_ix[j]):
+                same_ids += 1
+                max_diff = max(max_diff, float(np.abs(new_lp - s_lp[j]).max()))
+            else:
+                common, ia, ib = np.intersect1d(new_ix, s_ix[j], return_indices=True)
+                if len(common):
+                    max_diff = max(max_diff, float(np.abs(new_lp[ia] - s_lp[j][ib]).max()))
     return {"store": path, "views_checked": got_rows, "topk_id_agreement": same_ids / max(got_rows, 1),
             "max_abs_logp_diff": max_diff, "amp": amp, "device": device}
