@@ -168,6 +168,12 @@ def test_three_workers_busy_in_both_stages_and_store_identical_to_one(photos, te
 
 
 def test_offline_no_kd_and_online_draw_the_same_batches(photos, teacher_weights, tmp_path, monkeypatch):
+    from tinydistill.teachers import Teacher
+    from tinydistill.verify import verify_store
+
+    forwards = []
+    topk = Teacher.topk
+    monkeypatch.setattr(Teacher, "topk", lambda self, x, k: forwards.append(len(x)) or topk(self, x, k))
     store = tmp_path / "s.zarr"
     gen_logits(GenConfig(data=photos, teacher="test_resnet", teacher_weights=teacher_weights, teacher_input_size=16,
                          out=str(store), k=12, epochs=(0, 2), workers=0, spec=SPEC, progress=False))
@@ -178,6 +184,9 @@ def test_offline_no_kd_and_online_draw_the_same_batches(photos, teacher_weights,
             seen[-1].append([(it.epoch, it.rows.tolist()) for it in items])
             super().__init__(views, items, targets)
 
+    assert sum(forwards) == 2 * 2304  # gen-logits ran every view through Teacher.topk
+    v = verify_store(str(store), photos, "test_resnet", teacher_weights, samples=16)
+    assert v["max_abs_logp_diff"] == 0.0 and v["topk_id_agreement"] == 1.0 and sum(forwards) > 2 * 2304
     monkeypatch.setattr(train_mod, "ViewStream", Recorder)
     common = dict(data=photos, student="test_vit", epochs=2, batch_size=128, workers=0, seed=3, progress=False,
                   model_kwargs={"img_size": 16, "patch_size": 4})
@@ -187,6 +196,7 @@ def test_offline_no_kd_and_online_draw_the_same_batches(photos, teacher_weights,
         seen.append([])
         train_student(TrainConfig(out=str(tmp_path / f"m{len(seen)}"), **common, **mode))
     assert seen[0] == seen[1] == seen[2]
+    assert forwards[-36:] == [128] * 36  # online KD: its 2 x 18 batches through the same forward
     epochs = seen[0]
     assert [e for e, _ in epochs[0]] == [0] * 18 and [e for e, _ in epochs[1]] == [1] * 18
     assert [r for _, r in epochs[0]] != [r for _, r in epochs[1]]

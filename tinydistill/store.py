@@ -219,6 +219,12 @@ def _keep_tail_mass(logp: np.ndarray) -> np.ndarray:
     return half
 
 
+def stored_logp(logp: np.ndarray) -> np.ndarray:
+    """The fp16 values the store keeps for float log-probs [n, K] (what ``verify`` compares)."""
+    # fp16 holds log-probs down to -65504; anything lower is probability 0 anyway
+    return _keep_tail_mass(np.clip(logp, FP16_MIN, 0.0))
+
+
 class LogitStore:
     """A logit store opened from a path or fsspec URL. See the module docstring for the layout."""
 
@@ -578,8 +584,7 @@ class LogitStore:
         logp = np.take_along_axis(logp, order, 1)
         if self.k > 1 and not (np.diff(index, axis=1) > 0).all():
             raise StoreError(f"{where}: a row repeats a class id")
-        # fp16 holds log-probs down to -65504; anything lower is probability 0 anyway
-        logp = _keep_tail_mass(np.clip(logp, FP16_MIN, 0.0))
+        logp = stored_logp(logp)
         logp[skip], index[skip] = np.nan, -1
         marker = self._marker_key(epoch, shard)
         try:

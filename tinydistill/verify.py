@@ -14,7 +14,7 @@ import torch
 from .dist import keeps_threads
 from .errors import TinydistillError
 from .sources import open_source
-from .store import open_store
+from .store import open_store, stored_logp
 from .teachers import load_teacher
 from .replay import check_replay
 from .views import Views
@@ -58,13 +58,15 @@ def verify_store(path: str, data: str, teacher_name: str, weights: str | None = 
         views = views_of.render(e, rows)
         lp, ix = teacher.topk(torch.stack([v["image"] for v in views]), store.k)
         lp, ix = lp.cpu().numpy(), ix.cpu().numpy()
+        order = np.argsort(ix, axis=1)
+        ix = np.take_along_axis(ix, order, 1)
+        lp = stored_logp(np.take_along_axis(lp, order, 1)).astype(np.float32)  # as the store rounds them
         s_lp, s_ix = store.topk(e, np.array(list(rows)), order="stored")
         for j, r in enumerate(rows):
             if (e, r) not in want or not views[j]["valid"]:
                 continue
             got_rows += 1
-            o = np.argsort(ix[j])
-            new_ix, new_lp = ix[j][o], lp[j][o].astype(np.float16).astype(np.float32)
+            new_ix, new_lp = ix[j], lp[j]
             if np.array_equal(new_ix, s_ix[j]):
                 same_ids += 1
                 max_diff = max(max_diff, float(np.abs(new_lp - s_lp[j]).max()))
