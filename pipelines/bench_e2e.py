@@ -304,6 +304,7 @@ def parse_args(argv=None):
     if args.data_dir is None:
         name = "in16k" if args.images == 16384 and args.classes == 100 else f"photos-{args.images}-{args.classes}"
         args.data_dir = f"/tmp/tinydistill-bench/{name}"
+    args.data_dir = str(Path(args.data_dir).resolve())
     return args
 
 
@@ -321,7 +322,7 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     tmp = None
     if args.work_dir:
-        args.work = Path(args.work_dir)
+        args.work = Path(args.work_dir).resolve()
         args.work.mkdir(parents=True, exist_ok=True)
     else:
         tmp = tempfile.TemporaryDirectory(prefix="bench_e2e_")

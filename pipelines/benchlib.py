@@ -67,7 +67,10 @@ def environment(**extra) -> dict:
     import torch
     import zarr
 
+    import tinydistill
+
     env = {"date": datetime.date.today().isoformat(), "python": platform.python_version(),
+           "tinydistill": os.path.dirname(tinydistill.__file__), "tinydistill_commit": _commit(tinydistill.__file__),
            "torch": torch.__version__, "timm": timm.__version__, "pillow": PIL.__version__,
            "zarr": zarr.__version__, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
            "platform": platform.platform(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
@@ -75,6 +78,24 @@ def environment(**extra) -> dict:
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)
     return env
+
+
+def _commit(module_file: str) -> str | None:
+    """The git commit of the checkout a module comes from (+ '-dirty' with local changes), or
+    the COMMIT file of a snapshot made with ``git archive``."""
+    import subprocess
+
+    root = Path(module_file).resolve().parent.parent
+    if (root / "COMMIT").exists():
+        return (root / "COMMIT").read_text().strip()
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "tinydistill"],
+                               capture_output=True, text=True).stdout.strip()
+        return head + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 # ---- ImageNet-like photos ----------------------------------------------------------------------
@@ -179,8 +200,11 @@ def save_random_model(name: str, num_classes: int, path, seed: int = 0) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def run_cli(args: list[str], label: str = "", every_s: float = 30.0) -> tuple[str, float]:
+def run_cli(args: list[str], label: str = "", every_s: float = 30.0, cwd: str | None = None) -> tuple[str, float]:
     """Run ``python -m tinydistill ARGS``; returns (stdout, wall seconds).
+
+    It runs in ``cwd`` (default: the temp directory, not the checkout, so ``-m`` imports the
+    same tinydistill this process imports: a ``PYTHONPATH`` snapshot wins over the checkout).
 
     The command's progress bar and log go to a pipe: its latest line is echoed at most every
     ``every_s`` seconds (so long runs show progress without flooding a log), and the last lines
@@ -192,9 +216,11 @@ def run_cli(args: list[str], label: str = "", every_s: float = 30.0) -> tuple[st
     import time
     from collections import deque
 
+    import tempfile
+
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "tinydistill", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, bufsize=1)
+                            stderr=subprocess.PIPE, text=True, bufsize=1, cwd=cwd or tempfile.gettempdir())
     tail: deque[str] = deque(maxlen=40)
 
     def pump():
