@@ -200,3 +200,35 @@ def test_offline_no_kd_and_online_draw_the_same_batches(photos, teacher_weights,
     epochs = seen[0]
     assert [e for e, _ in epochs[0]] == [0] * 18 and [e for e, _ in epochs[1]] == [1] * 18
     assert [r for _, r in epochs[0]] != [r for _, r in epochs[1]]
+
+
+def test_torch_renderer_store_replays_and_other_renderer_needs_the_flag(photos, teacher_weights, tmp_path, caplog):
+    import dataclasses
+
+    from tinydistill.replay import check_replay
+    from tinydistill.sources import open_source
+    from tinydistill.verify import verify_store
+    from tinydistill.views import ReplayError
+
+    spec = dataclasses.replace(SPEC, renderer="torch", auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.5)
+    store = tmp_path / "t.zarr"
+    gen_logits(GenConfig(data=photos, teacher="test_resnet", teacher_weights=teacher_weights, teacher_input_size=16,
+                         out=str(store), k=5, epochs=(0, 1), workers=2, spec=spec, progress=False))
+    st = td.open_store(store)
+    assert st.attrs["renderer"] == "torch" and st.attrs["render_device"] == "cpu" and st.spec.renderer == "torch"
+    assert st.canary_pixels().shape == (len(st.attrs["canary"]["views"]), 3, 16, 16)
+    v = verify_store(str(store), photos, "test_resnet", teacher_weights, samples=8)
+    assert v["renderer"] == "torch" and v["max_abs_logp_diff"] == 0.0  # torch-rendered views replay exactly
+    src = open_source(photos)
+    with pytest.raises(ReplayError, match="rendered by the torch renderer.*--allow-renderer-change"):
+        check_replay(st, src, renderer="pil")
+    with caplog.at_level("WARNING", logger="tinydistill"):
+        got = check_replay(st, src, renderer="pil", allow_renderer_change=True)
+    assert got.renderer == "pil" and "PSNR" in caplog.text
+    common = dict(data=photos, student="test_vit", epochs=1, batch_size=64, workers=1, progress=False,
+                  model_kwargs={"img_size": 16, "patch_size": 4}, logits=str(store))
+    with pytest.raises(ReplayError, match="--allow-renderer-change"):
+        train_student(TrainConfig(out=str(tmp_path / "a"), render="pil", **common))
+    assert train_student(TrainConfig(out=str(tmp_path / "b"), **common))["views"] == 2304
+    assert train_student(TrainConfig(out=str(tmp_path / "c"), render="pil", allow_renderer_change=True,
+                                     **common))["views"] == 2304

@@ -40,6 +40,7 @@ class AugSpec:
     mix_prob: float = 1.0
     switch_prob: float = 0.5
     mix_group: int = 256  # partners are paired inside aligned groups of this many rows
+    renderer: str = "pil"  # what turns parameter records into pixels: "pil" (CPU workers) or "torch" (batched)
 
     def __post_init__(self):
         for name in ("scale", "ratio"):
@@ -52,6 +53,8 @@ class AugSpec:
                 raise SpecError(f"{name} must be a probability in [0, 1], got {v}")
         if self.mixup < 0 or self.cutmix < 0:
             raise SpecError("mixup and cutmix are Beta alphas: >= 0")
+        if self.renderer not in ("pil", "torch"):
+            raise SpecError(f"renderer must be pil or torch, got {self.renderer!r}")
         if self.re_mode not in ("const", "rand", "pixel"):
             raise SpecError(f"re_mode must be const, rand or pixel, got {self.re_mode!r}")
         if self.re_count < 1:

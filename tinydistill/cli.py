@@ -233,6 +233,25 @@ def _kv(pairs) -> dict:
     return out
 
 
+RENDER_HELP = ("Renderer of views: pil (CPU workers) or torch (batched, on --device; workers then only read "
+               "bytes on a GPU)")
+
+
+def render_option(default_help: str):
+    return click.option("--render", type=click.Choice(["pil", "torch"]), default=None,
+                        help=f"{RENDER_HELP} [default: {default_help}].")
+
+
+def allow_renderer_option(f):
+    return click.option("--allow-renderer-change", is_flag=True,
+                        help="Replay a store's views with another --render than the store's; the replay canary "
+                             "then reports the pixel difference instead of refusing.")(f)
+
+
+def _default_render(device: str) -> str:
+    return "torch" if device.startswith("cuda") else "pil"
+
+
 def _default_device() -> str:
     import torch
 
@@ -275,6 +294,7 @@ def _setup_logging(rank0: bool = True):
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable images (counted, recorded in the store) instead of stopping.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store instead of resuming it.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@render_option("torch on cuda, pil on cpu")
 @aug_options
 def gen_logits_cmd(**opts):
     """Run a teacher once over every view of every epoch and store its top-K outputs.
@@ -284,8 +304,10 @@ def gen_logits_cmd(**opts):
     """
     from .generate import GenConfig, gen_logits, parse_epochs, summary_line
 
-    spec = spec_from_options(opts)
+    import dataclasses
+
     device = opts["device"] or _default_device()
+    spec = dataclasses.replace(spec_from_options(opts), renderer=opts["render"] or _default_render(device))
     amp = opts["amp"] or ("bf16" if device.startswith("cuda") else "none")
     rank = int(__import__("os").environ.get("RANK", 0))
     _setup_logging(rank == 0)
@@ -315,7 +337,10 @@ def gen_logits_cmd(**opts):
               help="Largest allowed |delta log-prob| (after fp16 rounding). 0 = exact: same hardware and dtype.")
 @click.option("--min-id-agreement", type=float, default=1.0, show_default=True,
               help="Smallest allowed fraction of views with the same top-K class ids.")
-def verify(store, data, teacher, teacher_weights, samples, seed, device, amp, max_logp_diff, min_id_agreement):
+@render_option("the store's")
+@allow_renderer_option
+def verify(store, data, teacher, teacher_weights, samples, seed, device, amp, max_logp_diff, min_id_agreement,
+           render, allow_renderer_change):
     """Replay random stored views, re-run the teacher and compare with the store.
 
     Exits 1 when the agreement is below --min-id-agreement or the largest difference is above
@@ -326,7 +351,8 @@ def verify(store, data, teacher, teacher_weights, samples, seed, device, amp, ma
 
     _setup_logging()
     r = verify_store(store, data, teacher, teacher_weights, samples=samples, seed=seed,
-                     device=device or _default_device(), amp=amp)
+                     device=device or _default_device(), amp=amp, render=render,
+                     allow_renderer_change=allow_renderer_change)
     click.echo(json.dumps(r))
     if r["topk_id_agreement"] < min_id_agreement or r["max_abs_logp_diff"] > max_logp_diff:
         raise click.ClickException(
@@ -380,6 +406,8 @@ def verify(store, data, teacher, teacher_weights, samples, seed, device, amp, ma
 @click.option("--num-classes", type=click.IntRange(min=1), help="Student classes; must match the store's.")
 @click.option("--val-crop-pct", type=float, help="Eval centre-crop fraction [default: the student's].")
 @click.option("--no-progress", is_flag=True)
+@render_option("a store's own renderer; --no-kd/--online-teacher without --like: torch on cuda, pil on cpu")
+@allow_renderer_option
 @aug_options
 def train_student_cmd(**opts):
     """Train a timm student from a logit store: the same views, sparse targets, no teacher.
@@ -410,6 +438,8 @@ def train_student_cmd(**opts):
         teacher_input_size=opts["teacher_input_size"], k=opts["k"], loss=opts["loss"], temperature=opts["temperature"],
         alpha=opts["alpha"], smoothing=opts["smoothing"], input_size=opts["input_size"],
         num_classes=opts["num_classes"], val_crop_pct=opts["val_crop_pct"], spec=spec, view_seed=opts["view_seed"], like=opts["like"],
+        render=opts["render"] or (None if (opts["logits"] or opts["like"]) else _default_render(device)),
+        allow_renderer_change=opts["allow_renderer_change"],
         model_kwargs=_kv(opts["model_kwargs"]), expect_spec=bool(opts["logits"] and in_recipe),
         progress=not opts["no_progress"],
     )

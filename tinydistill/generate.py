@@ -29,7 +29,7 @@ from .errors import NotAStoreError, StoreError, TinydistillError
 from .sources import open_source
 from .replay import check_replay, run_mismatch, view_store_attrs
 from .store import DEFAULT_CHUNK_ROWS, DEFAULT_SHARD_CHUNKS, LogitStore, create_store, open_store
-from .stream import GenPlan, Meter, ViewStream, gen_plan
+from .stream import DeviceRenderer, GenPlan, Meter, ViewStream, gen_plan
 from .teachers import load_teacher
 from .views import Views
 
@@ -77,7 +77,7 @@ def parse_epochs(text: str) -> tuple[int, int]:
 # ---- store set-up --------------------------------------------------------------------------------
 
 def create_view_store(path, source, spec: AugSpec, *, base_seed: int, epochs: int, k: int,
-                      num_classes: int | None = None, teacher: dict | None = None, **kwargs):
+                      num_classes: int | None = None, teacher: dict | None = None, device="cpu", **kwargs):
     """Create a store for the views of ``source`` under ``spec``: keys, labels, class names,
     the spec and its hash, the base seed, the view format and the replay canary come from here."""
     chunk_rows = kwargs.pop("chunk_rows", DEFAULT_CHUNK_ROWS)
@@ -87,14 +87,14 @@ def create_view_store(path, source, spec: AugSpec, *, base_seed: int, epochs: in
     names = kwargs.pop("class_names", None)
     if names is None:
         names = source.class_names if len(source.class_names) == num_classes else None
-    attrs = {**view_store_attrs(source, spec, base_seed, epochs), **kwargs.pop("attrs", {})}
+    attrs, arrays = view_store_attrs(source, spec, base_seed, epochs, device)
     return create_store(path, num_classes=num_classes, k=k, epochs=epochs, keys=source.keys,
                         labels=source.labels, class_names=names, teacher=teacher,
                         augmentation=spec.to_dict(), base_seed=base_seed, chunk_rows=chunk_rows,
-                        attrs=attrs, **kwargs)
+                        attrs={**attrs, **kwargs.pop("attrs", {})}, arrays=arrays, **kwargs)
 
 
-def _prepare_store(cfg: GenConfig, teacher, source, rank: int) -> LogitStore:
+def _prepare_store(cfg: GenConfig, teacher, source, rank: int, device) -> LogitStore:
     err = None
     if rank == 0:
         try:
@@ -109,13 +109,13 @@ def _prepare_store(cfg: GenConfig, teacher, source, rank: int) -> LogitStore:
                 err = run_mismatch(existing, out=cfg.out, teacher=teacher, k=cfg.k, spec=cfg.spec, source=source,
                                    seed=cfg.seed, epochs=cfg.epochs, total_epochs=cfg.total_epochs)
                 if err is None:
-                    check_replay(existing, source)  # same views as the run that started it
+                    check_replay(existing, source, device=device)  # same views as the run that started it
                     log.info("resuming %s: %d of %d units complete", cfg.out,
                              int(existing.complete_mask().sum()), existing.complete_mask().size)
             else:
                 from_data = source.num_classes == teacher.num_classes
                 create_view_store(
-                    cfg.out, source, cfg.spec, base_seed=cfg.seed, epochs=cfg.total_epochs or cfg.epochs[1],
+                    cfg.out, source, cfg.spec, base_seed=cfg.seed, epochs=cfg.total_epochs or cfg.epochs[1], device=device,
                     k=cfg.k, num_classes=teacher.num_classes, teacher=teacher.describe(),
                     class_names=None if from_data else teacher.class_names,
                     chunk_rows=cfg.chunk_rows, shard_rows=cfg.shard_rows, overwrite=cfg.overwrite,
@@ -227,13 +227,16 @@ def gen_logits(cfg: GenConfig, on_step: Callable[[dict], None] | None = None) ->
         raise TinydistillError(f"--k {cfg.k}: must be between 1 and the teacher's {teacher.num_classes} classes")
     shard_rows = cfg.shard_rows or cfg.chunk_rows * DEFAULT_SHARD_CHUNKS
     cfg.shard_rows = shard_rows
-    store = _prepare_store(cfg, teacher, source, rank)
+    store = _prepare_store(cfg, teacher, source, rank, device)
 
     mask = store.complete_mask(refresh=True)
     todo = [(e, s) for e in range(*cfg.epochs) for s in range(store.num_shards) if not mask[e, s]]
     plan = gen_plan(todo, store.shard_bounds, store.num_rows, cfg.spec.mix_group, cfg.batch_size,
                     cfg.workers, world, rank)
-    stream = ViewStream(Views(source, cfg.spec, cfg.seed, skip_bad=cfg.skip_bad), plan.items)
+    # the torch renderer on a GPU: workers only read bytes and draw records; pixels are made on the device
+    on_device = cfg.spec.renderer == "torch" and device.type == "cuda"
+    views = Views(source, cfg.spec, cfg.seed, skip_bad=cfg.skip_bad, device=device if on_device else "cpu")
+    stream = ViewStream(views, plan.items, encoded=on_device)
     loader = torch.utils.data.DataLoader(
         stream, batch_size=None, num_workers=cfg.workers, pin_memory=device.type == "cuda",
         persistent_workers=False, prefetch_factor=4 if cfg.workers else None,
@@ -247,11 +250,12 @@ def gen_logits(cfg: GenConfig, on_step: Callable[[dict], None] | None = None) ->
     views = skipped = 0
     bar = _progress(stream.num_views, enabled=cfg.progress and rank == 0, desc=f"gen-logits ({world} rank(s))")
     try:
-        for batch in meter(loader):
+        batches = meter(loader)
+        for batch in DeviceRenderer(views, device)(batches) if on_device else batches:
             logp, idx = teacher.topk(batch["image"], cfg.k)
             logp, idx = logp.cpu().numpy(), idx.cpu().numpy()
-            rows, valid = batch["row"].numpy(), batch["valid"].numpy()
-            rounds.add(int(batch["epoch"][0]), rows, logp, idx, batch["seed"].numpy().astype(np.uint64), ~valid)
+            rows, valid = batch["row"].cpu().numpy(), batch["valid"].cpu().numpy()
+            rounds.add(int(batch["epoch"][0]), rows, logp, idx, batch["seed"].cpu().numpy().astype(np.uint64), ~valid)
             views += len(rows)
             skipped += int((~valid).sum())
             bar.update(len(rows))

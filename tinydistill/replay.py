@@ -18,7 +18,7 @@ import numpy as np
 from .augment import AugSpec
 from .errors import TinydistillError
 from .sources import Source
-from .views import RENDERER, VIEW_FORMAT, ReplayError, render_views
+from .views import VIEW_FORMAT, ReplayError, render_views
 
 
 def canary_views(num_rows: int, epochs: int) -> list[tuple[int, int]]:
@@ -36,11 +36,29 @@ def views_digest(views: Sequence[dict]) -> str:
     return h.hexdigest()
 
 
-def make_canary(source: Source, spec: AugSpec, base_seed: int, epochs: int) -> dict:
-    """The canary record a new store keeps: which views, and the digest of their pixels."""
+def make_canary(source: Source, spec: AugSpec, base_seed: int, epochs: int, device="cpu") -> tuple[dict, np.ndarray]:
+    """The canary a new store keeps: which views, the digest of their pixels (exact replay),
+    and the pixels themselves as float16 (to measure how far another renderer or device is)."""
     views = canary_views(len(source), epochs)
-    return {"views": [list(v) for v in views],
-            "digest": views_digest(render_views(source, spec, base_seed, views, skip_bad=True))}
+    rendered = render_views(source, spec, base_seed, views, skip_bad=True, device=device)
+    pixels = np.stack([v["image"].numpy() for v in rendered]).astype(np.float16)
+    return {"views": [list(v) for v in views], "digest": views_digest(rendered)}, pixels
+
+
+def device_name(device) -> str:
+    """What the canary was rendered on: "cpu", or the GPU's model name."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "cuda:" + torch.cuda.get_device_name(device)
+    return device.type
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """Peak signal-to-noise ratio in dB of pixel arrays in [0, 1] (inf when equal)."""
+    mse = float(np.mean((np.clip(a.astype(np.float64), 0, 1) - np.clip(b.astype(np.float64), 0, 1)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
 
 
 def store_spec(store) -> AugSpec:
@@ -62,13 +80,23 @@ def store_spec(store) -> AugSpec:
     return spec
 
 
-def check_replay(store, source: Source) -> AugSpec:
+def check_replay(store, source: Source, renderer: str | None = None, allow_renderer_change: bool = False,
+                 device="cpu") -> AugSpec:
     """Refuse to replay a store whose data, spec or rendered canary views no longer match.
 
-    Returns the store's augmentation spec for the caller to render with.
+    Returns the spec to render with: the store's, or with ``renderer`` in place of the
+    store's renderer. Another renderer needs ``allow_renderer_change``; its pixel difference
+    from the canary (PSNR) is then logged instead of refused. The store's own renderer must
+    reproduce the canary exactly, except on another kind of device than the one that made the
+    store (the torch renderer on another GPU model, or on the CPU), where the difference is
+    logged and refused below 30 dB.
     """
+    import dataclasses
+    import logging
+
     from ._util import library_versions
 
+    log = logging.getLogger("tinydistill")
     attrs = store.attrs
     if source.fingerprint != attrs.get("dataset_fingerprint"):
         keys = list(store.keys)
@@ -83,15 +111,35 @@ def check_replay(store, source: Source) -> AugSpec:
     if not canary:
         raise ReplayError(f"{store.path}: store has no replay canary; it cannot be checked for replay")
     views = [tuple(v) for v in canary["views"]]
-    digest = views_digest(render_views(source, spec, store.base_seed, views, skip_bad=True))
-    if digest != canary["digest"]:
+    other = renderer is not None and renderer != spec.renderer
+    if other and not allow_renderer_change:
+        raise ReplayError(f"{store.path}: its views were rendered by the {spec.renderer} renderer; replaying them with "
+                          f"--render {renderer} needs --allow-renderer-change (pixels will differ slightly)")
+    use = dataclasses.replace(spec, renderer=renderer) if other else spec
+    rendered = render_views(source, use, store.base_seed, views, skip_bad=True, device=device)
+    made_on, here = attrs.get("render_device", "cpu"), device_name(device)
+    if not other and views_digest(rendered) == canary["digest"]:
+        return spec
+    if not other and (spec.renderer == "pil" or made_on == here):
         then, now = attrs.get("versions", {}), library_versions()
         diff = [f"{k} {then.get(k)} -> {now.get(k)}" for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k)]
         raise ReplayError(
             f"{store.path}: replayed canary views differ from what the teacher saw (spec {spec.hash[:12]}); "
             + (f"library versions differ: {', '.join(diff)}" if diff else "same library versions: the view code or data changed")
         )
-    return spec
+    ref = store.canary_pixels()
+    if ref is None:
+        raise ReplayError(f"{store.path}: has no canary pixels to compare another renderer or device with")
+    got = np.stack([v["image"].numpy() for v in rendered])
+    db = psnr(got, ref)
+    what = (f"the {renderer} renderer on {here}" if other else f"the {spec.renderer} renderer on {here} "
+            f"(the store was rendered on {made_on})")
+    if not other and db < 30:
+        raise ReplayError(f"{store.path}: canary views rendered by {what} are {db:.1f} dB from the stored ones "
+                          "(below 30 dB): refusing to replay")
+    log.warning("%s: canary views rendered by %s differ from the stored ones: PSNR %.1f dB, max |diff| %.4f",
+                store.path, what, db, float(np.abs(got - ref).max()))
+    return use
 
 
 def run_mismatch(store, *, out: str, teacher, k: int, spec: AugSpec, source: Source, seed: int,
@@ -121,7 +169,10 @@ def run_mismatch(store, *, out: str, teacher, k: int, spec: AugSpec, source: Sou
     return None
 
 
-def view_store_attrs(source: Source, spec: AugSpec, base_seed: int, epochs: int) -> dict:
-    """Attributes a new store keeps so that replay can check itself later."""
-    return {"data": source.name, "view_format": VIEW_FORMAT, "renderer": RENDERER,
-            "canary": make_canary(source, spec, base_seed, epochs)}
+def view_store_attrs(source: Source, spec: AugSpec, base_seed: int, epochs: int, device="cpu") -> tuple[dict, dict]:
+    """What a new store keeps so that replay can check itself later: attributes (data, view
+    format, renderer and the device it ran on, the canary) and arrays (the canary's pixels)."""
+    canary, pixels = make_canary(source, spec, base_seed, epochs, device)
+    attrs = {"data": source.name, "view_format": VIEW_FORMAT, "renderer": spec.renderer,
+             "render_device": device_name(device) if spec.renderer == "torch" else "cpu", "canary": canary}
+    return attrs, {"canary_pixels": (pixels, ("view", "channel", "y", "x"))}

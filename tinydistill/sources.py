@@ -56,6 +56,24 @@ class Source:
             except Exception as e:  # corrupt file, truncated JPEG, vanished path ...
                 yield int(r), BadSampleError(f"{self.name}: {self.keys[r]}: cannot read image ({_one_line(e)})")
 
+    def read_encoded(self, rows: Sequence[int]) -> Iterator[tuple[int, "object", tuple[int, int] | None]]:
+        """Yield (row, encoded bytes or uint8 array or BadSampleError, (width, height)) for
+        ascending ``rows`` without decoding pixels: what a worker ships when images are
+        decoded on the GPU. The size comes from the image header."""
+        for r in rows:
+            try:
+                data = self._encoded(int(r))
+                if isinstance(data, np.ndarray):
+                    yield int(r), data, (int(data.shape[1]), int(data.shape[0]))
+                else:
+                    yield int(r), data, _header_size(data)
+            except Exception as e:
+                yield int(r), BadSampleError(f"{self.name}: {self.keys[r]}: cannot read image ({_one_line(e)})"), None
+
+    def _encoded(self, row: int):
+        """Encoded bytes of one image (default: the decoded pixels as a uint8 array)."""
+        return np.asarray(self._load(row).convert("RGB"))
+
     def _load(self, row: int):
         raise NotImplementedError
 
@@ -66,6 +84,14 @@ class Source:
 def _one_line(e: BaseException) -> str:
     msg = str(e).strip().splitlines()
     return f"{type(e).__name__}: {msg[0]}" if msg else type(e).__name__
+
+
+def _header_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from an image's header (PIL opens lazily: no pixels decoded)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        return img.size
 
 
 def _decode(data: bytes):
@@ -105,6 +131,9 @@ class DigitsSource(Source):
 
         return Image.fromarray(self._images[row], mode="L")
 
+    def _encoded(self, row: int):
+        return self._images[row]
+
 
 class ImageFolderSource(Source):
     """A directory with one sub-folder per class. Store order: a seeded permutation of the files."""
@@ -128,6 +157,9 @@ class ImageFolderSource(Source):
 
     def _load(self, row: int):
         return _decode(Path(self._paths[row]).read_bytes())
+
+    def _encoded(self, row: int):
+        return Path(self._paths[row]).read_bytes()
 
 
 class WebDatasetSource(Source):
@@ -170,7 +202,8 @@ class WebDatasetSource(Source):
         except Exception as e:
             raise SourceError(f"{self.name}: cannot read shards {urls[0]}... ({_one_line(e)})") from e
 
-    def read(self, rows):
+    def _members(self, rows):
+        """(row, sample dict) for ascending rows, streaming the tars that hold them."""
         rows = [int(r) for r in rows]
         if not rows:
             return
@@ -181,16 +214,33 @@ class WebDatasetSource(Source):
         row = int(self._starts[first])
         for sample in self._stream(self.urls[first:last + 1]):
             if row == target:
-                try:
-                    ext = next(e for e in IMAGE_EXTS if e in sample)
-                    item = _decode(sample[ext])
-                except Exception as e:
-                    item = BadSampleError(f"{self.name}: {self.keys[row]}: cannot read image ({_one_line(e)})")
-                yield row, item
+                yield row, sample
                 target = next(want, None)
                 if target is None:
                     return
             row += 1
+
+    def _image_bytes(self, row: int, sample: dict) -> bytes:
+        ext = next((e for e in IMAGE_EXTS if e in sample), None)
+        if ext is None:
+            raise BadSampleError(f"{self.name}: {self.keys[row]}: no image member ({', '.join(IMAGE_EXTS)})")
+        return sample[ext]
+
+    def read(self, rows):
+        for row, sample in self._members(rows):
+            try:
+                item = _decode(self._image_bytes(row, sample))
+            except Exception as e:
+                item = BadSampleError(f"{self.name}: {self.keys[row]}: cannot read image ({_one_line(e)})")
+            yield row, item
+
+    def read_encoded(self, rows):
+        for row, sample in self._members(rows):
+            try:
+                data = self._image_bytes(row, sample)
+                yield row, data, _header_size(data)
+            except Exception as e:
+                yield row, BadSampleError(f"{self.name}: {self.keys[row]}: cannot read image ({_one_line(e)})"), None
 
 
 def _shard_name(url: str) -> str:

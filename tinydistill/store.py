@@ -109,6 +109,7 @@ def create_store(
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     shard_rows: int | None = None,
     attrs: dict | None = None,
+    arrays: dict | None = None,
     overwrite: bool = False,
     storage_options: dict | None = None,
 ) -> "LogitStore":
@@ -116,6 +117,7 @@ def create_store(
 
     ``teacher`` describes the teacher (name, weights digest, input size, mean/std);
     ``augmentation`` is the view spec whose hash replay checks. Both are free-form dicts.
+    ``arrays`` maps extra array names to (values, dimension names), written with the store.
     """
     path = str(path)
     keys = [str(x) for x in keys]
@@ -164,6 +166,11 @@ def create_store(
                        fill_value=0, compressors=None, dimension_names=("epoch", "shard"))
         g["key"][:] = np.array(keys, dtype=object)
         g["label"][:] = labels_arr.astype(np.int32)
+        for name, (values, dims) in (arrays or {}).items():  # small extras, e.g. the canary's pixels
+            values = np.asarray(values)
+            g.create_array(name, shape=values.shape, dtype=values.dtype, chunks=values.shape,
+                           dimension_names=dims, **common)
+            g[name][...] = values
         meta = {
             "num_classes": int(num_classes),
             "k": int(k),
@@ -518,6 +525,14 @@ class LogitStore:
                 except CorruptStoreError as err:
                     bad.append((int(e), int(s), str(err)))
         return bad
+
+    def canary_pixels(self) -> np.ndarray | None:
+        """The replay canary's views as the store's renderer made them (float32 [n, 3, S, S]),
+        or None for stores without them."""
+        try:
+            return np.asarray(self._group["canary_pixels"][...], dtype=np.float32)
+        except KeyError:
+            return None
 
     def view(self, epoch: int, row: int, data):
         """The view (epoch, row) as the teacher saw it: a :class:`tinydistill.views.View`,

@@ -193,8 +193,9 @@ class ViewStream(IterableDataset):
     is given, and ``worker`` / ``busy_s`` (which worker made it, and the seconds it worked on it).
     """
 
-    def __init__(self, views: Views, items: Sequence[Item], targets=None):
+    def __init__(self, views: Views, items: Sequence[Item], targets=None, encoded: bool = False):
         self.views, self.items, self.targets = views, list(items), targets
+        self.encoded = encoded  # yield encoded batches (Views.encode) for a DeviceRenderer in the main process
 
     def __len__(self) -> int:
         return sum(it.num_batches for it in self.items)
@@ -215,17 +216,92 @@ class ViewStream(IterableDataset):
             step = it.render or len(it.rows)
             for start in range(0, len(it.rows), step):
                 rows = it.rows[start:start + step]
-                views = self.views.render(it.epoch, rows)
-                for lo in range(0, len(views), it.batch):
-                    batch = default_collate(views[lo:lo + it.batch])
+                views = None if self.encoded else self.views.render(it.epoch, rows)
+                for lo in range(0, len(rows), it.batch):
+                    if self.encoded:  # bytes and records only: pixels are made on the device
+                        batch = self.views.encode(it.epoch, rows[lo:lo + it.batch])
+                    else:
+                        batch = default_collate(views[lo:lo + it.batch])
                     if targets is not None:
                         logp, index = targets.get(it.epoch, rows[lo:lo + it.batch])
                         batch["logp"], batch["index"] = torch.from_numpy(logp), torch.from_numpy(index)
-                        batch["valid"] &= ~torch.isnan(batch["logp"][:, 0])
+                        batch["valid"] &= ~np.isnan(logp[:, 0]) if self.encoded else ~torch.isnan(batch["logp"][:, 0])
                     batch["worker"] = wid
                     batch["busy_s"] = time.perf_counter() - t0
                     yield batch
                     t0 = time.perf_counter()
+
+
+class DeviceRenderer:
+    """Turns the encoded batches of a stream into pixels on a GPU, ahead of the model.
+
+    A thread takes batches from the DataLoader and renders them with the torch renderer on
+    its own CUDA stream, keeping ``depth`` batches ready, so decoding and augmenting the next
+    batch overlaps the model's work on the current one. On the CPU it renders in line.
+    """
+
+    def __init__(self, views: Views, device, depth: int = 2):
+        self.views, self.device, self.depth = views, torch.device(device), depth
+
+    def __call__(self, batches) -> Iterator[dict]:
+        if self.device.type != "cuda":
+            for raw in batches:
+                yield self._render(raw)
+            return
+        import queue
+        import threading
+
+        q: queue.Queue = queue.Queue(maxsize=self.depth)
+        side = torch.cuda.Stream(self.device)
+        done = object()
+        stop = threading.Event()
+
+        def work():
+            try:
+                torch.cuda.set_device(self.device)
+                for raw in batches:
+                    if stop.is_set():
+                        return
+                    with torch.cuda.stream(side):
+                        out = self._render(raw)
+                        ready = torch.cuda.Event()
+                        ready.record(side)
+                    q.put((out, ready))
+                q.put(done)
+            except BaseException as e:  # surfaced in the consuming thread
+                q.put(e)
+
+        t = threading.Thread(target=work, daemon=True)
+        t.start()
+        try:
+            while True:
+                item = q.get()
+                if item is done:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                out, ready = item
+                torch.cuda.current_stream(self.device).wait_event(ready)
+                for v in out.values():
+                    if torch.is_tensor(v) and v.is_cuda:
+                        v.record_stream(torch.cuda.current_stream(self.device))
+                yield out
+        finally:
+            stop.set()
+            while t.is_alive():  # unblock a producer waiting on a full queue
+                try:
+                    q.get_nowait()
+                except Exception:
+                    pass
+                t.join(timeout=0.05)
+
+    def _render(self, raw: dict) -> dict:
+        out = self.views.render_encoded(raw, self.device)
+        for k in ("logp", "index", "worker", "busy_s"):
+            if k in raw:
+                out[k] = raw[k]
+        out["valid"] = torch.as_tensor(raw["valid"])
+        return out
 
 
 class Meter:

@@ -10,6 +10,7 @@ clipping, AMP, DDP under torchrun.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -29,7 +30,7 @@ from .errors import TinydistillError
 from . import dist
 from .losses import DistillLoss, Objective, mixed_labels
 from .sources import open_source
-from .stream import Meter, ViewStream, epoch_order, train_items
+from .stream import DeviceRenderer, Meter, ViewStream, epoch_order, train_items
 from .views import Views, prepare
 
 log = logging.getLogger("tinydistill")
@@ -75,6 +76,8 @@ class TrainConfig:
     spec: AugSpec = field(default_factory=AugSpec)  # views for no_kd / online (a store brings its own)
     view_seed: int | None = None  # base seed of views for no_kd / online (default: seed)
     like: str | None = None  # no_kd / online: take spec and view seed from this store (the views offline KD sees)
+    render: str | None = None  # renderer for a store's views (default: the store's); no_kd/online: spec.renderer
+    allow_renderer_change: bool = False  # replay a store's views with another renderer (the canary reports the difference)
     expect_spec: bool = False  # offline: ``spec`` came from a recipe and must equal the store's
     progress: bool = True
 
@@ -85,7 +88,7 @@ class TrainError(TinydistillError):
 
 # ---- set-up ---------------------------------------------------------------------------------------
 
-def _views_and_targets(cfg: TrainConfig, source):
+def _views_and_targets(cfg: TrainConfig, source, device="cpu"):
     """(store or None, spec, base seed of views, num_classes, teacher or None)."""
     if cfg.no_kd and cfg.online_teacher:
         raise TrainError("--no-kd and --online-teacher exclude each other")
@@ -110,9 +113,11 @@ def _views_and_targets(cfg: TrainConfig, source):
             like = open_store(cfg.like)
             if cfg.view_seed is not None:
                 raise TrainError("--view-seed and --like exclude each other: --like takes the store's seed")
-            return None, check_replay(like, source), like.base_seed, num_classes, teacher
+            spec = check_replay(like, source, cfg.render, cfg.allow_renderer_change, device)
+            return None, spec, like.base_seed, num_classes, teacher
         seed = cfg.seed if cfg.view_seed is None else cfg.view_seed
-        return None, cfg.spec, seed, num_classes, teacher
+        spec = cfg.spec if cfg.render is None else dataclasses.replace(cfg.spec, renderer=cfg.render)
+        return None, spec, seed, num_classes, teacher
     if cfg.like:
         raise TrainError("--like is for --no-kd / --online-teacher; offline KD replays the views of --logits")
     if not cfg.logits:
@@ -121,9 +126,9 @@ def _views_and_targets(cfg: TrainConfig, source):
     from .store import open_store
 
     store = open_store(cfg.logits)
-    spec = check_replay(store, source)  # keys and order, spec hash, canary pixels
-    if cfg.expect_spec and cfg.spec.hash != spec.hash:
-        changed = sorted(k for k, v in cfg.spec.to_dict().items() if spec.to_dict().get(k) != v)
+    spec = check_replay(store, source, cfg.render, cfg.allow_renderer_change, device)  # keys, spec, canary
+    changed = sorted(k for k, v in cfg.spec.to_dict().items() if spec.to_dict().get(k) != v and k != "renderer")
+    if cfg.expect_spec and changed:  # the renderer is --render's business
         raise TrainError(f"{cfg.logits}: the recipe's augmentation differs from the store's in {changed}")
     if cfg.epochs > store.epochs and not cfg.cycle_epochs:
         raise TrainError(f"{cfg.logits}: holds {store.epochs} epochs of views, --epochs asks for {cfg.epochs} "
@@ -282,7 +287,7 @@ def train_student(cfg: TrainConfig, on_step: Callable[[dict], None] | None = Non
     except OSError as e:
         raise TrainError(f"{cfg.out}: cannot create output directory ({e.strerror})") from e
     source = open_source(cfg.data)
-    store, spec, view_seed, num_classes, teacher = _views_and_targets(cfg, source)
+    store, spec, view_seed, num_classes, teacher = _views_and_targets(cfg, source, device)
     if cfg.num_classes is not None and cfg.num_classes != num_classes:
         raise TrainError(f"--num-classes {cfg.num_classes} does not match the {'store' if store else 'data'}'s "
                          f"{num_classes} classes")
@@ -310,7 +315,9 @@ def train_student(cfg: TrainConfig, on_step: Callable[[dict], None] | None = Non
         targets = StoreTargets(device) if store is not None else label_targets
     objective = Objective(None if cfg.no_kd else
                           DistillLoss(num_classes, kind=cfg.loss, temperature=cfg.temperature, alpha=cfg.alpha))
-    views_of = Views(source, spec, view_seed, skip_bad=store is not None)
+    # the torch renderer on a GPU: workers only read bytes and draw records; pixels are made on the device
+    on_device = spec.renderer == "torch" and device.type == "cuda"
+    views_of = Views(source, spec, view_seed, skip_bad=store is not None, device=device if on_device else "cpu")
 
     parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler, "ema": ema}
     start_epoch, step, best = _resume(out / "last.pth", cfg, parts) if cfg.resume else (0, 0, -1.0)
@@ -334,7 +341,7 @@ def train_student(cfg: TrainConfig, on_step: Callable[[dict], None] | None = Non
             view_epoch = epoch % store.epochs if store is not None else epoch
             order = epoch_order(len(source), spec.mix_group, spec.mixing, view_seed, view_epoch, cfg.seed, epoch)
             stream = ViewStream(views_of, train_items(order, view_epoch, cfg.batch_size, world, rank),
-                                targets=store)
+                                targets=store, encoded=on_device)
             loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.workers,
                                                  pin_memory=device.type == "cuda",
                                                  prefetch_factor=4 if cfg.workers else None)
@@ -345,7 +352,8 @@ def train_student(cfg: TrainConfig, on_step: Callable[[dict], None] | None = Non
             bar = tqdm(total=len(stream), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", file=sys.stderr,
                        disable=not (cfg.progress and rank == 0), dynamic_ncols=True)
             loss_sum, views, lr = 0.0, 0, optimizer.param_groups[0]["lr"]
-            for batch in meter(loader):
+            batches = meter(loader)
+            for batch in DeviceRenderer(views_of, device)(batches) if on_device else batches:
                 if not batch["valid"].all():  # unreadable images skipped at gen-logits time
                     batch = {k: v[batch["valid"]] if torch.is_tensor(v) else v for k, v in batch.items()}
                 images = batch["image"].to(device, non_blocking=True)

@@ -22,10 +22,11 @@ from .views import Views
 
 @keeps_threads
 def verify_store(path: str, data: str, teacher_name: str, weights: str | None = None, samples: int = 64,
-                 seed: int = 0, device: str = "cpu", amp: str | None = None) -> dict:
+                 seed: int = 0, device: str = "cpu", amp: str | None = None, render: str | None = None,
+                 allow_renderer_change: bool = False) -> dict:
     store = open_store(path)
     source = open_source(data)
-    spec = check_replay(store, source)
+    spec = check_replay(store, source, render, allow_renderer_change, device)
     t_attrs = store.attrs.get("teacher", {})
     teacher = load_teacher(teacher_name, weights, class_names=source.class_names)
     if t_attrs.get("weights_digest") not in (None, teacher.weights_digest):
@@ -48,7 +49,7 @@ def verify_store(path: str, data: str, teacher_name: str, weights: str | None = 
         picks.append((e, s, int(rng.integers(a, b))))
     # the batches gen-logits ran these views in: (epoch, shard, batch index within the unit)
     batches = sorted({(e, s, (r - store.shard_bounds(s)[0]) // batch_size) for e, s, r in picks})
-    views_of = Views(source, spec, store.base_seed, skip_bad=True)
+    views_of = Views(source, spec, store.base_seed, skip_bad=True, device=device)
     teacher.place(device, amp)
     want = {(e, r) for e, _, r in picks}
     got_rows, same_ids, max_diff = 0, 0, 0.0
@@ -75,4 +76,4 @@ def verify_store(path: str, data: str, teacher_name: str, weights: str | None = 
                 if len(common):
                     max_diff = max(max_diff, float(np.abs(new_lp[ia] - s_lp[j][ib]).max()))
     return {"store": path, "views_checked": got_rows, "topk_id_agreement": same_ids / max(got_rows, 1),
-            "max_abs_logp_diff": max_diff, "amp": amp, "device": device}
+            "max_abs_logp_diff": max_diff, "amp": amp, "device": device, "renderer": spec.renderer}

@@ -22,7 +22,7 @@ from .seeds import encode_seed
 from .sources import BadSampleError, Source
 
 VIEW_FORMAT = 2  # how views are made: 1 = timm transforms under reseeded global RNGs; 2 = records
-RENDERER = "pil"
+RENDERERS = ("pil", "torch")
 
 
 class ReplayError(TinydistillError):
@@ -53,8 +53,9 @@ class View:
 class Views:
     """The views of one source under one spec and base seed."""
 
-    def __init__(self, source: Source, spec: AugSpec, base_seed: int, skip_bad: bool = False):
+    def __init__(self, source: Source, spec: AugSpec, base_seed: int, skip_bad: bool = False, device="cpu"):
         self.source, self.spec, self.base_seed, self.skip_bad = source, spec, int(base_seed), skip_bad
+        self.device = device  # where :meth:`render` runs the torch renderer
         self.num_rows = len(source)
         self._policy: Policy | None = None
         self._pairs: dict[tuple[int, int], dict[int, int]] = {}
@@ -98,8 +99,106 @@ class Views:
 
         Each is a dict: ``epoch``, ``row``, ``seed``, ``image`` (float32 [3, S, S]), ``label``,
         ``partner``, ``partner_label``, ``lam``, ``valid`` (False for a skipped unreadable
-        image, whose ``image`` is zeros), and ``params`` with ``with_params``.
+        image, whose ``image`` is zeros), and ``params`` with ``with_params``. The spec's
+        renderer makes the pixels (the torch renderer here runs on the CPU, batched).
         """
+        if self.spec.renderer == "torch":
+            raw = self.encode(epoch, rows)
+            b = self.render_encoded(raw, self.device)
+            b["image"] = b["image"].cpu()
+            out = [{k: (v[i] if torch.is_tensor(v) else v) for k, v in b.items()} for i in range(len(raw["row"]))]
+            for i, v in enumerate(out):
+                for k in ("epoch", "row", "seed", "label", "partner", "partner_label"):
+                    v[k] = int(v[k])
+                v["lam"], v["valid"] = float(v["lam"]), bool(v["valid"])
+                if with_params:
+                    v["params"] = raw["params"][raw["slot"][i]] if raw["slot"][i] >= 0 else None
+            return out
+        return self._render_pil(epoch, rows, with_params)
+
+    def encode(self, epoch: int, rows: Sequence[int]) -> dict:
+        """What a worker ships when pixels are made elsewhere (the torch renderer on a GPU):
+        each needed image once, encoded (read, not decoded: its size comes from the header),
+        with its record, and per row which image it is and which it mixes with."""
+        rows = [int(r) for r in rows]
+        partner = self.partners(epoch, rows)
+        need = sorted(set(rows) | set(partner.values()))
+        partner.update(self.partners(epoch, [q for q in need if q not in partner]))
+        data, params, slot_of = [], [], {}
+        for r, item, size in self.source.read_encoded(need):
+            if isinstance(item, BadSampleError):
+                if not self.skip_bad:
+                    raise item
+                continue
+            slot_of[r] = len(data)
+            data.append(item)
+            params.append(self.policy.draw(self.base_seed, epoch, r, self.seed(epoch, r), size, partner[r]))
+        labels = self.source.labels
+        slot, pslot, prow, lam = [], [], [], []
+        for r in rows:
+            s = slot_of.get(r, -1)
+            p = params[s] if s >= 0 else None
+            mixed = p is not None and p.mix != "none" and p.partner in slot_of
+            slot.append(s)
+            pslot.append(slot_of[p.partner] if mixed else -1)
+            prow.append(p.partner if mixed else r)
+            lam.append(p.lam if mixed else 1.0)
+        return {"epoch": int(epoch), "row": np.array(rows, np.int64),
+                "seed": np.array([self.seed(epoch, r) for r in rows], np.uint64).astype(np.int64),
+                "label": labels[rows].astype(np.int64), "partner": np.array(prow, np.int64),
+                "partner_label": labels[prow].astype(np.int64), "lam": np.array(lam, np.float64),
+                "valid": np.array([s >= 0 for s in slot]), "slot": np.array(slot, np.int64),
+                "pslot": np.array(pslot, np.int64), "data": data, "params": params,
+                "keys": [self.source.keys[r] for r in need if r in slot_of]}
+
+    def render_encoded(self, raw: dict, device) -> dict:
+        """A batch from :meth:`encode`, rendered by the torch renderer on ``device``: the same
+        keys as a collated batch of :meth:`render` views, tensors on ``device``."""
+        from . import render_torch
+
+        device = torch.device(device)
+        size = self.spec.img_size
+        n = len(raw["row"])
+        # a DataLoader turns numpy arrays into tensors on the way: arrays of pixels go back
+        raw = {**raw, "data": [d.numpy() if torch.is_tensor(d) else d for d in raw["data"]]}
+        batch = {k: torch.as_tensor(raw[k]) for k in ("row", "seed", "label", "partner", "partner_label", "lam", "valid")}
+        batch["epoch"] = torch.full((n,), raw["epoch"], dtype=torch.int64)
+        if raw["data"]:
+            base = render_torch.render_base(self._decode(raw, device), raw["params"], size)
+        else:
+            base = torch.zeros((0, 3, size, size), device=device)
+        slot, pslot = torch.as_tensor(raw["slot"]), torch.as_tensor(raw["pslot"])
+        valid = slot >= 0
+        img = torch.zeros((n, 3, size, size), device=device)
+        if valid.any():
+            idx = torch.nonzero(valid).squeeze(1)
+            own = base.index_select(0, slot[idx].to(device))
+            rec = [raw["params"][int(s)] for s in slot[idx]]
+            has = pslot[idx] >= 0
+            other = base.index_select(0, pslot[idx].clamp(min=0).to(device))
+            rec = [p if bool(h) else _unmixed(p) for p, h in zip(rec, has)]
+            img.index_copy_(0, idx.to(device), render_torch.mix(own, other, rec))
+        batch["image"] = img
+        return batch
+
+    def _decode(self, raw: dict, device) -> list[torch.Tensor]:
+        """Decode a batch's images; a file that decodes wrong names its key."""
+        from . import render_torch
+
+        try:
+            return render_torch.decode(raw["data"], device)
+        except Exception:
+            pass
+        out = []
+        for key, d in zip(raw["keys"], raw["data"]):
+            try:
+                out.append(render_torch.decode([d], device)[0])
+            except Exception as e:
+                raise BadSampleError(f"{self.source.name}: {key}: cannot decode image ({type(e).__name__}: "
+                                     f"{str(e).splitlines()[0] if str(e) else ''})") from e
+        return out
+
+    def _render_pil(self, epoch: int, rows: Sequence[int], with_params: bool) -> list[dict]:
         from . import render_pil
 
         rows = [int(r) for r in rows]
@@ -148,10 +247,16 @@ class Views:
                     params=v["params"])
 
 
+def _unmixed(p: ViewParams) -> ViewParams:
+    import dataclasses
+
+    return dataclasses.replace(p, mix="none", lam=1.0, box=None, partner=p.row)
+
+
 def render_views(source: Source, spec: AugSpec, base_seed: int, views: Sequence[tuple[int, int]],
-                 skip_bad: bool = False) -> list[dict]:
-    """Render specific (epoch, row) views, in the order asked."""
-    core = Views(source, spec, base_seed, skip_bad=skip_bad)
+                 skip_bad: bool = False, device="cpu") -> list[dict]:
+    """Render specific (epoch, row) views, in the order asked (images on the CPU)."""
+    core = Views(source, spec, base_seed, skip_bad=skip_bad, device=device)
     by_epoch: dict[int, list[int]] = {}
     for e, r in views:
         if not 0 <= int(r) < len(source):
