@@ -6,7 +6,7 @@ ratios are per-round ratios (variant / forward-only of the same round), reported
 over rounds with [min, max].
 
   forward   The teacher alone. The views are rendered once beforehand, exactly as gen-logits
-            cuts them (``ViewStream`` with the same spec, seed, epochs, units and batch size),
+            cuts them (``ViewStream(Views(...), gen_plan(...).items)``: same spec, seed, epochs, batch size),
             and held in memory as collated batches. Timed: for each batch, host-to-device copy
             (a no-op on the CPU), ``prepare(...)`` (the teacher's resize + normalise), the
             teacher under ``torch.inference_mode`` (and autocast when ``--amp`` is set),
@@ -21,11 +21,10 @@ over rounds with [min, max].
 Each gen-logits run gives three rates:
   e2e     views / wall time of the whole ``gen_logits()`` call (what a user sees; includes the
           fixed set-up: source, teacher build + weights digest, store creation, canary);
-  loop    views / time from the progress bar's creation to its close (the DataLoader loop, from
-          starting the workers to the last shard written; no teacher loading or store creation);
-  steady  views after the first batch / time between the first and the last batch.
-The loop times come from a stand-in for ``tinydistill.generate._progress`` that records the
-time of each update; the package itself is not modified. Also reported: CPU seconds per view
+  loop    views / the loop's wall time as gen_logits reports it (``load.wall_s``: from starting
+          the DataLoader to the last shard written; no teacher loading or store creation);
+  steady  views after the first batch / time between the first and the last batch, from the
+          ``on_step`` callback gen_logits calls after every teacher batch. Also reported: CPU seconds per view
 (this process + reaped DataLoader workers), and, on the CPU, a "CPU budget" ceiling for the
 ratio: min(1, C / (forward views/s x (forward + render CPU s per view))), what the ratio could
 be if the teacher and the rendering shared C cores perfectly, for C = all cores and for C = the
@@ -45,12 +44,12 @@ Presets (every option below can still be overridden):
   cpu (default)  random-init timm resnet18, 1000 classes, input 96 px; built-in ``digits``
                  (1438 images) rendered at 32 px with TinyViT's recipe (RandAugment m9, jitter
                  0.4, random erasing 0.25, mixup 0.8 / cutmix 1.0); K=10, batch 64, 1 epoch,
-                 units of 256 rows (6 units), workers 0,1,2, 3 rounds. About 1.5 minutes on 2
+                 shards of 256 rows (6 shards), workers 0,1,2, 3 rounds. About 1.5 minutes on 2
                  idle cores, 3-4 minutes when other jobs share them (the teacher is ~90 % of
                  the CPU work: ~5 ms per view against ~0.5 ms to render it).
   gpu            random-init vit_large_patch14_clip_224 (1000 classes), input 224, bf16 AMP on
                  ``cuda``; 4096 synthetic 320x256 JPEGs (an ImageFolder in a temp dir) rendered
-                 at 224 px with the same recipe; K=10, batch 256, units of 256 rows, workers
+                 at 224 px with the same recipe; K=10, batch 256, shards of 256 rows, workers
                  0,4,8 and cores-1, 2 rounds. Skipped, with a message, when CUDA is not available.
                  Each gen-logits call rebuilds the 304 M-parameter teacher twice and hashes its
                  1.2 GB weights file (``load_teacher``), so read the loop column there.
@@ -61,7 +60,7 @@ nothing is downloaded. No timing is asserted.
 
     .venv/bin/python pipelines/bench_gen_logits.py [--preset cpu|gpu] [--rounds R] [--workers 0,1,2]
         [--teacher NAME] [--num-classes C] [--input-size PX] [--data digits|synthetic-jpeg|SRC]
-        [--images N] [--img-size PX] [--batch-size B] [--epochs E] [--device cpu|cuda]
+        [--images N] [--img-size PX] [--batch-size B] [--epochs E] [--shard-rows N] [--device cpu|cuda]
         [--amp none|bf16|fp16] [--threads T] [--out FILE.json]
     .venv/bin/python pipelines/bench_gen_logits.py --preset gpu     # on a machine with CUDA
 """
@@ -83,12 +82,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import tinydistill.generate as generate
 from tinydistill.augment import AugSpec
 from tinydistill.generate import GenConfig, gen_logits
 from tinydistill.sources import open_source
 from tinydistill.teachers import load_teacher
-from tinydistill.views import ViewStream, prepare
+from tinydistill.stream import ViewStream, gen_plan
+from tinydistill.views import Views, prepare
 
 TINYVIT = dict(auto_augment="rand-m9-mstd0.5-inc1", color_jitter=0.4, interpolation="bicubic",
                re_prob=0.25, re_mode="pixel", mixup=0.8, cutmix=1.0, switch_prob=0.5)
@@ -96,10 +95,10 @@ LIGHT = dict(color_jitter=0.4, interpolation="bicubic")  # RandomResizedCrop + f
 
 PRESETS = {
     "cpu": dict(teacher="resnet18", num_classes=1000, input_size=96, data="digits", images=0, img_size=32,
-                batch_size=64, epochs=1, unit_rows=256, mix_group=64, workers="0,1,2", device="cpu",
+                batch_size=64, epochs=1, shard_rows=256, mix_group=64, workers="0,1,2", device="cpu",
                 amp="none", rounds=3),
     "gpu": dict(teacher="vit_large_patch14_clip_224", num_classes=1000, input_size=224, data="synthetic-jpeg",
-                images=4096, img_size=224, batch_size=256, epochs=1, unit_rows=256, mix_group=64,
+                images=4096, img_size=224, batch_size=256, epochs=1, shard_rows=256, mix_group=64,
                 workers=None, device="cuda", amp="bf16", rounds=2),
 }
 
@@ -127,29 +126,22 @@ def cpu_seconds() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-class LoopClock:
-    """Stands in for generate._progress: records when the loop starts, each batch, and the close."""
+class StepClock:
+    """``on_step`` callback for gen_logits: records the time of the first and last teacher batch,
+    the views after the first, and the torch thread count the teacher ran with."""
 
-    last: "LoopClock | None" = None
-
-    def __init__(self, total, **_):
-        self.total, self.n, self.n_first = total, 0, 0
-        self.t_open = time.perf_counter()
-        self.t_first = self.t_last = self.t_close = None
+    def __init__(self):
+        self.n = self.n_first = 0
+        self.t_first = self.t_last = None
         self.threads = None
-        LoopClock.last = self
 
-    def update(self, n):
+    def __call__(self, info: dict) -> None:
         now = time.perf_counter()
         if self.t_first is None:
-            self.t_first, self.n_first = now, n
+            self.t_first, self.n_first = now, info["views"]
             self.threads = torch.get_num_threads()  # what the teacher ran with
         self.t_last = now
-        self.n += n
-
-    def close(self):
-        if self.t_close is None:
-            self.t_close = time.perf_counter()
+        self.n += info["views"]
 
 
 def sync(device: torch.device) -> None:
@@ -162,8 +154,11 @@ def sync(device: torch.device) -> None:
 def render_batches(source, spec: AugSpec, args, pin: bool) -> tuple[list[torch.Tensor], dict]:
     """The views gen-logits will see, cut into the same batches, rendered once in this process
     with one torch thread (as a DataLoader worker runs). Returns the image batches and timing."""
-    stream = ViewStream(source, spec, args.seed, epochs=range(args.epochs), unit_rows=args.unit_rows,
-                        batch_size=args.batch_size)
+    n, shard = len(source), args.shard_rows
+    todo = [(e, s) for e in range(args.epochs) for s in range(-(-n // shard))]
+    plan = gen_plan(todo, lambda s: (s * shard, min((s + 1) * shard, n)), n, spec.mix_group, args.batch_size,
+                    workers=1, world=1, rank=0)
+    stream = ViewStream(Views(source, spec, args.seed), plan.items)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     gc.collect()
@@ -227,7 +222,7 @@ def gen_config(args, data: str, weights: str, out: str, workers: int, spec: AugS
     return GenConfig(data=data, teacher=args.teacher, out=out, k=args.k, epochs=(0, args.epochs),
                      teacher_weights=weights, teacher_input_size=args.input_size, seed=args.seed,
                      batch_size=args.batch_size, workers=workers, device=args.device, amp=args.amp,
-                     spec=spec, overwrite=True, chunk_rows=args.unit_rows, shard_rows=args.unit_rows,
+                     spec=spec, overwrite=True, chunk_rows=args.shard_rows, shard_rows=args.shard_rows,
                      progress=False)
 
 
@@ -236,26 +231,28 @@ def run_gen(args, data: str, weights: str, tmp: Path, workers: int, spec: AugSpe
     thread count (on the CPU it leaves cores to the workers); it is restored afterwards."""
     out = tmp / f"store_{tag}_w{workers}.zarr"
     cfg = gen_config(args, data, weights, str(out), workers, spec)
-    LoopClock.last = None
+    clock = StepClock()
     before = torch.get_num_threads()
     gc.collect()
     c0, t0 = cpu_seconds(), time.perf_counter()
     try:
-        summary = gen_logits(cfg)
+        summary = gen_logits(cfg, on_step=clock)
     finally:
         wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
         torch.set_num_threads(before)
     views = summary["views"]
     rec = {"views": views, "wall_s": wall, "cpu_s": cpu, "views_per_s": views / wall,
            "summary_views_per_s": summary.get("views_per_s"), "complete": summary.get("complete")}
-    clock = LoopClock.last
-    if clock is not None and clock.t_close is not None:
-        rec["loop_s"] = clock.t_close - clock.t_open
-        rec["loop_views_per_s"] = clock.n / rec["loop_s"]
+    load = summary.get("load") or {}
+    if load.get("wall_s"):
+        rec["loop_s"] = load["wall_s"]
+        rec["loop_views_per_s"] = views / rec["loop_s"]
         rec["setup_s"] = wall - rec["loop_s"]
-        rec["first_batch_s"] = (clock.t_first - clock.t_open) if clock.t_first else None
-        rec["threads"] = clock.threads
-        if clock.t_first is not None and clock.t_last > clock.t_first:
+        rec["main_busy"], rec["worker_busy"] = load.get("main_busy_share"), load.get("worker_busy_share")
+        rec["item_rows"], rec["items"] = summary.get("item_rows"), summary.get("items")
+    rec["threads"] = clock.threads
+    if clock.t_first is not None:
+        if clock.t_last > clock.t_first:
             rec["steady_views_per_s"] = (clock.n - clock.n_first) / (clock.t_last - clock.t_first)
     _rmtree(out)
     return rec
@@ -293,7 +290,7 @@ def parse_args(argv=None):
                     help="augmentation: TinyViT's (RandAugment, erasing, mixup/cutmix) or light (crop, flip, jitter)")
     ap.add_argument("--batch-size", type=int)
     ap.add_argument("--epochs", type=int, help="epochs of views per measurement")
-    ap.add_argument("--unit-rows", type=int, help="chunk_rows = shard_rows: rows per unit of work")
+    ap.add_argument("--shard-rows", type=int, help="chunk_rows = shard_rows of the store (work items are cut by gen_plan)")
     ap.add_argument("--mix-group", type=int)
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
@@ -332,7 +329,6 @@ def environment(args) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    generate._progress = LoopClock  # record the loop's timing instead of drawing a progress bar
     if args.threads:
         torch.set_num_threads(args.threads)
     config = {k: v for k, v in vars(args).items() if k not in ("out",)}
@@ -376,7 +372,7 @@ def main(argv=None) -> int:
         res["render"] = render
         print(f"views: {source.name} ({len(source)} images) x {args.epochs} epoch(s) = {render['views']} views "
               f"rendered at {args.img_size} px ({args.recipe} recipe), {len(batches)} batches of <= "
-              f"{args.batch_size}, units of {args.unit_rows} rows\n"
+              f"{args.batch_size}, shards of {args.shard_rows} rows\n"
               f"       rendering alone, 1 process, 1 torch thread: {render['views_per_s']:.0f} views/s "
               f"({render['cpu_s_per_view'] * 1e3:.2f} ms CPU per view)")
 
