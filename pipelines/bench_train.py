@@ -10,18 +10,18 @@ The three modes of ``tinydistill.train.train_student`` run the same loop on the 
             pass on every batch, in the training process, before the student's step.
 
 All three get the same student (built under the same seed), batch size, optimiser, DataLoader
-worker count and views: the no-KD and online runs are given the store's augmentation spec, base
-seed and unit size (``spec``, ``view_seed``, ``unit_rows`` = the store's ``chunk_rows``), so they
-draw exactly the batches the offline run replays. The store is made once beforehand by
+worker count and views: the no-KD and online runs are given ``like=STORE`` (the store's
+augmentation spec and base seed; every mode orders an epoch's rows the same way for the same
+seed), so they draw exactly the batches the offline run replays. The store is made once beforehand by
 ``gen_logits`` with the same teacher and weights that the online run uses; its wall time is
 reported as the one-off cost of offline KD, but it is not part of any ratio.
 
-What is timed: the training steps only. ``train_student`` draws a tqdm bar and calls
-``bar.update(1)`` after each step (after ``loss.item()``, so the step has finished, on a GPU
-too); this script swaps ``tqdm.tqdm`` for a stand-in that records the time of every update (the
-package is not modified). In each epoch the first ``--skip-steps`` steps are left out, because
-the first one also pays for starting the DataLoader workers and rendering their first batch; the
-rate is (steps timed) / (time from the end of step ``skip`` to the end of the last step), summed
+What is timed: the training steps only. ``train_student`` calls its ``on_step`` callback after
+each step (after ``loss.item()``, so the step has finished, on a GPU too); this script passes
+one that records the time of every step. In each epoch the first ``--skip-steps`` steps are left out, because
+the first one also pays for starting the DataLoader workers and rendering their first batch (at
+least 1 is left out: the epoch's start is not reported); the rate is (steps timed) / (time from
+the end of step ``skip`` to the end of the last step), summed
 over epochs and runs. Model building, teacher loading, store opening and its replay canary,
 worker start-up, checkpoints and evaluation are outside the timed window. A second estimator,
 1 / (median duration of a timed step), is shown beside it: it shrugs off a neighbour's burst
@@ -138,24 +138,13 @@ def count_student_params(args, num_classes: int) -> int:
 # ---- step timing ---------------------------------------------------------------------------------
 
 class StepClock:
-    """Stands in for tqdm in ``train_student``: records the time of each ``update`` (one per step)."""
+    """``on_step`` callback for train_student: the end time of every step, per epoch."""
 
-    log: list["StepClock"] = []
+    def __init__(self):
+        self.times: dict[int, list[float]] = {}
 
-    def __init__(self, *_, total=None, **__):
-        self.total = total
-        self.t_open = time.perf_counter()
-        self.times: list[float] = []
-        StepClock.log.append(self)
-
-    def update(self, n=1):
-        self.times.append(time.perf_counter())
-
-    def set_postfix(self, *_, **__):
-        pass
-
-    def close(self):
-        pass
+    def __call__(self, info: dict) -> None:
+        self.times.setdefault(int(info["epoch"]), []).append(time.perf_counter())
 
 
 def sync(device: str) -> None:
@@ -173,7 +162,7 @@ def train_config(args, mode: str, data: str, store: str, weights: str, out: str,
                   progress=False)  # the step clock records whether or not the bar is shown
     if mode == "offline":
         return TrainConfig(logits=store, **common)
-    baseline = dict(spec=spec, view_seed=args.seed, unit_rows=args.chunk_rows, **common)
+    baseline = dict(like=store, **common)
     if mode == "no-kd":
         return TrainConfig(no_kd=True, **baseline)
     return TrainConfig(online_teacher=args.teacher, teacher_weights=weights,
@@ -185,32 +174,26 @@ def run_mode(args, mode: str, data: str, store: str, weights: str, tmp: Path, sp
     out = tmp / f"run_{mode}_{tag}"
     epochs = epochs or (args.online_epochs if mode == "online" else args.epochs)
     cfg = train_config(args, mode, data, store, weights, str(out), spec, epochs)
-    import tqdm as tqdm_module
-
-    StepClock.log = []
-    real_tqdm, tqdm_module.tqdm = tqdm_module.tqdm, StepClock  # train_student does `from tqdm import tqdm`
+    clock = StepClock()
     gc.collect()
     sync(args.device)
     t0 = time.perf_counter()
-    try:
-        summary = train_student(cfg)
-    finally:
-        tqdm_module.tqdm = real_tqdm
+    summary = train_student(cfg, on_step=clock)
     wall = time.perf_counter() - t0
-    clocks = StepClock.log
+    clocks = [clock.times[e] for e in sorted(clock.times)]
     if not clocks:
-        raise RuntimeError("the step clock was never created: train_student no longer draws its bar with tqdm.tqdm")
+        raise RuntimeError("train_student never called on_step")
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     shutil.rmtree(out, ignore_errors=True)
     s = args.skip_steps
     timed_steps, timed_s, steps, step_s = 0, 0.0, 0, []
     for c in clocks:
-        steps += len(c.times)
-        if len(c.times) > s:
-            start = c.times[s - 1] if s > 0 else c.t_open
-            timed_steps += len(c.times) - s
-            timed_s += c.times[-1] - start
-            edges = [start] + c.times[s:]
+        steps += len(c)
+        if len(c) > s:
+            start = c[s - 1]
+            timed_steps += len(c) - s
+            timed_s += c[-1] - start
+            edges = [start] + c[s:]
             step_s += [b - a for a, b in zip(edges, edges[1:])]
     if summary.get("mode") != {"no-kd": "no_kd"}.get(mode, mode):
         raise RuntimeError(f"{mode}: train_student ran in mode {summary.get('mode')!r}")
@@ -284,7 +267,7 @@ def parse_args(argv=None):
     ap.add_argument("--recipe", choices=["tinyvit", "light"], default="tinyvit",
                     help="augmentation: TinyViT's (RandAugment, erasing, mixup/cutmix) or light (crop, flip, jitter)")
     ap.add_argument("--mix-group", type=int)
-    ap.add_argument("--chunk-rows", type=int, help="store chunk rows = unit of work for every mode")
+    ap.add_argument("--chunk-rows", type=int, help="store chunk rows (= shard rows)")
     ap.add_argument("--batch-size", type=int)
     ap.add_argument("--workers", type=int, help="DataLoader workers (all modes)")
     ap.add_argument("--epochs", type=int, help="epochs per offline / no-KD run (the store holds as many)")
@@ -298,7 +281,7 @@ def parse_args(argv=None):
     ap.add_argument("--amp", choices=["none", "bf16", "fp16"])
     ap.add_argument("--threads", type=int, help="torch intra-op threads in this process (default: torch's)")
     ap.add_argument("--rounds", type=int)
-    ap.add_argument("--skip-steps", type=int, default=2, help="leading steps of each epoch left out of the timing")
+    ap.add_argument("--skip-steps", type=int, default=2, help="leading steps of each epoch left out of the timing (>= 1)")
     ap.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of offline,no-kd,online")
     ap.add_argument("--out", help="also write the figures and raw rounds to this JSON file")
     args = ap.parse_args(argv)
@@ -309,6 +292,8 @@ def parse_args(argv=None):
         args.online_epochs = 1
     if not 1 <= args.online_epochs <= args.epochs:
         ap.error("--online-epochs must be between 1 and --epochs (the store holds --epochs epochs of views)")
+    if args.skip_steps < 1:
+        ap.error("--skip-steps must be >= 1 (the time an epoch starts is not reported)")
     if args.repeats < 1 or args.rounds < 1:
         ap.error("--repeats and --rounds must be >= 1")
     if args.workers is None:  # gpu preset: scale with the machine
@@ -358,7 +343,7 @@ def main(argv=None) -> int:
         print(f"teacher: {args.teacher} random init, {t_params / 1e6:.1f} M params, input {args.teacher_input_size} px\n"
               f"student: {args.student} random init, {s_params / 1e6:.1f} M params, input {args.input_size} px\n"
               f"views:   {source.name} ({len(source)} images, {source.num_classes} classes) rendered at "
-              f"{args.img_size} px ({args.recipe} recipe), units of {args.chunk_rows} rows; batch {args.batch_size}, "
+              f"{args.img_size} px ({args.recipe} recipe), store chunks of {args.chunk_rows} rows; batch {args.batch_size}, "
               f"{args.workers} DataLoader workers, {args.epochs} epoch(s) per run, device {args.device}, amp {args.amp}, "
               f"{torch.get_num_threads()} torch threads")
         res.update(teacher_params=t_params, student_params=s_params, images=len(source))
