@@ -180,9 +180,9 @@ def test_offline_no_kd_and_online_draw_the_same_batches(photos, teacher_weights,
     seen = []
 
     class Recorder(train_mod.ViewStream):
-        def __init__(self, views, items, targets=None):
+        def __init__(self, views, items, **kw):
             seen[-1].append([(it.epoch, it.rows.tolist()) for it in items])
-            super().__init__(views, items, targets)
+            super().__init__(views, items, **kw)
 
     assert sum(forwards) == 2 * 2304  # gen-logits ran every view through Teacher.topk
     v = verify_store(str(store), photos, "test_resnet", teacher_weights, samples=16)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ._util import canonical_json, spec_hash
+from .options import option
 from .errors import TinydistillError
 
 
@@ -24,23 +25,25 @@ class SpecError(TinydistillError):
 class AugSpec:
     """Augmentation of one view. Field names and meanings follow timm's ``create_transform``."""
 
-    img_size: int = 224
-    scale: tuple[float, float] = (0.08, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    hflip: float = 0.5
-    vflip: float = 0.0
-    color_jitter: float | None = 0.4
-    auto_augment: str | None = None  # e.g. "rand-m9-mstd0.5-inc1"
-    interpolation: str = "bicubic"  # or "bilinear", "random", ...
-    re_prob: float = 0.0
-    re_mode: str = "pixel"
-    re_count: int = 1
-    mixup: float = 0.0  # Beta alpha; 0 = off
-    cutmix: float = 0.0  # Beta alpha; 0 = off
-    mix_prob: float = 1.0
-    switch_prob: float = 0.5
-    mix_group: int = 256  # partners are paired inside aligned groups of this many rows
-    renderer: str = "pil"  # what turns parameter records into pixels: "pil" (CPU workers) or "torch" (batched)
+    img_size: int = option(224, "View size the store renders (consumers resize).")
+    scale: tuple[float, float] = option((0.08, 1.0), "RandomResizedCrop area range, e.g. 0.08 1.0.")
+    ratio: tuple[float, float] = option((3 / 4, 4 / 3), "RandomResizedCrop aspect range.")
+    hflip: float = option(0.5, "Horizontal flip probability.")
+    vflip: float = option(0.0, "Vertical flip probability.")
+    color_jitter: float | None = option(0.4, "Colour jitter strength (0 = off; off under auto_augment, as in timm).")
+    auto_augment: str | None = option(None, "timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1, augmix-m5-w3, original.")
+    interpolation: str = option("bicubic", "bicubic, bilinear, random, ...")
+    re_prob: float = option(0.0, "Random erasing probability.")
+    re_mode: str = option("pixel", "Random erasing fill: const, rand, pixel.")
+    re_count: int = option(1, "Random erasing: at most this many boxes.")
+    mixup: float = option(0.0, "Mixup Beta alpha (0 = off).")
+    cutmix: float = option(0.0, "CutMix Beta alpha (0 = off).")
+    mix_prob: float = option(1.0, "Probability a view is mixed.")
+    switch_prob: float = option(0.5, "Probability of CutMix over Mixup when both are on.")
+    mix_group: int = option(256, "Rows per mix-pairing group (power of two, divides the store's chunk rows).")
+    renderer: str | None = option(None, "Renderer of views: pil (CPU workers) or torch (batched on --device; on a GPU "
+                                        "workers only read bytes) [default: torch on cuda, pil on cpu].",
+                                  flag="--render", type=__import__("click").Choice(["pil", "torch"]))
 
     def __post_init__(self):
         for name in ("scale", "ratio"):
@@ -53,7 +56,7 @@ class AugSpec:
                 raise SpecError(f"{name} must be a probability in [0, 1], got {v}")
         if self.mixup < 0 or self.cutmix < 0:
             raise SpecError("mixup and cutmix are Beta alphas: >= 0")
-        if self.renderer not in ("pil", "torch"):
+        if self.renderer not in (None, "pil", "torch"):
             raise SpecError(f"renderer must be pil or torch, got {self.renderer!r}")
         if self.re_mode not in ("const", "rand", "pixel"):
             raise SpecError(f"re_mode must be const, rand or pixel, got {self.re_mode!r}")
@@ -61,6 +64,12 @@ class AugSpec:
             raise SpecError(f"re_count must be >= 1, got {self.re_count}")
         if self.mix_group < 2 or self.mix_group & (self.mix_group - 1):
             raise SpecError(f"mix_group must be a power of two >= 2, got {self.mix_group}")
+
+    def for_device(self, device) -> "AugSpec":
+        """The spec with its renderer decided: the torch renderer on CUDA, PIL on the CPU."""
+        if self.renderer is not None:
+            return self
+        return dataclasses.replace(self, renderer="torch" if str(device).startswith("cuda") else "pil")
 
     @property
     def mixing(self) -> bool:
@@ -91,15 +100,11 @@ class AugSpec:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "AugSpec":
-        """A spec from YAML: either top-level keys or under an ``augmentation:`` key."""
-        import yaml
+        """A spec from YAML: a recipe's ``augmentation:`` section, or a file of spec fields."""
+        from .options import RecipeError, read_yaml
 
         try:
-            d = yaml.safe_load(Path(path).read_text()) or {}
-        except OSError as e:
-            raise SpecError(f"{path}: cannot read ({e.strerror})") from e
-        except yaml.YAMLError as e:
-            raise SpecError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
-        if not isinstance(d, dict):
-            raise SpecError(f"{path}: expected a mapping of augmentation options")
+            d = read_yaml(path)
+        except RecipeError as e:
+            raise SpecError(str(e)) from None
         return cls.from_dict(d.get("augmentation", d), source=str(path))

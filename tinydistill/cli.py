@@ -8,6 +8,9 @@ import sys
 import click
 
 from . import __version__
+from .augment import AugSpec
+from .config import GenConfig, TrainConfig
+from .options import RecipeError, cli_names, click_options, flags_in, from_options, load_recipe
 from .errors import TinydistillError
 
 
@@ -27,7 +30,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except TinydistillError as e:
-            raise click.ClickException(_one_line(e)) from None
+            raise click.ClickException(flags_in(_one_line(e))) from None
         except OSError as e:
             where = f"{e.filename}: " if getattr(e, "filename", None) else ""
             raise click.ClickException(f"{where}{e.strerror or e}") from None
@@ -143,38 +146,14 @@ def _print_params(st, data, epoch: int, n: int, as_json: bool) -> None:
 
 # ---- shared options --------------------------------------------------------------------------
 
-SECTIONS = ("gen_logits", "train_student", "verify", "quickstart")
-
-
 def _load_config(ctx, param, value):
     """YAML recipe -> defaults for this command's options; the command line still wins."""
     if not value:
         return value
-    import yaml
-
     try:
-        with open(value) as f:
-            raw = yaml.safe_load(f) or {}
-    except OSError as e:
-        raise click.BadParameter(f"{value}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise click.BadParameter(f"{value}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise click.BadParameter(f"{value}: expected a mapping of option names to values")
-    flat = {}
-    section = ctx.command.name.replace("-", "_")
-    for k, v in raw.items():
-        k = k.replace("-", "_")
-        if k == "augmentation" and isinstance(v, dict):
-            flat.update({kk.replace("-", "_"): vv for kk, vv in v.items()})
-        elif k == section and isinstance(v, dict):
-            flat.update({kk.replace("-", "_"): vv for kk, vv in v.items()})
-        elif k not in SECTIONS:
-            flat[k] = v
-    known = {p.name for p in ctx.command.params}
-    unknown = sorted(set(flat) - known)
-    if unknown:
-        raise click.BadParameter(f"{value}: unknown option(s) {unknown} for {ctx.command.name}")
+        flat = load_recipe(value, ctx.command.name, known={p.name for p in ctx.command.params})
+    except RecipeError as e:
+        raise click.BadParameter(str(e)) from None
     ctx.default_map = {**(ctx.default_map or {}), **flat}
     return value
 
@@ -184,53 +163,10 @@ def config_option(f):
                         expose_value=False, help="YAML recipe; options given on the command line override it.")(f)
 
 
-AUG_OPTIONS = [
-    ("--img-size", dict(type=int, help="View size the store renders (consumers resize).")),
-    ("--scale", dict(type=(float, float), help="RandomResizedCrop area range, e.g. 0.08 1.0.")),
-    ("--ratio", dict(type=(float, float), help="RandomResizedCrop aspect range.")),
-    ("--hflip", dict(type=float, help="Horizontal flip probability.")),
-    ("--vflip", dict(type=float, help="Vertical flip probability.")),
-    ("--color-jitter", dict(type=float, help="Colour jitter strength (0 = off; off under auto_augment).")),
-    ("--auto-augment", dict(type=str, help="timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1.")),
-    ("--interpolation", dict(type=str, help="bicubic, bilinear, random, ...")),
-    ("--re-prob", dict(type=float, help="Random erasing probability.")),
-    ("--re-mode", dict(type=str, help="Random erasing fill: const, rand, pixel.")),
-    ("--re-count", dict(type=int, help="Random erasing max count.")),
-    ("--mixup", dict(type=float, help="Mixup Beta alpha (0 = off).")),
-    ("--cutmix", dict(type=float, help="CutMix Beta alpha (0 = off).")),
-    ("--mix-prob", dict(type=float, help="Probability a view is mixed.")),
-    ("--switch-prob", dict(type=float, help="Probability of CutMix over Mixup when both are on.")),
-    ("--mix-group", dict(type=int, help="Rows per mix-pairing group (power of two, divides chunk rows).")),
-]
-
-
-def aug_options(f):
-    for name, kw in reversed(AUG_OPTIONS):
-        f = click.option(name, default=None, show_default=False, **kw)(f)
-    return f
-
-
 def spec_from_options(opts: dict):
-    from .augment import AugSpec
-
-    fields = {n.lstrip("-").replace("-", "_") for n, _ in AUG_OPTIONS}
-    given = {k: opts.pop(k) for k in list(opts) if k in fields}
+    """Pop the augmentation options out of a command's values: an AugSpec of those given."""
+    given = {k: opts.pop(k) for k in cli_names(AugSpec) if k in opts}
     return AugSpec.from_dict({k: v for k, v in given.items() if v is not None}, source="augmentation options")
-
-
-def _kv(pairs) -> dict:
-    """KEY=VALUE strings (or a mapping from a YAML recipe) -> dict, values parsed as YAML scalars."""
-    import yaml
-
-    if isinstance(pairs, dict):
-        return dict(pairs)
-    out = {}
-    for p in pairs or ():
-        if "=" not in p:
-            raise click.BadParameter(f"{p}: expected KEY=VALUE", param_hint="--model-kwargs")
-        k, v = p.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
-    return out
 
 
 RENDER_HELP = ("Renderer of views: pil (CPU workers) or torch (batched, on --device; workers then only read "
@@ -246,10 +182,6 @@ def allow_renderer_option(f):
     return click.option("--allow-renderer-change", is_flag=True,
                         help="Replay a store's views with another --render than the store's; the replay canary "
                              "then reports the pixel difference instead of refusing.")(f)
-
-
-def _default_render(device: str) -> str:
-    return "torch" if device.startswith("cuda") else "pil"
 
 
 def _default_device() -> str:
@@ -275,51 +207,19 @@ def _setup_logging(rank0: bool = True):
 
 @main.command("gen-logits")
 @config_option
-@click.option("--data", required=True, help="SRC: ImageFolder directory, webdataset shards, or digits[:train|:val].")
-@click.option("--teacher", required=True, help="timm model name, timm:NAME, an alias (see `tinydistill teachers`), or open_clip:ARCH/PRETRAINED.")
-@click.option("--k", type=click.IntRange(min=1), default=10, show_default=True, help="Classes kept per view.")
-@click.option("--epochs", default="1", show_default=True, help="E (epochs 0..E-1) or a range A:B, so several jobs can fill one store.")
-@click.option("--total-epochs", type=click.IntRange(min=1), help="Epochs the store holds when it is created by a job filling a range.")
-@click.option("--out", required=True, help="Store path or URL (s3://, gs://, file://).")
-@click.option("--teacher-weights", type=click.Path(dir_okay=False), help="Local checkpoint or .safetensors state_dict.")
-@click.option("--teacher-input-size", type=click.IntRange(min=1), help="Teacher input size [default: its pretrained config's].")
-@click.option("--seed", type=int, default=0, show_default=True, help="Base seed of every view.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--workers", type=click.IntRange(min=0), default=4, show_default=True, help="DataLoader workers.")
-@click.option("--device", default=None, help="cpu or cuda [default: cuda when available].")
-@click.option("--amp", type=click.Choice(["bf16", "fp16", "none"]), default=None, help="[default: bf16 on cuda, none on cpu]")
-@click.option("--compile", "compile_", is_flag=True, help="torch.compile the teacher.")
-@click.option("--chunk-rows", type=click.IntRange(min=2), default=4096, show_default=True)
-@click.option("--shard-rows", type=click.IntRange(min=2), default=None, help="Rows per shard (written whole by one process) [default: 16 chunks].")
-@click.option("--skip-bad", is_flag=True, help="Skip unreadable images (counted, recorded in the store) instead of stopping.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing store instead of resuming it.")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
-@render_option("torch on cuda, pil on cpu")
-@aug_options
+@click_options(GenConfig)
+@click_options(AugSpec, defaults=False)
 def gen_logits_cmd(**opts):
     """Run a teacher once over every view of every epoch and store its top-K outputs.
 
     Re-running the same command resumes. Under torchrun, rank 0 creates the store and the
-    (epoch, shard) units are split across ranks. Prints a one-line JSON summary on stdout.
+    work is split across ranks. Prints a one-line JSON summary on stdout.
     """
-    from .generate import GenConfig, gen_logits, parse_epochs, summary_line
+    from .generate import gen_logits, summary_line
 
-    import dataclasses
-
-    device = opts["device"] or _default_device()
-    spec = dataclasses.replace(spec_from_options(opts), renderer=opts["render"] or _default_render(device))
-    amp = opts["amp"] or ("bf16" if device.startswith("cuda") else "none")
     rank = int(__import__("os").environ.get("RANK", 0))
     _setup_logging(rank == 0)
-    cfg = GenConfig(
-        data=opts["data"], teacher=opts["teacher"], out=opts["out"], k=opts["k"],
-        epochs=parse_epochs(opts["epochs"]), total_epochs=opts["total_epochs"],
-        teacher_weights=opts["teacher_weights"], teacher_input_size=opts["teacher_input_size"], seed=opts["seed"], batch_size=opts["batch_size"],
-        workers=opts["workers"], device=device, amp=amp, spec=spec, overwrite=opts["overwrite"],
-        skip_bad=opts["skip_bad"], compile=opts["compile_"], chunk_rows=opts["chunk_rows"],
-        shard_rows=opts["shard_rows"], progress=not opts["no_progress"],
-    )
-    summary = gen_logits(cfg)
+    summary = gen_logits(from_options(GenConfig, opts, spec=spec_from_options(opts)))
     if summary["rank"] == 0:
         click.echo(summary_line(summary))
 
@@ -365,84 +265,26 @@ def verify(store, data, teacher, teacher_weights, samples, seed, device, amp, ma
 
 @main.command("train-student")
 @config_option
-@click.option("--logits", help="The logit store (offline KD). Not with --no-kd / --online-teacher.")
-@click.option("--data", required=True, help="SRC the store was made from (training data).")
-@click.option("--student", required=True, help="timm model name (randomly initialised).")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for checkpoints and metrics.")
-@click.option("--val-data", help="SRC evaluated (top-1/top-5) after every epoch.")
-@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True)
-@click.option("--min-lr", type=float, default=1e-6, show_default=True)
-@click.option("--weight-decay", type=float, default=0.05, show_default=True)
-@click.option("--warmup-epochs", type=float, default=1.0, show_default=True)
-@click.option("--opt", default="adamw", show_default=True, help="timm optimizer name.")
-@click.option("--clip-grad", type=float, default=5.0, show_default=True, help="Max gradient norm (0 = off).")
-@click.option("--drop-path", type=float, default=0.0, show_default=True)
-@click.option("--ema", type=float, is_flag=False, flag_value=0.9998, default=None,
-              help="Keep an EMA of the weights (ModelEmaV3); --ema alone uses decay 0.9998.")
-@click.option("--amp", type=click.Choice(["bf16", "fp16", "none"]), default=None, help="[default: bf16 on cuda, none on cpu]")
-@click.option("--workers", type=click.IntRange(min=0), default=4, show_default=True)
-@click.option("--device", default=None, help="cpu or cuda [default: cuda when available].")
-@click.option("--seed", type=int, default=0, show_default=True, help="Student init and batch order.")
-@click.option("--resume", is_flag=True, help="Continue from DIR/last.pth (model, optimizer, scheduler, EMA, epoch, step).")
-@click.option("--cycle-epochs", is_flag=True, help="Reuse the store's epochs when --epochs exceeds them.")
-@click.option("--loss", type=click.Choice(["soft_ce", "kl", "hard"]), default="soft_ce", show_default=True,
-              help="soft_ce: TinyViT; kl: KL with temperature; hard: DeiT hard distillation.")
-@click.option("--temperature", type=float, default=1.0, show_default=True)
-@click.option("--alpha", type=float, default=1.0, show_default=True, help="Weight of the teacher term; 1 - alpha goes to ground truth.")
-@click.option("--smoothing", type=float, default=0.1, show_default=True, help="Label smoothing for --no-kd.")
-@click.option("--no-kd", is_flag=True, help="Baseline: supervised on ground-truth labels, no store.")
-@click.option("--online-teacher", help="Baseline: the same loss with this teacher run every step.")
-@click.option("--teacher-weights", type=click.Path(dir_okay=False), help="Weights of --online-teacher.")
-@click.option("--teacher-input-size", type=click.IntRange(min=1))
-@click.option("--k", type=click.IntRange(min=1), help="Online teacher: classes kept [default: all].")
-@click.option("--view-seed", type=int, help="Base seed of views for --no-kd/--online-teacher [default: --seed].")
-@click.option("--like", metavar="STORE", help="--no-kd/--online-teacher: the views of this store (its augmentation and seed), "
-              "so the baseline sees the same batches as offline KD from it.")
-@click.option("--input-size", type=click.IntRange(min=1), help="Student input size [default: the views' size].")
-@click.option("--model-kwargs", multiple=True, metavar="KEY=VALUE",
-              help="Extra timm.create_model argument for the student, e.g. patch_size=4 (repeatable).")
-@click.option("--num-classes", type=click.IntRange(min=1), help="Student classes; must match the store's.")
-@click.option("--val-crop-pct", type=float, help="Eval centre-crop fraction [default: the student's].")
-@click.option("--no-progress", is_flag=True)
-@render_option("a store's own renderer; --no-kd/--online-teacher without --like: torch on cuda, pil on cpu")
-@allow_renderer_option
-@aug_options
+@click_options(TrainConfig)
+@click_options(AugSpec, exclude=("renderer",), defaults=False)
 def train_student_cmd(**opts):
     """Train a timm student from a logit store: the same views, sparse targets, no teacher.
 
     --no-kd and --online-teacher run the same loop without a store, as baselines. Writes
     last.pth/best.pth, metrics.jsonl (per epoch) and steps.jsonl (per step) in --out.
     """
-    from .train import TrainConfig, TrainError, train_student
+    from .train import TrainError, train_student
 
     ctx = click.get_current_context()
-    aug_names = [n.lstrip("-").replace("-", "_") for n, _ in AUG_OPTIONS]
+    aug_names = [n for n in cli_names(AugSpec) if n != "renderer"]
     on_cli = [n for n in aug_names if ctx.get_parameter_source(n) == click.core.ParameterSource.COMMANDLINE]
     in_recipe = [n for n in aug_names if ctx.get_parameter_source(n) == click.core.ParameterSource.DEFAULT_MAP]
     if (opts["logits"] or opts["like"]) and on_cli:
-        raise TrainError("augmentation options are for --no-kd/--online-teacher without --like: a store replays its own views")
-    spec = spec_from_options(opts)
-    device = opts["device"] or _default_device()
+        raise TrainError("augmentation options are for `no_kd`/`online_teacher` without `like`: "
+                         "a store replays its own views")
     rank = int(__import__("os").environ.get("RANK", 0))
     _setup_logging(rank == 0)
-    cfg = TrainConfig(
-        data=opts["data"], student=opts["student"], out=opts["out"], logits=opts["logits"], val_data=opts["val_data"],
-        epochs=opts["epochs"], batch_size=opts["batch_size"], lr=opts["lr"], min_lr=opts["min_lr"],
-        weight_decay=opts["weight_decay"], warmup_epochs=opts["warmup_epochs"], opt=opts["opt"],
-        clip_grad=opts["clip_grad"] or None, drop_path=opts["drop_path"], ema=opts["ema"],
-        amp=opts["amp"] or ("bf16" if device.startswith("cuda") else "none"), workers=opts["workers"], device=device,
-        seed=opts["seed"], resume=opts["resume"], cycle_epochs=opts["cycle_epochs"], no_kd=opts["no_kd"],
-        online_teacher=opts["online_teacher"], teacher_weights=opts["teacher_weights"],
-        teacher_input_size=opts["teacher_input_size"], k=opts["k"], loss=opts["loss"], temperature=opts["temperature"],
-        alpha=opts["alpha"], smoothing=opts["smoothing"], input_size=opts["input_size"],
-        num_classes=opts["num_classes"], val_crop_pct=opts["val_crop_pct"], spec=spec, view_seed=opts["view_seed"], like=opts["like"],
-        render=opts["render"] or (None if (opts["logits"] or opts["like"]) else _default_render(device)),
-        allow_renderer_change=opts["allow_renderer_change"],
-        model_kwargs=_kv(opts["model_kwargs"]), expect_spec=bool(opts["logits"] and in_recipe),
-        progress=not opts["no_progress"],
-    )
+    cfg = from_options(TrainConfig, opts, spec=spec_from_options(opts), expect_spec=bool(opts["logits"] and in_recipe))
     summary = train_student(cfg)
     if rank == 0:
         click.echo(json.dumps(summary))

@@ -47,6 +47,11 @@ def setup(device: str, workers: int = 0) -> tuple[int, int, torch.device]:
     return rank, world, torch.device(device)
 
 
+def default_device() -> str:
+    """cuda when a GPU is visible, else cpu."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def keeps_threads(fn):
     """Restore torch's CPU thread count after ``fn``: callers (notebooks, tests) keep theirs."""
 

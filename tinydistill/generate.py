@@ -17,13 +17,15 @@ import queue
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
+import click
 import numpy as np
 import torch
 
 from .augment import AugSpec
+from .config import GenConfig, parse_epochs  # noqa: F401  (GenConfig is this stage's config)
 from . import dist
 from .errors import NotAStoreError, StoreError, TinydistillError
 from .sources import open_source
@@ -36,42 +38,13 @@ from .views import Views
 log = logging.getLogger("tinydistill")
 
 
-@dataclass
-class GenConfig:
-    data: str
-    teacher: str
-    out: str
-    k: int = 10
-    epochs: tuple[int, int] = (0, 1)  # [start, stop)
-    total_epochs: int | None = None  # store size when several jobs fill one store
-    teacher_weights: str | None = None
-    teacher_input_size: int | None = None  # override the teacher's pretrained input size
-    seed: int = 0
-    batch_size: int = 64
-    workers: int = 4
-    device: str = "cpu"
-    amp: str = "none"
-    spec: AugSpec = AugSpec()
-    overwrite: bool = False
-    skip_bad: bool = False
-    compile: bool = False
-    chunk_rows: int = DEFAULT_CHUNK_ROWS
-    shard_rows: int | None = None
-    progress: bool = True
-
-
-def parse_epochs(text: str) -> tuple[int, int]:
-    """``"E"`` -> (0, E); ``"A:B"`` -> (A, B)."""
-    try:
-        if ":" in str(text):
-            a, b = (int(x) for x in str(text).split(":"))
-        else:
-            a, b = 0, int(text)
-    except ValueError:
-        raise TinydistillError(f"--epochs {text}: expected a count E or a range A:B") from None
-    if not 0 <= a < b:
-        raise TinydistillError(f"--epochs {text}: need 0 <= A < B")
-    return a, b
+def resolve(cfg: GenConfig) -> GenConfig:
+    """Defaults that depend on the machine: device, AMP dtype, renderer; epochs as a range."""
+    device = cfg.device or dist.default_device()
+    cuda = device.startswith("cuda")
+    epochs = parse_epochs(cfg.epochs) if isinstance(cfg.epochs, (str, int)) else tuple(int(e) for e in cfg.epochs)
+    return replace(cfg, device=device, amp=cfg.amp or ("bf16" if cuda else "none"), epochs=epochs,
+                   spec=cfg.spec.for_device(device))
 
 
 # ---- store set-up --------------------------------------------------------------------------------
@@ -216,6 +189,7 @@ def gen_logits(cfg: GenConfig, on_step: Callable[[dict], None] | None = None) ->
     ``on_step`` (optional) is called after every teacher batch with ``{"views", "seconds"}``.
     """
     t_start = time.time()
+    cfg = resolve(cfg)
     rank, world, device = dist.setup(cfg.device, cfg.workers)
     source = open_source(cfg.data)
     teacher = load_teacher(cfg.teacher, cfg.teacher_weights, class_names=source.class_names)
@@ -224,7 +198,7 @@ def gen_logits(cfg: GenConfig, on_step: Callable[[dict], None] | None = None) ->
     teacher.meta.update(amp=cfg.amp, device=device.type, batch_size=cfg.batch_size,
                         cpu_threads=torch.get_num_threads())
     if not 1 <= cfg.k <= teacher.num_classes:
-        raise TinydistillError(f"--k {cfg.k}: must be between 1 and the teacher's {teacher.num_classes} classes")
+        raise TinydistillError(f"`k` {cfg.k}: must be between 1 and the teacher's {teacher.num_classes} classes")
     shard_rows = cfg.shard_rows or cfg.chunk_rows * DEFAULT_SHARD_CHUNKS
     cfg.shard_rows = shard_rows
     store = _prepare_store(cfg, teacher, source, rank, device)

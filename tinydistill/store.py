@@ -49,8 +49,7 @@ from .targets import dense_targets
 
 FORMAT_VERSION = 1
 FORMAT_KEY = "tinydistill_format"  # group attribute that marks a finished tinydistill store
-DEFAULT_CHUNK_ROWS = 4096
-DEFAULT_SHARD_CHUNKS = 16  # shard = 16 chunks = 65,536 rows by default
+from .config import DEFAULT_CHUNK_ROWS, DEFAULT_SHARD_CHUNKS  # noqa: E402  (the layout's defaults)
 FP16_MIN = float(np.finfo(np.float16).min)
 SEED_UNSET = np.iinfo(np.uint64).max  # fill value of ``seed``: a seed that was never written
 SEED_SKIPPED = SEED_UNSET - np.uint64(1)  # seed of a view whose image could not be read (--skip-bad)

@@ -18,14 +18,16 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import click
 import numpy as np
 import torch
 
 from .augment import AugSpec
+from .config import TrainConfig, parse_kv  # noqa: F401  (TrainConfig is this stage's config)
 from .errors import TinydistillError
 from . import dist
 from .losses import DistillLoss, Objective, mixed_labels
@@ -36,65 +38,26 @@ from .views import Views, prepare
 log = logging.getLogger("tinydistill")
 
 
-@dataclass
-class TrainConfig:
-    data: str
-    student: str
-    out: str
-    logits: str | None = None  # the store; None with no_kd or online_teacher
-    val_data: str | None = None
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 1e-3
-    min_lr: float = 1e-6
-    weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
-    warmup_lr: float = 1e-6
-    opt: str = "adamw"
-    clip_grad: float | None = 5.0
-    drop_path: float = 0.0
-    ema: float | None = None  # decay, e.g. 0.9998; None = off
-    amp: str = "none"
-    workers: int = 4
-    device: str = "cpu"
-    seed: int = 0  # student init and batch order
-    resume: bool = False
-    cycle_epochs: bool = False
-    no_kd: bool = False
-    online_teacher: str | None = None
-    teacher_weights: str | None = None
-    teacher_input_size: int | None = None
-    k: int | None = None  # online teacher: classes kept (default all)
-    loss: str = "soft_ce"  # soft_ce | kl | hard
-    temperature: float = 1.0
-    alpha: float = 1.0  # weight of the teacher term; 1 - alpha goes to ground truth
-    smoothing: float = 0.1  # label smoothing of ground-truth terms
-    input_size: int | None = None  # student input (default: the views' size)
-    model_kwargs: dict = field(default_factory=dict)  # extra timm.create_model arguments, e.g. patch_size
-    num_classes: int | None = None  # must match the store's when given
-    val_crop_pct: float | None = None
-    spec: AugSpec = field(default_factory=AugSpec)  # views for no_kd / online (a store brings its own)
-    view_seed: int | None = None  # base seed of views for no_kd / online (default: seed)
-    like: str | None = None  # no_kd / online: take spec and view seed from this store (the views offline KD sees)
-    render: str | None = None  # renderer for a store's views (default: the store's); no_kd/online: spec.renderer
-    allow_renderer_change: bool = False  # replay a store's views with another renderer (the canary reports the difference)
-    expect_spec: bool = False  # offline: ``spec`` came from a recipe and must equal the store's
-    progress: bool = True
-
-
 class TrainError(TinydistillError):
     """A training set-up that cannot run (mismatched store, bad option, missing checkpoint)."""
 
 
 # ---- set-up ---------------------------------------------------------------------------------------
 
+def resolve(cfg: TrainConfig) -> TrainConfig:
+    """Defaults that depend on the machine: device and AMP dtype; ``model_kwargs`` as a dict."""
+    device = cfg.device or dist.default_device()
+    return dataclasses.replace(cfg, device=device, amp=cfg.amp or ("bf16" if device.startswith("cuda") else "none"),
+                               model_kwargs=parse_kv(cfg.model_kwargs))
+
+
 def _views_and_targets(cfg: TrainConfig, source, device="cpu"):
     """(store or None, spec, base seed of views, num_classes, teacher or None)."""
     if cfg.no_kd and cfg.online_teacher:
-        raise TrainError("--no-kd and --online-teacher exclude each other")
+        raise TrainError("`no_kd` and `online_teacher` exclude each other")
     if cfg.no_kd or cfg.online_teacher:
         if cfg.logits:
-            raise TrainError("--logits is for offline KD; drop it with --no-kd or --online-teacher")
+            raise TrainError("`logits` is for offline KD; drop it with `no_kd` or `online_teacher`")
         teacher = None
         num_classes = source.num_classes
         if cfg.online_teacher:
@@ -105,23 +68,23 @@ def _views_and_targets(cfg: TrainConfig, source, device="cpu"):
                 teacher.input_size = cfg.teacher_input_size
             num_classes = teacher.num_classes
             if cfg.k is not None and not 1 <= cfg.k <= num_classes:
-                raise TrainError(f"--k {cfg.k}: must be between 1 and the teacher's {num_classes} classes")
+                raise TrainError(f"`k` {cfg.k}: must be between 1 and the teacher's {num_classes} classes")
         if cfg.like:  # the views of a store, so the baseline sees what offline KD sees
             from .replay import check_replay
             from .store import open_store
 
             like = open_store(cfg.like)
             if cfg.view_seed is not None:
-                raise TrainError("--view-seed and --like exclude each other: --like takes the store's seed")
+                raise TrainError("`view_seed` and `like` exclude each other: `like` takes the store's seed")
             spec = check_replay(like, source, cfg.render, cfg.allow_renderer_change, device)
             return None, spec, like.base_seed, num_classes, teacher
         seed = cfg.seed if cfg.view_seed is None else cfg.view_seed
-        spec = cfg.spec if cfg.render is None else dataclasses.replace(cfg.spec, renderer=cfg.render)
+        spec = dataclasses.replace(cfg.spec, renderer=cfg.render or cfg.spec.renderer).for_device(device)
         return None, spec, seed, num_classes, teacher
     if cfg.like:
-        raise TrainError("--like is for --no-kd / --online-teacher; offline KD replays the views of --logits")
+        raise TrainError("`like` is for `no_kd` / `online_teacher`; offline KD replays the views of `logits`")
     if not cfg.logits:
-        raise TrainError("--logits STORE is required (or --no-kd / --online-teacher for the baselines)")
+        raise TrainError("`logits` STORE is required (or `no_kd` / `online_teacher` for the baselines)")
     from .replay import check_replay
     from .store import open_store
 
@@ -131,8 +94,8 @@ def _views_and_targets(cfg: TrainConfig, source, device="cpu"):
     if cfg.expect_spec and changed:  # the renderer is --render's business
         raise TrainError(f"{cfg.logits}: the recipe's augmentation differs from the store's in {changed}")
     if cfg.epochs > store.epochs and not cfg.cycle_epochs:
-        raise TrainError(f"{cfg.logits}: holds {store.epochs} epochs of views, --epochs asks for {cfg.epochs} "
-                         "(pass --cycle-epochs to reuse them)")
+        raise TrainError(f"{cfg.logits}: holds {store.epochs} epochs of views, `epochs` asks for {cfg.epochs} "
+                         "(pass `cycle_epochs` to reuse them)")
     done = store.completed()
     for e in range(min(cfg.epochs, store.epochs)):
         if done[e] < 1.0:
@@ -280,6 +243,7 @@ def train_student(cfg: TrainConfig, on_step: Callable[[dict], None] | None = Non
     from timm.utils import ModelEmaV3
     from tqdm import tqdm
 
+    cfg = resolve(cfg)
     rank, world, device = dist.setup(cfg.device, cfg.workers)
     out = Path(cfg.out)
     try:
@@ -289,7 +253,7 @@ def train_student(cfg: TrainConfig, on_step: Callable[[dict], None] | None = Non
     source = open_source(cfg.data)
     store, spec, view_seed, num_classes, teacher = _views_and_targets(cfg, source, device)
     if cfg.num_classes is not None and cfg.num_classes != num_classes:
-        raise TrainError(f"--num-classes {cfg.num_classes} does not match the {'store' if store else 'data'}'s "
+        raise TrainError(f"`num_classes` {cfg.num_classes} does not match the {'store' if store else 'data'}'s "
                          f"{num_classes} classes")
     if store is not None and store.k > num_classes:
         raise TrainError(f"{cfg.logits}: K={store.k} exceeds the student head's {num_classes} classes")
@@ -364,7 +328,7 @@ def train_student(cfg: TrainConfig, on_step: Callable[[dict], None] | None = Non
                     outputs = ddp(prepare(images, input_size, mean, std))
                 loss = objective(outputs, labels, logp, index)
                 if not torch.isfinite(loss):
-                    raise TrainError(f"epoch {epoch} step {step}: loss is {loss.item()}; lower --lr or check the store")
+                    raise TrainError(f"epoch {epoch} step {step}: loss is {loss.item()}; lower `lr` or check the store")
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 if cfg.clip_grad:
