@@ -4,7 +4,8 @@ Everything goes through the real store API (``create_store`` + ``write_shard``, 
 ``open_store``), with the store's own codecs, into a temporary directory. Measured in one run:
 
   1. Size. Bytes on disk per view for (C=1000, K=10) and (C=21841, K=100): the per-view arrays
-     ``logp`` + ``index`` + ``seed`` (sum of their shard files, shard indexes included), each
+     ``logp`` + ``index_gap`` (or ``index`` with ``--id-layout ids``) + ``seed`` (sum of their
+     shard files, shard indexes included), each
      one separately, and the whole store (plus ``key``, ``label``, ``complete`` and the zarr.json
      documents) divided by the number of views. Compared with TinyViT's raw record of 4K+4 bytes
      per view (int32 seed + K int16 ids + K fp16 probabilities): the ratio ours / TinyViT.
@@ -41,7 +42,12 @@ same outputs:
                classes moved to random ids, as WordNet's order is not a perfect depth-first walk;
   unclustered  the worst case: ids are a random permutation, so confusable classes are far apart.
 
-Values are identical in both layouts, so fidelity is measured on the clustered stores. Store
+Values are identical in both layouts, so fidelity is measured on the clustered stores.
+
+``--encodings`` adds a comparison of on-disk encodings of the same clustered outputs (written
+with zarr directly into memory, same chunks and shards): format 1's numcodecs delta filter,
+spec-only codecs with ids, gaps, rank order, transposed chunks and bitshuffle. It reports
+bytes per view of logp + ids for each; only the store's own encoding goes through the store. Store
 order is a random permutation of samples (as tinydistill's sources use), so a chunk holds many
 classes. Defaults: 65,536 views per case (2 epochs x 32,768 rows), chunks of 4096 rows, shards
 of 4 chunks (16,384 rows). About 1-3 minutes on 2 shared CPU cores. No timing is asserted.
@@ -175,7 +181,7 @@ def write_case(root: Path, name: str, c: int, k: int, tau: float, args) -> dict:
         stores[layout] = create_store(
             root / f"{c}-{layout}.zarr", num_classes=c, k=k, epochs=args.epochs, keys=keys,
             labels=labels, class_names=wnids, chunk_rows=args.chunk_rows,
-            shard_rows=args.chunk_rows * args.shard_chunks)
+            shard_rows=args.chunk_rows * args.shard_chunks, id_layout=args.id_layout)
     st0 = stores["clustered"]
     ref_logp = np.empty((args.epochs, rows, k), np.float32)  # exact fp32 top-K, clustered ids
     ref_index = np.empty((args.epochs, rows, k), np.int64)
@@ -212,6 +218,7 @@ def write_case(root: Path, name: str, c: int, k: int, tau: float, args) -> dict:
     for layout, st in stores.items():
         nbytes = open_store(st.path).bytes_on_disk()
         per_view = {a: nbytes.get(a, 0) / n_views for a in ("logp", "index", "seed")}
+        per_view["index"] += nbytes.get("index_gap", 0) / n_views  # the ids, in either layout
         arrays = sum(per_view.values())
         total = sum(nbytes.values()) / n_views
         out[layout] = {"bytes_by_array": nbytes, "per_view": per_view, "arrays_per_view": arrays,
@@ -336,7 +343,68 @@ def reads(case: dict, args) -> dict:
     return out
 
 
+def encodings(case: dict, args) -> dict:
+    """Bytes per view of logp + ids of the clustered outputs under alternative encodings.
+
+    The values are what the store holds (fp16 log-probs after the tail-mass rule, read back
+    with ``topk(order="stored")``), written with zarr into memory with the store's chunks and
+    shards; each variant is read back and checked equal to what was written."""
+    import warnings
+
+    import zarr
+    from zarr.codecs import BloscCodec, Crc32cCodec, TransposeCodec
+
+    st = open_store(case["_paths"]["clustered"])
+    lp = np.concatenate([st.topk(e, slice(None), order="stored")[0] for e in range(st.epochs)]).astype(np.float16)
+    ids = np.concatenate([st.topk(e, slice(None), order="stored")[1] for e in range(st.epochs)])
+    dt = "int16" if st.num_classes <= 32768 else "int32"
+    gaps = np.diff(ids, axis=1, prepend=0)
+    rank = np.argsort(-lp.astype(np.float32), axis=1, kind="stable")
+    n, k = lp.shape
+
+    def nbytes(values, dtype, shuffle="shuffle", filters=None, transpose=False):
+        mem = zarr.storage.MemoryStore()
+        kw = {"filters": filters} if filters else {}
+        if transpose:
+            kw["serializer"] = "auto"
+            kw["filters"] = [TransposeCodec(order=(1, 0))]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # numcodecs' delta is outside the spec: zarr says so
+            a = zarr.create_array(mem, shape=values.shape, dtype=dtype, chunks=(st.chunk_rows, k),
+                                  shards=(st.shard_rows, k), fill_value=0,
+                                  compressors=[BloscCodec(cname="zstd", clevel=5, shuffle=shuffle), Crc32cCodec()],
+                                  **kw)
+            a[:] = values
+            assert np.array_equal(a[:], values.astype(dtype))
+        return sum(len(v.to_bytes()) for key, v in mem._store_dict.items() if not key.endswith("zarr.json")) / n
+
+    from zarr.codecs.numcodecs import Delta
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        delta = [Delta(dtype=dt)]
+    lp_id, lp_rank = nbytes(lp, "float16"), nbytes(np.take_along_axis(lp, rank, 1), "float16")
+    rows = {
+        "format 1: ids + numcodecs delta (not spec)": (lp_id, nbytes(ids, dt, filters=delta)),
+        "spec: ids ascending (id_layout ids)": (lp_id, nbytes(ids, dt)),
+        "spec: gaps ascending (id_layout gaps)": (lp_id, nbytes(gaps, dt)),
+        "spec: ids in rank order": (lp_rank, nbytes(np.take_along_axis(ids, rank, 1), dt)),
+        "spec: gaps, transposed chunks": (nbytes(lp, "float16", transpose=True), nbytes(gaps, dt, transpose=True)),
+        "spec: gaps, bitshuffle": (nbytes(lp, "float16", shuffle="bitshuffle"), nbytes(gaps, dt, shuffle="bitshuffle")),
+    }
+    return {name: {"logp": a, "ids": b, "total": a + b} for name, (a, b) in rows.items()}
+
+
 # ---- report -------------------------------------------------------------------------------------
+
+
+def report_encodings(cases: list[dict]) -> None:
+    print("\n== 4. Encodings of the same clustered outputs: bytes per view (logp + ids, no seed) ==")
+    print(f"{'case':<15} {'encoding':<44} {'logp':>7} {'ids':>7} {'total':>7} {'/TinyViT':>8}")
+    for c in cases:
+        for name, r in c.get("encodings", {}).items():
+            print(f"{c['name']:<15} {name:<44} {r['logp']:>7.2f} {r['ids']:>7.2f} {r['total']:>7.2f}"
+                  f" {r['total'] / c['tinyvit_bytes_per_view']:>7.3f}x")
 
 
 def fmt_rate(x: float) -> str:
@@ -410,6 +478,10 @@ def main() -> None:
     ap.add_argument("--kl-batch", type=int, default=1024, help="rows per dense_targets batch")
     ap.add_argument("--sigma", type=float, default=SIGMA, help="per-class logit noise of the teacher")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--id-layout", choices=["gaps", "ids"], default="gaps",
+                    help="how the stores keep class ids: per-row gaps (default) or the ids themselves")
+    ap.add_argument("--encodings", action="store_true",
+                    help="also compare alternative on-disk encodings of the clustered outputs")
     ap.add_argument("--out", help="write the figures to this JSON file")
     args = ap.parse_args()
     rows = args.views // args.epochs
@@ -439,10 +511,15 @@ def main() -> None:
             print(f"  {name}: fidelity done ({time.perf_counter() - t0:.0f}s)", flush=True)
             case["reads"] = reads(case, args)
             print(f"  {name}: reads done ({time.perf_counter() - t0:.0f}s)", flush=True)
+            if args.encodings:
+                case["encodings"] = encodings(case, args)
+                print(f"  {name}: encodings done ({time.perf_counter() - t0:.0f}s)", flush=True)
             del case["_ref"], case["_paths"]
             cases.append(case)
             gc.collect()
     report(cases)
+    if args.encodings:
+        report_encodings(cases)
     elapsed = time.perf_counter() - t_start
     print(f"\ntotal {elapsed:.0f}s")
     if args.out:

@@ -79,3 +79,36 @@ def test_console_script_exit_code(tmp_path):
                        capture_output=True, text=True)
     assert p.returncode == 1 and "Traceback" not in p.stderr
     assert p.stderr.strip().splitlines() == [f"Error: {tmp_path / 'x.zarr'}: no such file or directory"]
+
+
+def test_plot_names_least_sure_classes_and_follows_extension(tmp_path):
+    """With many classes the third panel names the classes the teacher is least sure of; the
+    file format follows the extension; an unknown extension is a one-line error."""
+    import numpy as np
+    import tinydistill as td
+
+    c, n = 60, 600
+    labels = np.arange(n) % c
+    unsure = {7: 0.05, 13: 0.10, 42: 0.15}  # true-class probability of these classes
+    names = [f"class_{i:02d}" for i in range(c)]
+    st = td.create_store(tmp_path / "m.zarr", num_classes=c, k=2, epochs=1, keys=[f"k{i}" for i in range(n)],
+                         labels=labels, class_names=names)
+    p_true = np.array([unsure.get(int(y), 0.9) for y in labels])
+    other = (labels + 1) % c
+    st.write_shard(0, 0, np.log(np.stack([p_true, 0.95 - p_true], 1)), np.stack([labels, other], 1), np.arange(n))
+    r = run("inspect", str(st.path), "--json", "--plot", str(tmp_path / "p.svg"))
+    assert r.exit_code == 0, r.output
+    worst = json.loads(r.output)["least_sure_classes"]
+    assert [w["class"] for w in worst[:3]] == ["class_07", "class_13", "class_42"]
+    assert worst[0]["mean_true_class_prob"] == pytest.approx(0.05, abs=1e-3)
+    svg = (tmp_path / "p.svg").read_text()
+    assert svg.lstrip().startswith("<?xml") and "<svg" in svg
+    assert all(f"class_{i:02d}" in svg for i in unsure)  # the least sure classes are named
+    assert "where the teacher is least sure" in svg
+    r = run("inspect", str(st.path), "--plot", str(tmp_path / "p.pdf"))
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "p.pdf").read_bytes()[:5] == b"%PDF-"
+    assert "least sure  class_07 (0.05), class_13 (0.10), class_42 (0.15)" in r.output
+    _one_line_error(run("inspect", str(st.path), "--plot", str(tmp_path / "p.xyz")), "p.xyz", "png")
+    _one_line_error(run("inspect", str(st.path), "--plot", str(tmp_path / "p")), "file extension")
+    assert "format follows the extension" in " ".join(run("inspect", "--help").output.split())

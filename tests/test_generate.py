@@ -33,7 +33,7 @@ def cli(*args):
 
 def arrays(path):
     g = zarr.open_group(str(path), mode="r")
-    return {n: g[n][:] for n in ("logp", "index", "seed", "complete")}
+    return {n: g[n][:] for n in ("logp", "index_gap" if "index_gap" in g else "index", "seed", "complete")}
 
 
 def same(a, b):

@@ -107,7 +107,7 @@ def test_writer_killed_mid_shard_leaves_it_incomplete(small_store, tmp_path, poi
 
 def test_flipped_bytes_are_detected(small_store):
     fill(small_store, epochs=[0])
-    for array in ("logp", "index"):
+    for array in ("logp", "index_gap"):
         f = Path(small_store.path) / array / "c" / "0" / "2" / "0"
         b = bytearray(f.read_bytes())
         b[len(b) // 3] ^= 0x10
@@ -122,7 +122,7 @@ def test_flipped_bytes_are_detected(small_store):
 
 def test_truncated_and_deleted_shards_are_detected(small_store):
     fill(small_store, epochs=[0])
-    f = Path(small_store.path) / "index" / "c" / "0" / "1" / "0"
+    f = Path(small_store.path) / "index_gap" / "c" / "0" / "1" / "0"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     (Path(small_store.path) / "logp" / "c" / "0" / "3" / "0").unlink()
     (Path(small_store.path) / "seed" / "c" / "0" / "0").unlink()

@@ -70,27 +70,60 @@ def test_metadata_and_info(small_store):
     attrs = dict(zarr.open_group(str(st.path), mode="r").attrs)
     assert attrs["dataset_fingerprint"] == keys_fingerprint(f"img{i:04d}" for i in range(1000))
     assert attrs["versions"]["torch"] and attrs["versions"]["timm"] and attrs["versions"]["pillow"]
-    assert attrs["tinydistill_format"] == 1 and attrs["base_seed"] == 0 and attrs["created"]
+    assert attrs["tinydistill_format"] == 2 and attrs["id_layout"] == "gaps" and attrs["base_seed"] == 0 and attrs["created"]
     with pytest.raises(IncompleteError, match="epoch 1 shard"):
         st.topk(1, 300)
 
 
 def test_raw_zarr_arrays_readable(small_store):
-    """A notebook user opening the group with plain zarr sees real ids, not deltas."""
+    """A user opening the group with plain zarr gets ids from one cumsum over the gaps."""
     fill(small_store, epochs=[0])
     g = zarr.open_group(str(small_store.path), mode="r")
-    assert g["logp"].dtype == np.float16 and g["index"].dtype == np.int16
+    assert g["logp"].dtype == np.float16 and g["index_gap"].dtype == np.int16 and "index" not in g
     assert g["logp"].shape == (2, 1000, 5) and g["seed"].dtype == np.uint64
     _, idx = fake_topk(256, 50, 5, seed=0)
-    np.testing.assert_array_equal(g["index"][0, :256], np.sort(idx, 1))
+    np.testing.assert_array_equal(np.cumsum(g["index_gap"][0, :256], axis=1), np.sort(idx, 1))
+    assert (g["index_gap"][0, :256, 1:] > 0).all()
     assert g["complete"][0].tolist() == [1, 1, 1, 1] and g["complete"][1].tolist() == [0, 0, 0, 0]
+    assert g["key"].dtype == np.uint8 and bytes(g["key"][3]).rstrip(b"\0") == b"img0003"
+    assert g["logp"].metadata.dimension_names == ("epoch", "row", "slot")
+    # only codecs and data types of the Zarr v3 core specification, so every reader decodes them
+    import json
+    from pathlib import Path
+
+    def names(codecs):
+        for c in codecs:
+            yield c["name"]
+            yield from names(c.get("configuration", {}).get("codecs", []))
+            yield from names(c.get("configuration", {}).get("index_codecs", []))
+
+    for name in ("logp", "index_gap", "seed", "key", "label", "complete"):
+        meta = json.loads((Path(small_store.path) / name / "zarr.json").read_text())
+        assert set(names(meta["codecs"])) <= {"sharding_indexed", "bytes", "blosc", "crc32c"}, name
+        assert meta["data_type"] in {"float16", "int16", "int32", "uint8", "uint64"}, name
+        assert meta["dimension_names"] and None not in meta["dimension_names"], name
+
+def test_ids_layout_stores_class_ids(tmp_path):
+    st = td.create_store(tmp_path / "ids.zarr", num_classes=50, k=5, epochs=1, id_layout="ids",
+                         keys=[f"k{i}" for i in range(300)], chunk_rows=100, shard_rows=100)
+    fill(st)
+    g = zarr.open_group(str(st.path), mode="r")
+    assert "index" in g and "index_gap" not in g
+    for s in range(3):
+        logp, idx, _ = unit_data(st, 0, s)
+        np.testing.assert_array_equal(g["index"][0, 100 * s:100 * (s + 1)], np.sort(idx, 1))
+        np.testing.assert_array_equal(td.open_store(st.path).topk(0, slice(100 * s, 100 * (s + 1)), order="stored")[1],
+                                      np.sort(idx, 1))
+    assert td.open_store(st.path).info["id_layout"] == "ids"
+    with pytest.raises(StoreError, match="id_layout"):
+        td.create_store(tmp_path / "bad.zarr", num_classes=5, k=1, epochs=1, keys=["a"], id_layout="deltas")
 
 
 def test_int32_index_for_many_classes(tmp_path):
     st = td.create_store(tmp_path / "big.zarr", num_classes=40000, k=3, epochs=1, keys=["a", "b"])
     st.write_shard(0, 0, np.log([[0.5, 0.3, 0.2]] * 2), [[39999, 32768, 7], [1, 2, 3]], [0, 1])
     assert td.open_store(st.path).topk(0, 0)[1].tolist() == [[39999, 32768, 7]]
-    assert zarr.open_group(str(st.path), mode="r")["index"].dtype == np.int32
+    assert zarr.open_group(str(st.path), mode="r")["index_gap"].dtype == np.int32
 
 
 def test_write_shard_validates(small_store):
@@ -123,14 +156,18 @@ def test_bad_paths_and_versions(tmp_path, small_store):
     with pytest.raises(NotAStoreError, match="no such file"):
         td.open_store(tmp_path / "missing.zarr")
     (tmp_path / "plain").mkdir()
-    with pytest.raises(NotAStoreError, match="not a tinydistill store"):
+    with pytest.raises(NotAStoreError, match="not a tinydistill store") as err:
         td.open_store(tmp_path / "plain")
+    assert len(str(err.value).splitlines()) == 1 and err.value.__suppress_context__  # no chained traceback
+    (tmp_path / "f.txt").write_text("x")
+    with pytest.raises(NotAStoreError, match="is a file"):
+        td.open_store(tmp_path / "f.txt")
     zarr.open_group(str(tmp_path / "other.zarr"), mode="w").attrs["foo"] = 1
     with pytest.raises(NotAStoreError, match="not a tinydistill store"):
         td.open_store(tmp_path / "other.zarr")
     g = zarr.open_group(str(small_store.path), mode="r+")
     g.attrs["tinydistill_format"] = 99
-    with pytest.raises(FormatVersionError, match="version 99"):
+    with pytest.raises(FormatVersionError, match="version 99, .* reads versions 1, 2"):
         td.open_store(small_store.path)
 
 

@@ -64,7 +64,10 @@ def _completeness_line(done: list[float]) -> str:
 @main.command()
 @click.argument("store")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-@click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG: top-1 probability, top-K mass, per-class confidence.")
+@click.option("--plot", type=click.Path(dir_okay=False),
+              help="Write a plot of top-1 probability, top-K mass and per-class confidence (with many "
+                   "classes: the least sure ones, named). The format follows the extension: "
+                   ".png, .pdf, .svg, ...")
 @click.option("--max-views", type=click.IntRange(min=1), default=200_000, show_default=True,
               help="Views read for the statistics (whole chunks, sampled across epochs).")
 @click.option("--check", is_flag=True, help="Also read every complete shard in full; exit 1 if any is corrupt.")
@@ -78,8 +81,10 @@ def inspect(store, as_json, plot, max_views, check, n_params, data, epoch):
     STORE is a local path or an fsspec URL (s3://, gs://, file://, memory://).
     """
     from .store import open_store
-    from .summary import plot_summary, summarize
+    from .summary import check_plot_path, plot_summary, summarize
 
+    if plot:
+        check_plot_path(plot)  # a bad extension fails before the store is read
     st = open_store(store)
     bad = st.check() if check else []
     if bad:  # report every bad unit before the statistics, which would stop at the first
@@ -117,6 +122,10 @@ def inspect(store, as_json, plot, max_views, check, n_params, data, epoch):
                 ("agreement", "no labels" if stats["top1_agreement"] is None
                  else f"teacher top-1 = label on {100 * stats['top1_agreement']:.2f}% of views"),
             ]
+            if stats.get("least_sure_classes"):
+                lines.append(("least sure", ", ".join(f"{c['class']} ({c['mean_true_class_prob']:.2f})"
+                                                      for c in stats["least_sure_classes"][:5])
+                              + "  (mean probability of the true class)"))
         else:
             lines.append(("statistics", "no complete views yet"))
         if check:

@@ -23,3 +23,10 @@ class CorruptStoreError(StoreError):
 
 class IncompleteError(StoreError):
     """Rows were asked for that no writer has finished yet."""
+
+
+class UnknownKeyError(StoreError, KeyError):
+    """A sample key that is not in the store."""
+
+    def __str__(self) -> str:  # KeyError would print the message quoted
+        return str(self.args[0]) if self.args else ""

@@ -112,18 +112,14 @@ class DigitsSource(Source):
     def __init__(self, split: str = "train"):
         if split not in ("train", "val"):
             raise SourceError(f"digits:{split}: unknown split (use digits:train or digits:val)")
-        try:
-            from sklearn.datasets import load_digits
-        except ImportError as e:
-            raise SourceError("digits needs scikit-learn: pip install scikit-learn") from e
-        d = load_digits()
-        idx = np.arange(len(d.target))
+        images, target = _digits()
+        idx = np.arange(len(target))
         chosen = idx[idx % 5 == 4] if split == "val" else idx[idx % 5 != 4]
         order = np.random.default_rng(ORDER_SEED).permutation(chosen)
         self.name = f"digits:{split}"
-        self._images = np.round(d.images[order] * (255 / 16)).astype(np.uint8)
+        self._images = np.round(images[order] * (255 / 16)).astype(np.uint8)
         self.keys = [f"digits/{i:04d}" for i in order]
-        self.labels = d.target[order].astype(np.int64)
+        self.labels = target[order].astype(np.int64)
         self.class_names = [str(c) for c in range(10)]
 
     def _load(self, row: int):
@@ -133,6 +129,27 @@ class DigitsSource(Source):
 
     def _encoded(self, row: int):
         return self._images[row]
+
+
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    """(images float [1797, 8, 8] in 0..16, labels [1797]) as sklearn's ``load_digits`` gives them.
+
+    Read straight from the CSV file scikit-learn ships, found without importing scikit-learn
+    (whose import takes about a second: most of a notebook's first ``view()`` on digits).
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    csv = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz" if spec and spec.origin else None
+    if csv is not None and csv.is_file():
+        data = np.loadtxt(csv, delimiter=",")
+        return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(np.int64)
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise SourceError("digits needs scikit-learn: pip install scikit-learn") from None
+    d = load_digits()
+    return d.images, d.target
 
 
 class ImageFolderSource(Source):

@@ -1,19 +1,24 @@
 """The logit store: a Zarr v3 group with each view's sparse top-K teacher outputs and seed.
 
-Layout (E epochs, N rows, K kept classes, S = ceil(N / shard_rows) shards per epoch)::
+Layout of format 2 (E epochs, N rows, K kept classes, S = ceil(N / shard_rows) shards)::
 
-    logp      (E, N, K) float16   top-K log-probabilities at T=1 (fill NaN = never written)
-    index     (E, N, K) int16     class ids (int32 when num_classes > 32767), fill -1
-    seed      (E, N)    uint64    encoded per-view seed (fill 2**64-1 = never written,
+    logp       (E, N, K) float16  top-K log-probabilities at T=1 (fill NaN = never written)
+    index_gap  (E, N, K) int16    class ids as gaps: slot 0 = the row's smallest id, slot j =
+                                  id[j] - id[j-1]; ids = cumsum over the last axis (int32 when
+                                  num_classes > 32767), fill -1 (never written or skipped)
+      or index (E, N, K)          the class ids themselves (``id_layout="ids"``, ~7 % larger)
+    seed       (E, N)    uint64   encoded per-view seed (fill 2**64-1 = never written,
                                   2**64-2 = view skipped: unreadable image, NaN log-probs)
-    key       (N,)      string    sample keys, in store order
-    label     (N,)      int32     ground-truth labels, -1 when unknown
-    complete  (E, S)    uint8     1 once (epoch, shard) is durably written
+    key        (N, L)    uint8    sample keys, UTF-8, zero-padded to the longest key
+    label      (N,)      int32    ground-truth labels, -1 when unknown
+    complete   (E, S)    uint8    1 once (epoch, shard) is durably written
 
-Within a row the K entries are stored in ascending class-id order, and ``index`` carries a
-delta filter: sorted ids of a confident teacher are close together, so the deltas compress
-far better than ids in rank order. :meth:`LogitStore.topk` gives rows back in descending
-log-probability order. Every chunk carries a crc32c checksum.
+Within a row the K entries are stored in ascending class-id order: sorted ids of a confident
+teacher are close together, so their gaps are small numbers that compress far better than ids
+in rank order. :meth:`LogitStore.topk` gives rows back as class ids in descending
+log-probability order. Only codecs and data types of the Zarr v3 specification are used
+(bytes, blosc, crc32c, sharding), so zarr-python, tensorstore and xarray read every array.
+Format 1 (ids through numcodecs' delta filter, keys as zarr strings) still opens.
 
 Writers always write whole (epoch, shard) units, one writer per unit, so any number of
 processes or nodes can fill disjoint shards of one store at once. The ``complete`` marker of
@@ -24,12 +29,12 @@ but is not.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
-
-import warnings
 
 import numpy as np
 import zarr
@@ -44,30 +49,76 @@ from .errors import (
     IncompleteError,
     NotAStoreError,
     StoreError,
+    UnknownKeyError,
 )
-from .targets import dense_targets
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 FORMAT_KEY = "tinydistill_format"  # group attribute that marks a finished tinydistill store
+ID_LAYOUTS = ("gaps", "ids")
 from .config import DEFAULT_CHUNK_ROWS, DEFAULT_SHARD_CHUNKS  # noqa: E402  (the layout's defaults)
 FP16_MIN = float(np.finfo(np.float16).min)
 SEED_UNSET = np.iinfo(np.uint64).max  # fill value of ``seed``: a seed that was never written
 SEED_SKIPPED = SEED_UNSET - np.uint64(1)  # seed of a view whose image could not be read (--skip-bad)
-
-# the delta filter is numcodecs' (zarr-python reads it; other implementations may not)
-warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3", category=UserWarning)
-
-
-def _compressors():
-    # zstd level 5 is the knee of write speed against size; shuffle groups the bytes of
-    # each element; crc32c makes any flipped byte fail the read instead of decoding garbage.
-    return [BloscCodec(cname="zstd", clevel=5, shuffle="shuffle"), Crc32cCodec()]
+# which fsspec backend package an URL scheme needs, and the extra that installs it
+_EXTRAS = {"s3fs": "tinydistill[s3]", "gcsfs": "tinydistill[gcs]"}
 
 
-def _delta(dtype: str):
-    from zarr.codecs.numcodecs import Delta  # numcodecs' codec, wrapped for zarr v3
+def _compressors(shuffle: str = "shuffle"):
+    # zstd level 5 is the knee of write speed against size; shuffle groups the bytes of each
+    # element (bit-level for the seed counter); crc32c makes any flipped byte fail the read
+    # instead of decoding garbage. All three are codecs of the Zarr v3 specification.
+    return [BloscCodec(cname="zstd", clevel=5, shuffle=shuffle), Crc32cCodec()]
 
-    return [Delta(dtype=dtype)]
+
+@contextlib.contextmanager
+def _quiet_numcodecs():
+    """Format-1 stores carry numcodecs' delta filter, which zarr warns about when it parses it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3")
+        yield
+
+
+def _optional(module: str):
+    """Import an optional notebook dependency, or fail in one line naming the package."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ImportError(f"this needs {module}: pip install {module} "
+                          f"(or pip install 'tinydistill[notebook]')") from None
+
+
+def encode_keys(keys: Sequence[str]) -> np.ndarray:
+    """uint8 [N, L]: each key's UTF-8 bytes, zero-padded to the longest (L >= 1)."""
+    raw = [str(k).encode("utf-8") for k in keys]
+    if any(b"\0" in b for b in raw):
+        raise ValueError("sample keys must not contain NUL characters")
+    width = max([len(b) for b in raw] + [1])
+    return np.frombuffer(b"".join(b.ljust(width, b"\0") for b in raw), np.uint8).reshape(len(raw), width)
+
+
+def decode_keys(arr: np.ndarray) -> np.ndarray:
+    """Object array of str from :func:`encode_keys`' uint8 [N, L]."""
+    arr = np.ascontiguousarray(arr, dtype=np.uint8)
+    if arr.ndim != 2:
+        raise ValueError(f"key array must be 2-D, got shape {arr.shape}")
+    fixed = arr.view(f"S{max(arr.shape[1], 1)}")[:, 0] if arr.shape[1] else np.full(len(arr), b"", "S1")
+    return np.array([b.decode("utf-8") for b in fixed.tolist()], dtype=object)
+
+
+def gaps_to_ids(gaps: np.ndarray) -> np.ndarray:
+    """Class ids from the ``index_gap`` layout (rows of -1 stay -1: never written or skipped)."""
+    gaps = np.asarray(gaps)
+    ids = np.cumsum(gaps.astype(np.int64), axis=-1)
+    return np.where((gaps < 0).any(-1, keepdims=True), -1, ids)
+
+
+def ids_to_gaps(ids: np.ndarray) -> np.ndarray:
+    """The ``index_gap`` layout of rows of ascending class ids."""
+    ids = np.asarray(ids, dtype=np.int64)
+    return np.diff(ids, axis=-1, prepend=0)
 
 
 def _local(path: str) -> str:
@@ -93,6 +144,26 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {msg[0] if msg else ''}".rstrip(": ")
 
 
+def _backend_missing(path: str, exc: BaseException) -> str | None:
+    """The one-line message for an URL whose fsspec backend (or fsspec) is not installed."""
+    if not isinstance(exc, ImportError) or not _is_url(path):
+        return None
+    scheme = _local(path).split("://", 1)[0]
+    if getattr(exc, "name", None) == "fsspec":
+        return f"{path}: {scheme}:// URLs need the fsspec package: pip install fsspec"
+    try:
+        from fsspec.registry import known_implementations
+
+        cls = known_implementations.get(scheme, {}).get("class", "")
+    except ImportError:
+        return f"{path}: {scheme}:// URLs need the fsspec package: pip install fsspec"
+    pkg = cls.split(".", 1)[0] if cls else getattr(exc, "name", None)
+    if not pkg:
+        return f"{path}: {scheme}:// needs a package that is not installed ({_one_line(exc)})"
+    extra = f" (or pip install '{_EXTRAS[pkg]}')" if pkg in _EXTRAS else ""
+    return f"{path}: {scheme}:// URLs need the {pkg} package: pip install {pkg}{extra}"
+
+
 def create_store(
     path: str | os.PathLike,
     *,
@@ -111,11 +182,15 @@ def create_store(
     arrays: dict | None = None,
     overwrite: bool = False,
     storage_options: dict | None = None,
+    id_layout: str = "gaps",
 ) -> "LogitStore":
     """Create an empty store and return it open for writing (rank 0 calls this; others open).
 
     ``teacher`` describes the teacher (name, weights digest, input size, mean/std);
     ``augmentation`` is the view spec whose hash replay checks. Both are free-form dicts.
+    ``id_layout="gaps"`` (default) stores class ids as gaps within each row (array
+    ``index_gap``, smallest); ``"ids"`` stores the ids themselves (array ``index``), which any
+    reader sees directly, for ~7 % more bytes per view (see docs/benchmarks.md).
     ``arrays`` maps extra array names to (values, dimension names), written with the store.
     """
     path = str(path)
@@ -129,6 +204,12 @@ def create_store(
         raise StoreError(f"{path}: epochs must be >= 1, got {epochs}")
     if len(set(keys)) != n:
         raise StoreError(f"{path}: sample keys are not unique")
+    if id_layout not in ID_LAYOUTS:
+        raise StoreError(f"{path}: id_layout must be one of {', '.join(ID_LAYOUTS)}, got {id_layout!r}")
+    try:
+        key_bytes = encode_keys(keys)
+    except ValueError as e:
+        raise StoreError(f"{path}: {e}") from None
     labels_arr = np.full(n, -1, np.int32) if labels is None else np.asarray(labels, np.int64)
     if labels_arr.shape != (n,):
         raise StoreError(f"{path}: {len(labels_arr)} labels for {n} keys")
@@ -146,24 +227,37 @@ def create_store(
 
     n_shards = -(-n // shard_rows)
     index_dtype = "int16" if num_classes <= np.iinfo(np.int16).max + 1 else "int32"
+    index_name = "index_gap" if id_layout == "gaps" else "index"
     try:
         g = _open_group(path, "w" if overwrite else "w-", storage_options)
         common = dict(compressors=_compressors())
-        g.create_array("logp", shape=(epochs, n, k), dtype="float16", chunks=(1, chunk_rows, k),
-                       shards=(1, shard_rows, k), fill_value=np.nan,
-                       dimension_names=("epoch", "row", "rank"), **common)
-        g.create_array("index", shape=(epochs, n, k), dtype=index_dtype, chunks=(1, chunk_rows, k),
-                       shards=(1, shard_rows, k), fill_value=-1, filters=_delta(index_dtype),
-                       dimension_names=("epoch", "row", "rank"), **common)
+        view3 = dict(chunks=(1, chunk_rows, k), shards=(1, shard_rows, k), dimension_names=("epoch", "row", "slot"))
+        g.create_array("logp", shape=(epochs, n, k), dtype="float16", fill_value=np.nan, **view3, **common,
+                       attributes={"description": "top-K log-probabilities at T=1; the K slots of a row are in "
+                                                  "ascending class-id order; NaN = never written or skipped"})
+        g.create_array(index_name, shape=(epochs, n, k), dtype=index_dtype, fill_value=-1, **view3, **common,
+                       attributes={"description": (
+                           "class ids of the logp slots as gaps: slot 0 is the smallest id of the row, slot j "
+                           "is id[j] - id[j-1]; ids = cumsum over the last axis; -1 = never written or skipped"
+                           if id_layout == "gaps" else
+                           "class ids of the logp slots, ascending within a row; -1 = never written or skipped")})
         g.create_array("seed", shape=(epochs, n), dtype="uint64", chunks=(1, chunk_rows),
-                       shards=(1, shard_rows), fill_value=SEED_UNSET, filters=_delta("uint64"),
-                       dimension_names=("epoch", "row"), **common)
-        g.create_array("key", shape=(n,), dtype=str, chunks=(min(n, 65536),), **common)
-        g.create_array("label", shape=(n,), dtype="int32", chunks=(min(n, 65536),), fill_value=-1, **common)
+                       shards=(1, shard_rows), fill_value=SEED_UNSET, dimension_names=("epoch", "row"),
+                       compressors=_compressors("bitshuffle"),
+                       attributes={"description": "encoded view seed; 2**64-1 = never written, "
+                                                  "2**64-2 = view skipped (unreadable image)"})
+        key_rows = max(1, min(n, 65536, (1 << 22) // key_bytes.shape[1]))
+        g.create_array("key", shape=key_bytes.shape, dtype="uint8", chunks=(key_rows, key_bytes.shape[1]),
+                       fill_value=0, dimension_names=("row", "key_byte"), **common,
+                       attributes={"description": "sample keys in store order: UTF-8 bytes, zero-padded"})
+        g.create_array("label", shape=(n,), dtype="int32", chunks=(min(n, 65536),), fill_value=-1,
+                       dimension_names=("row",), **common,
+                       attributes={"description": "ground-truth class id; -1 = unknown"})
         # one tiny chunk per (epoch, shard): each writer sets only its own markers
         g.create_array("complete", shape=(epochs, n_shards), dtype="uint8", chunks=(1, 1),
-                       fill_value=0, compressors=None, dimension_names=("epoch", "shard"))
-        g["key"][:] = np.array(keys, dtype=object)
+                       fill_value=0, compressors=None, dimension_names=("epoch", "shard"),
+                       attributes={"description": "1 once the rows of (epoch, shard) are durably written"})
+        g["key"][:] = key_bytes
         g["label"][:] = labels_arr.astype(np.int32)
         for name, (values, dims) in (arrays or {}).items():  # small extras, e.g. the canary's pixels
             values = np.asarray(values)
@@ -178,6 +272,7 @@ def create_store(
             "chunk_rows": int(chunk_rows),
             "shard_rows": int(shard_rows),
             "index_order": "ascending class id within each row",
+            "id_layout": id_layout,
             "class_names": names,
             "teacher": teacher or {},
             "augmentation": augmentation or {},
@@ -194,7 +289,7 @@ def create_store(
     except StoreError:
         raise
     except Exception as e:  # permission denied, disk full, existing group, bad URL ...
-        raise StoreError(f"{path}: cannot create store: {_one_line(e)}") from e
+        raise StoreError(_backend_missing(path, e) or f"{path}: cannot create store: {_one_line(e)}") from None
     return LogitStore(path, mode="r+", storage_options=storage_options)
 
 
@@ -240,28 +335,42 @@ class LogitStore:
         self.path = path
         self.mode = mode
         self._storage_options = storage_options
-        if not _is_url(path) and not Path(_local(path)).exists():
+        local = Path(_local(path))
+        if not _is_url(path) and not local.exists():
             raise NotAStoreError(f"{path}: no such file or directory")
+        if not _is_url(path) and not local.is_dir():
+            raise NotAStoreError(f"{path}: is a file, not a store (a store is a directory)")
         try:
             self._group = _open_group(path, mode, storage_options)
             attrs = dict(self._group.attrs)
         except Exception as e:
-            raise NotAStoreError(f"{path}: not a tinydistill store ({_one_line(e)})") from e
+            missing = _backend_missing(path, e)
+            if missing:
+                raise NotAStoreError(missing) from None
+            if isinstance(e, (FileNotFoundError, zarr.errors.NodeNotFoundError)):
+                raise NotAStoreError(f"{path}: not a tinydistill store (no Zarr group there)") from None
+            raise NotAStoreError(f"{path}: not a tinydistill store ({_one_line(e)})") from None
         version = attrs.get(FORMAT_KEY)
         if version is None:
             raise NotAStoreError(f"{path}: not a tinydistill store (no '{FORMAT_KEY}' attribute)")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_FORMATS:
             raise FormatVersionError(
-                f"{path}: store format version {version}, this tinydistill ({__version__}) reads version {FORMAT_VERSION}"
+                f"{path}: store format version {version}, this tinydistill ({__version__}) reads versions "
+                + ", ".join(map(str, READABLE_FORMATS))
             )
         self.attrs = attrs
+        self.format_version = int(version)
+        # format 1 and id_layout "ids" keep class ids in "index"; "gaps" keeps their gaps in "index_gap"
+        self.id_layout = attrs.get("id_layout", "ids") if version >= 2 else "ids"
+        self._gaps = self.id_layout == "gaps"
         try:
-            self._logp = self._group["logp"]
-            self._index = self._group["index"]
-            self._seed = self._group["seed"]
-            self._complete = self._group["complete"]
+            with _quiet_numcodecs():
+                self._logp = self._group["logp"]
+                self._index = self._group["index_gap" if self._gaps else "index"]
+                self._seed = self._group["seed"]
+                self._complete = self._group["complete"]
         except Exception as e:
-            raise CorruptStoreError(f"{path}: store is missing an array ({_one_line(e)})") from e
+            raise CorruptStoreError(f"{path}: store is missing an array ({_one_line(e)})") from None
         self.num_classes = int(attrs["num_classes"])
         self.k = int(attrs["k"])
         self.epochs = int(attrs["epochs"])
@@ -272,6 +381,7 @@ class LogitStore:
         self._mask: np.ndarray | None = None
         self._keys: np.ndarray | None = None
         self._labels: np.ndarray | None = None
+        self._key_rows: dict | None = None
         self._replay: dict = {}
 
     def __getstate__(self):  # DataLoader workers started by spawn re-open the store by path
@@ -283,6 +393,15 @@ class LogitStore:
     def __repr__(self) -> str:
         return (f"LogitStore({self.path!r}, epochs={self.epochs}, rows={self.num_rows}, "
                 f"k={self.k}, classes={self.num_classes}, mode={self.mode!r})")
+
+    def __len__(self) -> int:
+        """Number of rows (samples); each has one view per epoch."""
+        return self.num_rows
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(epochs, rows, K): the shape of the top-K arrays."""
+        return (self.epochs, self.num_rows, self.k)
 
     # ---- metadata ---------------------------------------------------------------------------
 
@@ -308,9 +427,27 @@ class LogitStore:
 
     @property
     def keys(self) -> np.ndarray:
+        """Sample keys in store order (object array of str)."""
         if self._keys is None:
-            self._keys = np.asarray(self._read_meta("key"), dtype=object)
+            raw = self._read_meta("key")
+            if self.format_version == 1:  # zarr string array
+                self._keys = np.asarray(raw, dtype=object)
+            else:
+                self._keys = decode_keys(raw)
         return self._keys
+
+    def row_of(self, key: str) -> int:
+        """The row of a sample key (a one-line :class:`UnknownKeyError` if it is not in the store)."""
+        if self._key_rows is None:
+            self._key_rows = {k: i for i, k in enumerate(self.keys)}
+        try:
+            return self._key_rows[str(key)]
+        except KeyError:
+            raise UnknownKeyError(f"{self.path}: no sample with key {str(key)!r}") from None
+
+    def rows_of(self, keys: Sequence[str]) -> np.ndarray:
+        """int64 rows of sample keys, in the order given."""
+        return np.array([self.row_of(k) for k in keys], dtype=np.int64)
 
     @property
     def labels(self) -> np.ndarray:
@@ -322,7 +459,7 @@ class LogitStore:
         try:
             return self._group[name][:]
         except Exception as e:
-            raise CorruptStoreError(f"{self.path}: cannot read '{name}' ({_one_line(e)})") from e
+            raise CorruptStoreError(f"{self.path}: cannot read '{name}' ({_one_line(e)})") from None
 
     @property
     def info(self) -> dict[str, Any]:
@@ -333,7 +470,8 @@ class LogitStore:
         total = sum(nbytes.values())
         return {
             "path": self.path,
-            "format_version": FORMAT_VERSION,
+            "format_version": self.format_version,
+            "id_layout": self.id_layout,
             "num_classes": self.num_classes,
             "k": self.k,
             "epochs": self.epochs,
@@ -407,6 +545,17 @@ class LogitStore:
     def _rows(self, epoch: int, rows) -> tuple[np.ndarray | slice, int]:
         if not 0 <= int(epoch) < self.epochs:
             raise IndexError(f"{self.path}: epoch {epoch} out of range [0, {self.epochs})")
+        if isinstance(rows, str):  # a sample key
+            rows = self.row_of(rows)
+        elif not isinstance(rows, slice):
+            arr = np.asarray(rows) if not isinstance(rows, (list, tuple)) or rows else np.zeros(0, np.int64)
+            if arr.dtype == bool:
+                if arr.shape != (self.num_rows,):
+                    raise IndexError(f"{self.path}: a boolean mask of rows needs {self.num_rows} entries, "
+                                     f"got shape {arr.shape}")
+                rows = np.nonzero(arr)[0]
+            elif arr.dtype.kind in "UO" and arr.ndim == 1:  # sample keys
+                rows = self.rows_of(arr.tolist())
         if isinstance(rows, slice):
             start, stop, step = rows.indices(self.num_rows)
             if step == 1:
@@ -414,7 +563,8 @@ class LogitStore:
             rows = np.arange(start, stop, step)
         idx = np.atleast_1d(np.asarray(rows))
         if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
-            raise IndexError(f"{self.path}: rows must be an int, a slice or a 1-D integer array")
+            raise IndexError(f"{self.path}: rows must be an int, a slice, a 1-D integer array, a "
+                             "boolean mask, or sample keys")
         idx = idx.astype(np.int64)
         idx = np.where(idx < 0, idx + self.num_rows, idx)
         if idx.size and (idx.min() < 0 or idx.max() >= self.num_rows):
@@ -459,21 +609,27 @@ class LogitStore:
                 raise CorruptStoreError(
                     f"{self.path}: corrupted bytes in '{name}' epoch {epoch} (checksum mismatch); "
                     "regenerate the affected shard"
-                ) from e
+                ) from None
             raise CorruptStoreError(
                 f"{self.path}: cannot read '{name}' epoch {epoch} ({_one_line(e)})"
-            ) from e
+            ) from None
 
-    def topk(self, epoch: int, rows, order: str = "desc") -> tuple[np.ndarray, np.ndarray]:
+    def topk(self, epoch: int, rows, order: str = "desc", names: bool = False):
         """(log-probs float32 [n, K], class ids int64 [n, K]) for rows of one epoch.
 
-        ``order="desc"`` sorts each row by descending log-probability; ``"stored"`` keeps
-        the on-disk ascending class-id order (cheaper; the KD loss does not care).
+        ``rows``: an int, a slice, an integer array (any order, repeats allowed), a boolean
+        mask over all rows, a sample key or a list of keys. ``order="desc"`` sorts each row
+        by descending log-probability; ``"stored"`` keeps the on-disk ascending class-id order
+        (cheaper; the KD loss does not care). ``names=True`` adds a third array, the class
+        names (object [n, K]; None for a skipped view).
         """
+        if order not in ("desc", "stored"):
+            raise ValueError(f"order must be 'desc' or 'stored', got {order!r}")
         sel, _ = self._rows(epoch, rows)
         self._check_complete(epoch, sel)
         logp = self._read(self._logp, epoch, sel).astype(np.float32)
-        index = self._read(self._index, epoch, sel).astype(np.int64)
+        index = self._read(self._index, epoch, sel)
+        index = gaps_to_ids(index) if self._gaps else index.astype(np.int64)
         bad = np.isnan(logp).any(1) | (index < 0).any(1)
         if bad.any():
             rows_bad = (np.arange(self.num_rows)[sel] if isinstance(sel, slice) else sel)[bad]
@@ -487,13 +643,16 @@ class LogitStore:
             o = np.argsort(-logp, axis=1, kind="stable")
             logp = np.take_along_axis(logp, o, 1)
             index = np.take_along_axis(index, o, 1)
-        elif order != "stored":
-            raise ValueError(f"order must be 'desc' or 'stored', got {order!r}")
+        if names:
+            table = np.array(self.class_names + [None], dtype=object)
+            return logp, index, table[index]  # id -1 (skipped) -> None
         return logp, index
 
     def dense(self, epoch: int, rows, temperature: float = 1.0) -> np.ndarray:
         """Dense float32 [n, C] targets with TinyViT's smoothing (see :mod:`tinydistill.targets`)."""
         import torch
+
+        from .targets import dense_targets
 
         logp, index = self.topk(epoch, rows, order="stored")
         return dense_targets(torch.from_numpy(logp), torch.from_numpy(index), self.num_classes,
@@ -532,6 +691,83 @@ class LogitStore:
             return np.asarray(self._group["canary_pixels"][...], dtype=np.float32)
         except KeyError:
             return None
+
+    # ---- tables for notebooks ----------------------------------------------------------------
+
+    def _class_name_table(self) -> np.ndarray:
+        return np.array(self.class_names + [None], dtype=object)  # id -1 (skipped view) -> None
+
+    def to_pandas(self, epoch: int, rows=slice(None), k: int | None = None):
+        """A pandas DataFrame, one line per (view, rank): ``epoch``, ``row``, ``key``, ``label``,
+        ``label_name``, ``rank`` (0 = the teacher's top class), ``class_id``, ``class_name``,
+        ``prob`` and ``logp``. ``rows`` as in :meth:`topk`; ``k`` keeps the first k ranks.
+        Needs pandas (``pip install 'tinydistill[notebook]'``)."""
+        pd = _optional("pandas")
+        sel, _ = self._rows(epoch, rows)
+        logp, ids = self.topk(epoch, sel)
+        k = self.k if k is None else max(0, min(int(k), self.k))
+        logp, ids = logp[:, :k], ids[:, :k]
+        rows_ = np.arange(self.num_rows)[sel] if isinstance(sel, slice) else sel
+        n = len(rows_)
+        names = self._class_name_table()
+        labels = self.labels[rows_]
+        return pd.DataFrame({
+            "epoch": np.full(n * k, int(epoch), np.int64),
+            "row": np.repeat(rows_, k),
+            "key": np.repeat(self.keys[rows_], k),
+            "label": np.repeat(labels, k),
+            "label_name": np.repeat(names[labels], k),
+            "rank": np.tile(np.arange(k), n),
+            "class_id": ids.reshape(-1),
+            "class_name": names[ids.reshape(-1)],
+            "prob": np.exp(logp.reshape(-1)),
+            "logp": logp.reshape(-1),
+        })
+
+    def to_xarray(self, epochs=None, rows=slice(None)):
+        """An in-memory xarray Dataset of the top-K outputs, dims (epoch, row, rank).
+
+        Variables ``logp``, ``prob``, ``class_id`` and ``seed``; coordinates ``epoch``,
+        ``row``, ``rank`` (0 = top class), ``key``, ``label``, ``label_name`` per row and
+        ``class_name`` per (epoch, row, rank). ``epochs`` defaults to every epoch whose
+        selected rows are all written. It reads everything asked for into memory: select rows
+        (a slice, indices, a boolean mask or keys) for large stores. Needs xarray
+        (``pip install 'tinydistill[notebook]'``).
+        """
+        xr = _optional("xarray")
+        sel, _ = self._rows(0, rows)
+        rows_ = np.arange(self.num_rows)[sel] if isinstance(sel, slice) else sel
+        if epochs is None:
+            shards = np.unique(rows_ // self.shard_rows)
+            epochs = [e for e in range(self.epochs) if self.complete_mask(refresh=True)[e, shards].all()]
+            if not epochs:
+                raise IncompleteError(f"{self.path}: no epoch has all the selected rows written yet")
+        epochs = [int(e) for e in np.atleast_1d(epochs)]
+        logp = np.empty((len(epochs), len(rows_), self.k), np.float32)
+        ids = np.empty(logp.shape, np.int64)
+        seed = np.empty((len(epochs), len(rows_)), np.uint64)
+        for i, e in enumerate(epochs):
+            logp[i], ids[i] = self.topk(e, sel)
+            seed[i] = self.seeds(e, sel)
+        names = self._class_name_table()
+        labels = self.labels[rows_]
+        keep = ("num_classes", "k", "epochs", "num_rows", "spec_hash", "dataset_fingerprint", "base_seed",
+                "created", FORMAT_KEY)
+        attrs = {a: self.attrs[a] for a in keep if a in self.attrs}
+        attrs["teacher"] = str(self.teacher.get("name", ""))
+        attrs["store"] = self.path
+        dims = ("epoch", "row", "rank")
+        return xr.Dataset(
+            {"logp": (dims, logp, {"description": "teacher log-probability at T=1, by rank"}),
+             "prob": (dims, np.exp(logp), {"description": "teacher probability, by rank"}),
+             "class_id": (dims, ids, {"description": "class id; -1 = skipped view"}),
+             "seed": (("epoch", "row"), seed, {"description": "encoded view seed"})},
+            coords={"epoch": epochs, "row": rows_, "rank": np.arange(self.k),
+                    "key": ("row", self.keys[rows_]), "label": ("row", labels),
+                    "label_name": ("row", names[labels]),
+                    "class_name": (dims, names[ids])},
+            attrs=attrs,
+        )
 
     def view(self, epoch: int, row: int, data):
         """The view (epoch, row) as the teacher saw it: a :class:`tinydistill.views.View`,
@@ -600,6 +836,9 @@ class LogitStore:
             raise StoreError(f"{where}: a row repeats a class id")
         logp = stored_logp(logp)
         logp[skip], index[skip] = np.nan, -1
+        if self._gaps:
+            index = ids_to_gaps(index)
+            index[skip] = -1
         marker = self._marker_key(epoch, shard)
         try:
             if self.is_complete(epoch, shard):  # rewriting: unmark first, never mark stale data
@@ -611,7 +850,7 @@ class LogitStore:
             self._complete[epoch, shard] = 1
             self._fsync([marker])
         except Exception as e:
-            raise StoreError(f"{where}: write failed, unit left incomplete ({_one_line(e)})") from e
+            raise StoreError(f"{where}: write failed, unit left incomplete ({_one_line(e)})") from None
         if self._mask is not None:
             self._mask[epoch, shard] = True
 

@@ -7,6 +7,44 @@ import numpy as np
 from .errors import TinydistillError
 from .store import LogitStore
 
+LEAST_SURE = 20  # classes named in the plot's third panel when there are too many to show all
+MANY_CLASSES = 40
+
+
+def least_sure(per_class: np.ndarray, class_names: list[str], n: int = LEAST_SURE) -> list[tuple[str, float]]:
+    """(name, mean probability of the true class) of the n classes the teacher is least sure of."""
+    seen = np.nonzero(np.isfinite(per_class))[0]
+    worst = seen[np.argsort(per_class[seen], kind="stable")[:n]]
+    return [(class_names[c] if c < len(class_names) else str(c), float(per_class[c])) for c in worst]
+
+
+def plot_formats() -> dict[str, str]:
+    """File extensions matplotlib can write (e.g. png, pdf, svg), or {} without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib.figure import Figure
+    except ImportError:
+        return {}
+    return dict(Figure().canvas.get_supported_filetypes())
+
+
+def check_plot_path(path: str) -> str:
+    """The output format of ``--plot PATH``: its extension, if matplotlib can write it."""
+    import os
+
+    ext = os.path.splitext(path)[1].lower().lstrip(".")
+    formats = plot_formats()
+    if not formats:
+        raise TinydistillError("--plot needs matplotlib: pip install 'tinydistill[plot]'")
+    if not ext:
+        raise TinydistillError(f"{path}: --plot needs a file extension that names the format "
+                               f"({', '.join(sorted(formats))})")
+    if ext not in formats:
+        raise TinydistillError(f"{path}: cannot write .{ext} plots; use one of {', '.join(sorted(formats))}")
+    return ext
+
 
 def summarize(store: LogitStore, max_views: int = 200_000, seed: int = 0) -> dict:
     """Statistics over up to ``max_views`` complete views, sampled as whole chunks.
@@ -62,18 +100,22 @@ def summarize(store: LogitStore, max_views: int = 200_000, seed: int = 0) -> dic
             with np.errstate(invalid="ignore", divide="ignore"):
                 per_class = sums / counts
         arrays = {"top1": top1_a, "mass": mass_a, "per_class": per_class}
+        if np.isfinite(per_class).any():
+            stats["least_sure_classes"] = [
+                {"class": name, "mean_true_class_prob": p} for name, p in least_sure(per_class, store.class_names, 10)]
     return {"info": info, "completed": store.completed().tolist(), "stats": stats, "_arrays": arrays}
 
 
 def plot_summary(summary: dict, class_names: list[str], path: str) -> None:
-    """Three panels: top-1 probability, top-K mass, and per-class confidence on the true class."""
-    try:
-        import matplotlib
+    """Three panels: top-1 probability, top-K mass, and per-class confidence on the true class
+    (every class when there are at most 40, else the 20 the teacher is least sure of, named).
+    The format follows the extension of ``path`` (png, pdf, svg, ...)."""
+    fmt = check_plot_path(path)
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise TinydistillError("--plot needs matplotlib: pip install 'tinydistill[plot]'") from e
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     arrays = summary["_arrays"]
     if not arrays:
         raise TinydistillError(f"{summary['info']['path']}: no complete views to plot")
@@ -85,13 +127,20 @@ def plot_summary(summary: dict, class_names: list[str], path: str) -> None:
     ax[1].set(title=f"top-{info['k']} mass", xlabel="sum of top-K probabilities", ylabel="views")
     pc = arrays["per_class"]
     if np.isfinite(pc).any():
-        if len(pc) <= 40:
+        if len(pc) <= MANY_CLASSES:
             ax[2].bar(range(len(pc)), np.nan_to_num(pc), color="tab:green")
             ax[2].set_xticks(range(len(pc)), [n[:12] for n in class_names], rotation=90, fontsize=7)
+            ax[2].set(title="mean teacher probability of the true class", ylabel="probability", ylim=(0, 1))
         else:
-            ax[2].plot(np.sort(pc[np.isfinite(pc)])[::-1], color="tab:green")
-            ax[2].set_xlabel("classes, most confident first")
-        ax[2].set(title="mean teacher probability of the true class", ylabel="probability", ylim=(0, 1))
+            worst = least_sure(pc, class_names)
+            seen = int(np.isfinite(pc).sum())
+            y = np.arange(len(worst))[::-1]  # least sure at the top
+            ax[2].barh(y, [p for _, p in worst], color="tab:red")
+            ax[2].set_yticks(y, [n[:28] for n, _ in worst], fontsize=7)
+            ax[2].axvline(float(np.nanmedian(pc)), color="grey", ls="--", lw=1, label="median class")
+            ax[2].legend(fontsize=7, loc="lower right")
+            ax[2].set(title=f"classes where the teacher is least sure\n({len(worst)} of {seen} classes)",
+                      xlabel="mean teacher probability of the true class", xlim=(0, 1))
     else:
         ax[2].text(0.5, 0.5, "no ground-truth labels in store", ha="center", va="center")
         ax[2].set_axis_off()
@@ -99,7 +148,8 @@ def plot_summary(summary: dict, class_names: list[str], path: str) -> None:
     fig.suptitle(f"{info['path']}  ({teacher}, {summary['stats']['views_sampled']} views sampled)")
     fig.tight_layout()
     try:
-        fig.savefig(path, dpi=110)
+        with matplotlib.rc_context({"svg.fonttype": "none", "pdf.fonttype": 42}):  # text stays text
+            fig.savefig(path, dpi=110, format=fmt)
     except OSError as e:
         raise TinydistillError(f"{path}: cannot write plot ({e.strerror or e})") from e
     finally:

@@ -49,6 +49,38 @@ class View:
 
         return to_pil_image(self.image.clamp(0, 1))
 
+    # notebook display; self-contained (numpy + Pillow only) so it can move with the class
+    def __repr__(self) -> str:
+        shape = "x".join(str(d) for d in getattr(self.image, "shape", ()))
+        mixed = (f", mixed with row {self.partner} (label {self.partner_label}) at lam={self.lam:.3f}"
+                 if self.partner != self.row else "")
+        return (f"View(epoch={self.epoch}, row={self.row}, key={self.key!r}, label={self.label}"
+                f"{mixed}, image {shape})")
+
+    def _repr_png_(self) -> bytes:
+        """PNG for Jupyter: the view, enlarged to at least 160 px, over a caption naming the
+        label and, for a mixed view, the partner row, its label and the mixing weights."""
+        import io
+
+        from PIL import Image, ImageDraw
+
+        img = self.image.detach().float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
+        pic = Image.fromarray(img[..., 0] if img.shape[2] == 1 else img)
+        scale = max(1, -(-160 // max(1, min(pic.size))))
+        pic = pic.convert("RGB").resize((pic.width * scale, pic.height * scale), Image.NEAREST)
+        lines = [f"epoch {self.epoch}, row {self.row}, label {self.label}"]
+        if self.partner != self.row:
+            lines.append(f"{self.lam:.2f} x this + {1 - self.lam:.2f} x row {self.partner} (label {self.partner_label})")
+        width = max(pic.width, 7 * max(len(s) for s in lines) + 8)
+        canvas = Image.new("RGB", (width, pic.height + 14 * len(lines) + 6), "white")
+        canvas.paste(pic, ((width - pic.width) // 2, 0))
+        draw = ImageDraw.Draw(canvas)
+        for i, s in enumerate(lines):
+            draw.text((4, pic.height + 3 + 14 * i), s, fill="black")
+        buf = io.BytesIO()
+        canvas.save(buf, format="PNG")
+        return buf.getvalue()
+
 
 class Views:
     """The views of one source under one spec and base seed."""
