@@ -5,7 +5,7 @@ ImageNet-like JPEGs with TinyViT's recipe, default chunk / shard / batch sizes a
 What runs (every command is ``python -m tinydistill ...`` in a subprocess, its JSON read back):
 
   data         16,384 synthetic 500x375 'photos' (JPEG quality 90, ~60 KB each, 100 class
-               folders), made once with a process pool and kept in --data-dir.
+               folders by default), made once with a process pool and kept in --data-dir.
   gen w=N      ``gen-logits --workers N --k 100 --overwrite`` with TinyViT's recipe
                (``--img-size 224 --auto-augment rand-m9-mstd0.5-inc1 --mixup 0.8 --cutmix 1.0``),
                the teacher a seeded random-init timm model with a 10,450-class head saved as a
@@ -32,10 +32,12 @@ offline / no-KD (target >= 0.97). At the end the stores written with different w
 are compared array by array (they must be identical).
 
 Presets, picked by --device (every option can still be overridden):
-  cpu   teacher and student ``test_vit`` (timm's tiny test ViT, 6 blocks of width 64) at 224 px,
-        the teacher with a 10,450-class head; gen workers 1 and 2; train workers 2; 1 epoch;
-        3 rounds. About 25 minutes on 2 otherwise idle cores; ``--images 1024 --rounds 1`` is a
-        smoke run of ~2 minutes.
+  cpu   teacher ``test_vit`` (timm's tiny test ViT, 6 blocks of width 64) at 224 px with a
+        10,450-class head; student ``test_vit`` with ``patch_size=32`` at 224 px; gen workers 1
+        and 2; train workers 2; 1 epoch; 2 rounds. 15 minutes on 2 cores shared with other
+        jobs; ``--images 1024 --rounds 1`` is a smoke run of ~2 minutes. ``--classes 10450``
+        gives the data as many classes as the teacher, so the no-KD student's head is the
+        offline student's size (the same images, hard-linked into 10,450 class folders).
   cuda  teacher ``vit_large_patch14_clip_224`` with a 10,450-class head, student
         ``deit_tiny_patch16_224``, ``--amp bf16``; gen and train workers: cores - 1. Not run yet.
 
@@ -331,7 +333,9 @@ def main(argv=None) -> int:
         info = make_photo_folder(args.data_dir, args.images, classes=args.classes, seed=args.seed)
         args.data = args.data_dir
         print(f"data: {args.images} JPEGs {info['size'][0]}x{info['size'][1]} in {args.classes} classes at {args.data}, "
-              f"mean {info['mean_kb']:.1f} KB" + (" (cached)" if info["cached"] else f", made in {info['seconds']:.0f} s"))
+              f"mean {info['mean_kb']:.1f} KB" + (" (cached)" if info["cached"] else
+                                                    f", made in {info['seconds']:.0f} s"
+                                                    + (f" (hard links to {info['linked_from']})" if "linked_from" in info else "")))
         weights = str(args.work / "teacher.pth")
         t_params = save_random_model(args.teacher, args.teacher_classes, weights, seed=args.seed)
         print(f"teacher: {args.teacher}, random init, {args.teacher_classes} classes, {t_params / 1e6:.2f} M params, "

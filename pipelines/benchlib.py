@@ -136,12 +136,16 @@ def photo_jpeg(seed: int, i: int, size: tuple[int, int] = (500, 375), quality: i
     return buf.getvalue()
 
 
+def _photo_path(root, i: int, classes: int) -> Path:
+    return Path(root) / f"class{i % classes:0{max(3, len(str(classes - 1)))}d}" / f"{i:06d}.jpg"
+
+
 def _write_photos(job) -> int:
     root, seed, lo, hi, classes, size, quality = job
     nbytes = 0
     for i in range(lo, hi):
         data = photo_jpeg(seed, i, size, quality)
-        d = Path(root) / f"class{i % classes:03d}"
+        d = _photo_path(root, i, classes).parent
         d.mkdir(parents=True, exist_ok=True)
         tmp = d / f".{i:06d}.tmp"
         tmp.write_bytes(data)
@@ -152,9 +156,11 @@ def _write_photos(job) -> int:
 
 def make_photo_folder(root, n: int, classes: int = 100, size: tuple[int, int] = (500, 375), seed: int = 0,
                       quality: int = 90, procs: int | None = None) -> dict:
-    """An ImageFolder of ``n`` :func:`photo_jpeg` images in ``classes`` folders, made with a
-    process pool, and kept: a manifest records what was made, and a later call asking for the
-    same thing returns at once (anything else in ``root`` is refused, never deleted)."""
+    """An ImageFolder of ``n`` :func:`photo_jpeg` images in ``classes`` folders (image i in
+    class i % classes), made with a process pool, and kept: a manifest records what was made,
+    and a later call asking for the same thing returns at once (anything else in ``root`` is
+    refused, never deleted). When a sibling directory holds the same images under another
+    class count, they are hard-linked instead of made again."""
     import multiprocessing as mp
     import time
 
@@ -170,6 +176,20 @@ def make_photo_folder(root, n: int, classes: int = 100, size: tuple[int, int] = 
         raise SystemExit(f"{root}: exists and is not a data set made by this script; pass another --data-dir")
     root.mkdir(parents=True, exist_ok=True)
     (root / ".partial").touch()
+    for other in sorted(root.parent.glob("*/manifest.json")):
+        have = json.loads(other.read_text())
+        if {k: have.get(k) for k in want if k != "classes"} == {k: v for k, v in want.items() if k != "classes"}:
+            t0 = time.perf_counter()
+            for i in range(n):
+                dst = _photo_path(root, i, classes)
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                if not dst.exists():
+                    os.link(_photo_path(other.parent, i, have["classes"]), dst)
+            info = {**want, "bytes": have["bytes"], "mean_kb": have["mean_kb"], "linked_from": str(other.parent),
+                    "seconds": round(time.perf_counter() - t0, 1)}
+            manifest.write_text(json.dumps(info) + "\n")
+            (root / ".partial").unlink()
+            return {**info, "cached": False}
     procs = procs or os.cpu_count() or 1
     step = 256
     jobs = [(str(root), seed, lo, min(lo + step, n), classes, tuple(size), quality) for lo in range(0, n, step)]
