@@ -216,17 +216,21 @@ def run_train(args, mode: str, store: Path, label: str) -> dict:
 
 
 def same_stores(paths: list[Path]) -> bool | None:
-    import zarr
+    """Whether stores hold the same top-K log-probs, class ids and seeds (public store API)."""
+    from tinydistill.store import open_store
 
     if len(paths) < 2:
         return None
-    ref = zarr.open_group(str(paths[0]), mode="r")
-    for p in paths[1:]:
-        g = zarr.open_group(str(p), mode="r")
-        for name in ("logp", "index", "seed"):
-            if not np.array_equal(ref[name][:], g[name][:], equal_nan=True):
-                return False
-    return True
+
+    def arrays(st):
+        out = []
+        for e in range(st.epochs):
+            out += [*st.topk(e, slice(0, st.num_rows), order="stored"), st.seeds(e, slice(0, st.num_rows))]
+        return out
+
+    ref = arrays(open_store(str(paths[0])))
+    return all(all(np.array_equal(a, b, equal_nan=True) for a, b in zip(ref, arrays(open_store(str(p)))))
+               for p in paths[1:])
 
 
 def du(path: Path) -> int:
@@ -415,7 +419,7 @@ def main(argv=None) -> int:
         summ["gen"] = table(gen_names, runs, gen_extra)
         if "stores_identical" in res:
             print(f"stores written with workers {args.gen_list}: "
-                  f"{'identical' if res['stores_identical'] else 'DIFFERENT'} (logp, index, seed arrays)")
+                  f"{'identical' if res['stores_identical'] else 'DIFFERENT'} (top-K log-probs, class ids, seeds)")
     if train_names:
         print(f"\ntrain-student ({args.student}, {args.train_workers} workers, {args.epochs} epoch(s) per run):")
 
