@@ -1,11 +1,13 @@
 import json
 
+import pytest
 from click.testing import CliRunner
 
 import tinydistill as td
 from tinydistill.cli import main
 
 
+@pytest.mark.slow
 def test_quickstart_runs_every_stage_and_keeps_artefacts(tmp_path):
     out = tmp_path / "qs"
     r = CliRunner().invoke(main, ["quickstart", "--out", str(out), "--epochs", "1", "--teacher-epochs", "1",

@@ -50,6 +50,7 @@ TRAIN = ["--data", "digits", "--student", "test_vit", "--batch-size", "48", "--l
          "--warmup-epochs", "0.2"]
 
 
+@pytest.mark.slow
 def test_offline_equals_online_with_k_equal_c(store, peaky_teacher, tmp_path):
     off = tmp_path / "off"
     p = cli("train-student", *TRAIN, "--logits", store, "--epochs", "1", "--workers", "0", "--out", str(off))
@@ -94,6 +95,7 @@ def test_offline_builds_and_calls_no_teacher(store, tmp_path, monkeypatch):
     assert built == ["test_vit"] and not forward_calls
 
 
+@pytest.mark.slow
 def test_resume_matches_uninterrupted(store, tmp_path):
     args = ["train-student", *TRAIN, "--logits", store, "--epochs", "2", "--workers", "1", "--ema", "0.99",
             "--val-data", "digits:val", "--val-crop-pct", "1.0"]
@@ -131,17 +133,23 @@ def test_resume_matches_uninterrupted(store, tmp_path):
     (["--student", "no_such_net"], "no_such_net: unknown student"),
 ])
 def test_mismatch_is_a_clear_error_before_training(store, tmp_path, extra, needle):
+    from click.testing import CliRunner
+
+    from tinydistill.cli import main
+
     args = ["train-student", *TRAIN, "--logits", store, "--epochs", "1", "--workers", "0", "--out", str(tmp_path / "x")]
     for i in range(0, len(extra), 2):
         if extra[i] in args:
             args[args.index(extra[i]) + 1] = extra[i + 1]
         else:
             args += extra[i:i + 2]
-    p = cli(*args)
-    assert p.returncode == 1 and needle in p.stderr.strip().splitlines()[-1], p.stderr
-    assert "Traceback" not in p.stderr and not (tmp_path / "x" / "steps.jsonl").exists()
+    r = CliRunner().invoke(main, args)  # in process: the error path is the CLI's, no interpreter start-up
+    lines = [l for l in r.output.strip().splitlines() if l.startswith("Error")]
+    assert r.exit_code == 1 and len(lines) == 1 and needle in lines[0], r.output
+    assert "Traceback" not in r.output and not (tmp_path / "x" / "steps.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_incomplete_store_and_cycle_epochs(store, tmp_path):
     import shutil
     part = tmp_path / "part.zarr"
@@ -155,6 +163,7 @@ def test_incomplete_store_and_cycle_epochs(store, tmp_path):
     assert json.loads(p.stdout)["epoch"] == 2
 
 
+@pytest.mark.slow
 def test_baselines_and_distilled_student(store, tmp_path):
     p = cli("train-student", *TRAIN, "--no-kd", "--epochs", "1", "--workers", "0", "--out", str(tmp_path / "nokd"), *VIEW)
     assert p.returncode == 0, p.stderr
@@ -167,6 +176,7 @@ def test_baselines_and_distilled_student(store, tmp_path):
     assert r["step"] > 0 and 0 <= r["val_top1"] <= 100
 
 
+@pytest.mark.slow
 def test_torchrun_two_cpu_processes_train(store, tmp_path):
     out = tmp_path / "ddp"
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
