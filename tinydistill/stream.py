@@ -258,7 +258,8 @@ class DeviceRenderer:
 
         def work():
             try:
-                torch.cuda.set_device(self.device)
+                if self.device.index is not None:
+                    torch.cuda.set_device(self.device)
                 for raw in batches:
                     if stop.is_set():
                         return
