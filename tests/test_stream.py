@@ -233,3 +233,29 @@ def test_torch_renderer_store_replays_and_other_renderer_needs_the_flag(photos, 
     assert train_student(TrainConfig(out=str(tmp_path / "b"), **common))["views"] == 2304
     assert train_student(TrainConfig(out=str(tmp_path / "c"), render="pil", allow_renderer_change=True,
                                      **common))["views"] == 2304
+
+
+def test_encoded_batches_rendered_on_the_device_equal_worker_rendering(photos):
+    """What a GPU run does (workers ship bytes + records, the main process renders) gives the
+    pixels, partners and targets-free fields of rendering in the workers."""
+    import dataclasses
+
+    from torch.utils.data import DataLoader
+
+    from tinydistill.sources import open_source
+    from tinydistill.stream import DeviceRenderer, ViewStream
+    from tinydistill.views import Views
+
+    spec = dataclasses.replace(SPEC, renderer="torch", auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.5, mix_group=32)
+    views = Views(open_source(photos), spec, 5)
+    items = train_items(epoch_order(len(views.source), 32, True, 5, 0, 1, 0), 0, 48, 1, 0)[:6]
+    ref = list(DataLoader(ViewStream(views, items), batch_size=None, num_workers=0))
+    raw = DataLoader(ViewStream(views, items, encoded=True), batch_size=None, num_workers=2)
+    first = next(iter(raw))
+    assert isinstance(first["data"][0], (bytes, torch.Tensor)) and "image" not in first  # workers ship no pixels
+    got = list(DeviceRenderer(views, "cpu")(raw))
+    assert len(got) == len(ref) == 6
+    for a, b in zip(ref, got):
+        for k in ("row", "partner", "label", "partner_label", "valid"):
+            assert torch.equal(a[k], b[k]), k
+        assert torch.equal(a["image"], b["image"]) and torch.allclose(a["lam"].double(), b["lam"].double())
