@@ -375,3 +375,16 @@ def test_inspect_prints_records(digits, tmp_path):
     assert r.exit_code == 0 and [p["row"] for p in recs] == [0, 1437] and "ops" in recs[0]
     r = CliRunner().invoke(main, ["inspect", str(st.path), "--params", "2"])
     assert r.exit_code != 0 and "--params needs --data" in r.output
+
+
+def test_store_without_a_later_spec_field_still_replays(digits, tmp_path):
+    """A field added to AugSpec later (with its default) does not invalidate older stores."""
+    import zarr
+
+    from tinydistill._util import spec_hash
+
+    st = create_view_store(tmp_path / "o.zarr", digits, SPEC, base_seed=7, epochs=2, k=3)
+    g = zarr.open_group(str(st.path), mode="r+")
+    older = {k: v for k, v in g.attrs["augmentation"].items() if k != "renderer"}
+    g.attrs.update({"augmentation": older, "spec_hash": spec_hash(older)})
+    assert check_replay(td.open_store(st.path), digits).renderer is None  # replays, as pil

@@ -120,7 +120,8 @@ class TrainConfig:
     k: int | None = option(None, "Online teacher: classes kept [default: all].", type=click.IntRange(min=1))
     view_seed: int | None = option(None, "Base seed of views for --no-kd/--online-teacher [default: --seed].")
     like: str | None = option(None, "--no-kd/--online-teacher: the views of this store (its augmentation and seed), "
-                                    "so the baseline sees the same batches as offline KD from it.", metavar="STORE")
+                                    "so the baseline sees the same batches as offline KD from it (--no-kd: and the "
+                                    "store's head size, when larger than the data's classes).", metavar="STORE")
     input_size: int | None = option(None, "Student input size [default: the views' size].", type=click.IntRange(min=1))
     model_kwargs: dict = option(factory=dict, help="Extra timm.create_model argument for the student, e.g. "
                                 "patch_size=4 (repeatable).", multiple=True, metavar="KEY=VALUE", convert=parse_kv)

@@ -15,6 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ._util import spec_hash
 from .augment import AugSpec
 from .errors import TinydistillError
 from .sources import Source
@@ -70,14 +71,14 @@ def store_spec(store) -> AugSpec:
             f"{store.path}: its views are of view format {fmt} (timm transforms under reseeded global RNGs, "
             f"tinydistill < 0.2); this tinydistill renders view format {VIEW_FORMAT} (parameter records) and "
             "cannot replay them: regenerate the store with gen-logits (its teacher outputs stay readable)")
-    try:
-        spec = AugSpec.from_dict(attrs.get("augmentation", {}), source=f"{store.path} augmentation")
+    stored = attrs.get("augmentation", {})
+    if spec_hash(stored) != attrs.get("spec_hash"):  # the recorded spec itself was edited
+        raise ReplayError(f"{store.path}: stored augmentation does not match its hash "
+                          f"({spec_hash(stored)[:12]} != {str(attrs.get('spec_hash'))[:12]})")
+    try:  # fields added to AugSpec since the store was made take their defaults
+        return AugSpec.from_dict(stored, source=f"{store.path} augmentation")
     except TinydistillError as e:
         raise ReplayError(str(e)) from e
-    if spec.hash != attrs.get("spec_hash"):
-        raise ReplayError(f"{store.path}: stored augmentation does not match its hash "
-                          f"({spec.hash[:12]} != {str(attrs.get('spec_hash'))[:12]})")
-    return spec
 
 
 def check_replay(store, source: Source, renderer: str | None = None, allow_renderer_change: bool = False,
@@ -153,7 +154,7 @@ def run_mismatch(store, *, out: str, teacher, k: int, spec: AugSpec, source: Sou
         ("teacher weights", t.get("weights_digest"), teacher.weights_digest),
         ("K", a.get("k"), k),
         ("num_classes", a.get("num_classes"), teacher.num_classes),
-        ("augmentation spec hash", a.get("spec_hash"), spec.hash),
+        ("augmentation spec hash", AugSpec.from_dict(a.get("augmentation", {})).hash, spec.hash),
         ("dataset fingerprint", a.get("dataset_fingerprint"), source.fingerprint),
         ("seed", a.get("base_seed"), seed),
     ]

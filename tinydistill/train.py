@@ -76,6 +76,8 @@ def _views_and_targets(cfg: TrainConfig, source, device="cpu"):
             like = open_store(cfg.like)
             if cfg.view_seed is not None:
                 raise TrainError("`view_seed` and `like` exclude each other: `like` takes the store's seed")
+            if cfg.no_kd:  # the store's head too (a 21k-class teacher's store over 1k-class data)
+                num_classes = max(num_classes, like.num_classes)
             spec = check_replay(like, source, cfg.render, cfg.allow_renderer_change, device)
             return None, spec, like.base_seed, num_classes, teacher
         seed = cfg.seed if cfg.view_seed is None else cfg.view_seed
