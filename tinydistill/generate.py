@@ -53,6 +53,7 @@ def create_view_store(path, source, spec: AugSpec, *, base_seed: int, epochs: in
                       num_classes: int | None = None, teacher: dict | None = None, device="cpu", **kwargs):
     """Create a store for the views of ``source`` under ``spec``: keys, labels, class names,
     the spec and its hash, the base seed, the view format and the replay canary come from here."""
+    spec = spec.for_device(device)  # a store always records a renderer
     chunk_rows = kwargs.pop("chunk_rows", DEFAULT_CHUNK_ROWS)
     if chunk_rows % spec.mix_group:
         raise TinydistillError(f"chunk_rows={chunk_rows} must be a multiple of mix_group={spec.mix_group}")
