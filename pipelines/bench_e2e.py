@@ -173,6 +173,8 @@ def gen_cmd(args, weights: str, out: Path, workers: int) -> list[str]:
            "--seed", str(args.seed), *recipe_options()]
     if args.batch_size_opt:
         cmd += ["--batch-size", str(args.batch_size)]
+    if args.render:  # default: the CLI's (torch on cuda, pil on cpu)
+        cmd += ["--render", args.render]
     return cmd
 
 
@@ -291,6 +293,8 @@ def parse_args(argv=None):
     ap.add_argument("--batch-size", type=int, help="gen-logits batch (default: the CLI's, 64)")
     ap.add_argument("--train-batch-size", type=int, help="train-student batch (default: the CLI's, 128)")
     ap.add_argument("--amp", choices=["none", "bf16", "fp16"])
+    ap.add_argument("--render", choices=["pil", "torch"],
+                    help="renderer of gen-logits (training replays the store's) [default: the CLI's: torch on cuda]")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rounds", type=int, help="default: 2 on cpu, 3 on cuda")
     ap.add_argument("--parts", default="gen,train", help="gen, train or both (train needs a store: gen runs once)")
