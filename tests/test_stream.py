@@ -1,9 +1,5 @@
 """Work split and order: small items for every worker, fresh epoch orders, chunk reads."""
 
-import json
-import os
-from pathlib import Path
-
 import numpy as np
 import pytest
 import timm
@@ -16,7 +12,7 @@ from tinydistill.augment import AugSpec
 from tinydistill.generate import GenConfig, gen_logits
 from tinydistill.params import mix_pairs
 from tinydistill.store import create_store
-from tinydistill.stream import ChunkTargets, Item, epoch_order, gen_plan, item_rows, train_items
+from tinydistill.stream import ChunkTargets, epoch_order, gen_plan, item_rows, train_items
 from tinydistill.train import TrainConfig, train_student
 
 

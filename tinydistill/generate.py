@@ -17,10 +17,9 @@ import queue
 import sys
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Callable
 
-import click
 import numpy as np
 import torch
 

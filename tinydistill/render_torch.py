@@ -154,7 +154,6 @@ def _crop_canvas(images: Sequence[torch.Tensor], boxes: list[tuple[int, int, int
     column replicated over the rest (so a sampler that reads one pixel past a crop's edge sees
     the edge, as PIL's resampling does, whatever the canvas size). One cat + one gather."""
     device = images[0].device
-    n = len(images)
     flat = torch.cat([im.reshape(-1) for im in images])
     sizes = torch.tensor([im.numel() for im in images], device=device)
     offs = torch.cumsum(sizes, 0) - sizes
@@ -171,7 +170,6 @@ def _crop_canvas(images: Sequence[torch.Tensor], boxes: list[tuple[int, int, int
 def _resize_roi_align(images, params, size: int) -> torch.Tensor:
     from torchvision.ops import roi_align
 
-    n = len(params)
     boxes = [tuple(p.crop) for p in params]
     hc = max(b[2] for b in boxes) + 1  # always >= 1 replicated row/column past every crop
     wc = max(b[3] for b in boxes) + 1
@@ -597,7 +595,6 @@ def apply_ops(x: torch.Tensor, ops: Sequence[OpParams]) -> torch.Tensor:
     geometric ops): float32 [n, 3, S, S] integer-valued in, the same out."""
     name = ops[0].name
     dev = x.device
-    size = x.shape[-1]
     if name == "AutoContrast":
         return _autocontrast(x)
     if name == "Equalize":

@@ -18,15 +18,13 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
-import click
 import numpy as np
 import torch
 
-from .augment import AugSpec
 from .config import TrainConfig, parse_kv  # noqa: F401  (TrainConfig is this stage's config)
 from .errors import TinydistillError
 from . import dist
