@@ -75,7 +75,8 @@ import platform
 import resource
 import sys
 import tempfile
-from benchlib import loadavg as _loadavg, make_jpeg_folder, med, ratio_stats, write_json as _write  # noqa: E402
+from benchlib import (loadavg as _loadavg, make_jpeg_folder, med, ratio_stats, save_random_model,  # noqa: E402
+                      write_json as _write)
 import time
 from pathlib import Path
 
@@ -104,19 +105,6 @@ PRESETS = {
 
 
 # ---- data and teacher ----------------------------------------------------------------------------
-
-def save_random_teacher(name: str, num_classes: int, path: Path) -> float:
-    """A seeded random-init timm model's state_dict, saved where ``--teacher-weights`` would point."""
-    import timm
-
-    t0 = time.perf_counter()
-    torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False, num_classes=num_classes)
-    torch.save(model.state_dict(), path)
-    del model
-    gc.collect()
-    return time.perf_counter() - t0
-
 
 # ---- timing helpers ------------------------------------------------------------------------------
 
@@ -359,7 +347,9 @@ def main(argv=None) -> int:
             print(f"data: {args.images} synthetic 320x256 JPEGs in {time.perf_counter() - t0:.1f} s")
         source = open_source(data)
         weights = tmp / "teacher.pth"
-        secs = save_random_teacher(args.teacher, args.num_classes, weights)
+        t0 = time.perf_counter()
+        save_random_model(args.teacher, args.num_classes, weights)
+        secs = time.perf_counter() - t0
         print(f"teacher: {args.teacher} random init, {args.num_classes} classes, "
               f"{weights.stat().st_size / 2**20:.0f} MiB state_dict (built + saved in {secs:.1f} s)")
 

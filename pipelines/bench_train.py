@@ -92,7 +92,8 @@ import torch
 from tinydistill.augment import AugSpec
 from tinydistill.generate import GenConfig, gen_logits
 from tinydistill.sources import open_source
-from benchlib import loadavg as _loadavg, make_jpeg_folder, med, ratio_stats, write_json as _write  # noqa: E402
+from benchlib import (loadavg as _loadavg, make_jpeg_folder, med, ratio_stats, save_random_model,  # noqa: E402
+                      write_json as _write)
 from tinydistill.train import TrainConfig, train_student
 
 TINYVIT = dict(auto_augment="rand-m9-mstd0.5-inc1", color_jitter=0.4, interpolation="bicubic",
@@ -111,19 +112,6 @@ MODES = ("offline", "no-kd", "online")
 
 
 # ---- data and teacher ----------------------------------------------------------------------------
-
-def save_random_teacher(name: str, num_classes: int, path: Path) -> int:
-    """A seeded random-init timm model's state_dict, saved where ``--teacher-weights`` points."""
-    import timm
-
-    torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False, num_classes=num_classes)
-    torch.save(model.state_dict(), path)
-    n = sum(p.numel() for p in model.parameters())
-    del model
-    gc.collect()
-    return n
-
 
 def count_student_params(args, num_classes: int) -> int:
     from tinydistill.train import create_student
@@ -338,7 +326,7 @@ def main(argv=None) -> int:
             print(f"data: {args.images} synthetic 320x256 JPEGs in {time.perf_counter() - t0:.1f} s")
         source = open_source(data)
         weights = tmp / "teacher.pth"
-        t_params = save_random_teacher(args.teacher, source.num_classes, weights)
+        t_params = save_random_model(args.teacher, source.num_classes, weights)
         s_params = count_student_params(args, source.num_classes)
         print(f"teacher: {args.teacher} random init, {t_params / 1e6:.1f} M params, input {args.teacher_input_size} px\n"
               f"student: {args.student} random init, {s_params / 1e6:.1f} M params, input {args.input_size} px\n"
