@@ -255,3 +255,19 @@ def test_encoded_batches_rendered_on_the_device_equal_worker_rendering(photos):
         for k in ("row", "partner", "label", "partner_label", "valid"):
             assert torch.equal(a[k], b[k]), k
         assert torch.equal(a["image"], b["image"]) and torch.allclose(a["lam"].double(), b["lam"].double())
+
+
+def test_main_process_leaves_the_cores_to_its_workers(monkeypatch):
+    from tinydistill import dist
+
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(dist.os, "cpu_count", lambda: 16)
+    try:
+        dist.setup("cpu", 15)
+        assert torch.get_num_threads() == 1  # 16 cores, 15 rendering workers
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        dist.setup("cpu", 3)
+        assert torch.get_num_threads() == 5  # 8 cores per local rank, 3 of them for its workers
+    finally:
+        torch.set_num_threads(before)
