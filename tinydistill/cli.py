@@ -194,9 +194,9 @@ def allow_renderer_option(f):
 
 
 def _default_device() -> str:
-    import torch
+    from .dist import default_device  # imports torch: only when a command runs
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return default_device()
 
 
 def _setup_logging(rank0: bool = True):
