@@ -150,14 +150,17 @@ class Views:
 
     def encode(self, epoch: int, rows: Sequence[int]) -> dict:
         """What a worker ships when pixels are made elsewhere (the torch renderer on a GPU):
-        each needed image once, encoded (read, not decoded: its size comes from the header),
-        with its record, and per row which image it is and which it mixes with."""
+        each needed image once (JPEGs encoded, for the GPU's decoder, their size read from the
+        header; other formats decoded here to uint8 arrays), with its record, and per row which
+        image it is and which it mixes with."""
         rows = [int(r) for r in rows]
         partner = self.partners(epoch, rows)
         need = sorted(set(rows) | set(partner.values()))
         partner.update(self.partners(epoch, [q for q in need if q not in partner]))
         data, params, slot_of = [], [], {}
         for r, item, size in self.source.read_encoded(need):
+            if isinstance(item, (bytes, bytearray)) and bytes(item[:3]) != b"\xff\xd8\xff":
+                item = _decode_here(self.source, r, item)  # not a JPEG: decoded by this (CPU) worker
             if isinstance(item, BadSampleError):
                 if not self.skip_bad:
                     raise item
@@ -277,6 +280,19 @@ class Views:
         return View(epoch=int(epoch), row=int(row), key=self.source.keys[int(row)], seed=v["seed"], image=v["image"],
                     label=v["label"], partner=v["partner"], partner_label=v["partner_label"], lam=v["lam"],
                     params=v["params"])
+
+
+def _decode_here(source: Source, row: int, data: bytes):
+    """An image the GPU decoder does not take, as a uint8 [H, W, 3] array (or the error)."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return np.asarray(img.convert("RGB"))
+    except Exception as e:
+        return BadSampleError(f"{source.name}: {source.keys[row]}: cannot read image ({type(e).__name__}: {e})")
 
 
 def _unmixed(p: ViewParams) -> ViewParams:
