@@ -63,7 +63,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchlib import (environment, fmt_ratio, last_json, loadavg, make_photo_folder, med, ratio_stats,
+from benchlib import (environment, finish, fmt_ratio, last_json, loadavg, make_photo_folder, med, ratio_stats,
                       run_cli, save_random_model, shares, write_json)
 
 RECIPE = dict(img_size=224, auto_augment="rand-m9-mstd0.5-inc1", mixup=0.8, cutmix=1.0)
@@ -437,12 +437,7 @@ def main(argv=None) -> int:
     if "store_bytes" in res:
         print(f"\nstore: {res['store_bytes'] / 2**20:.1f} MiB on disk, "
               f"{res['store_bytes'] / (args.images * args.epochs):.1f} bytes per view")
-    res["summary"] = summ
-    res["elapsed_s"] = time.perf_counter() - t_start
-    res["loadavg_at_end"] = loadavg()
-    print(f"load average (1 min) at start {env['loadavg_at_start']}, at end {res['loadavg_at_end']}; "
-          f"total {res['elapsed_s'] / 60:.1f} min")
-    write_json(args.out, res)
+    finish(res, env, t_start, args.out, summ)
     return 0
 
 

@@ -92,7 +92,7 @@ import torch
 from tinydistill.augment import AugSpec
 from tinydistill.generate import GenConfig, gen_logits
 from tinydistill.sources import open_source
-from benchlib import (loadavg as _loadavg, make_jpeg_folder, med, ratio_stats, save_random_model,  # noqa: E402
+from benchlib import (loadavg as _loadavg, make_jpeg_folder, med, ratio_stats, save_random_model, finish,  # noqa: E402
                       write_json as _write)
 from tinydistill.train import TrainConfig, train_student
 
@@ -434,12 +434,7 @@ def main(argv=None) -> int:
         print(f"\none-off store cost: {per_epoch:.1f} s per epoch of views (gen-logits, teacher at "
               f"{args.teacher_input_size} px); online KD pays {extra:.1f} s more per epoch than offline, every time "
               "it trains")
-    res["summary"] = summ
-    res["elapsed_s"] = time.perf_counter() - t_start
-    res["loadavg_at_end"] = _loadavg()
-    print(f"\nload average (1 min) at start {env['loadavg_at_start']}, at end {res['loadavg_at_end']}; "
-          f"total {res['elapsed_s']:.0f} s")
-    _write(args.out, res)
+    finish(res, env, t_start, args.out, summ)
     return 0
 
 

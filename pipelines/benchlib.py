@@ -52,6 +52,19 @@ def write_json(path, res) -> None:
         print(f"wrote {path}")
 
 
+def finish(res: dict, env: dict, t_start: float, out, summary: dict) -> None:
+    """A benchmark's last step: summary, elapsed time and load average into ``res``, a line
+    saying how loaded the machine was, and the JSON written to ``out``."""
+    import time
+
+    res["summary"] = summary
+    res["elapsed_s"] = time.perf_counter() - t_start
+    res["loadavg_at_end"] = loadavg()
+    print(f"\nload average (1 min) at start {env['loadavg_at_start']}, at end {res['loadavg_at_end']}; "
+          f"total {res['elapsed_s'] / 60:.1f} min")
+    write_json(out, res)
+
+
 def fmt_ratio(s: dict | None, digits: int = 3) -> str:
     """``median [min, max]`` of a :func:`ratio_stats` result."""
     return f"{s['median']:.{digits}f} [{s['min']:.{digits}f}, {s['max']:.{digits}f}]" if s else "-"

@@ -5,6 +5,15 @@ import torch
 import tinydistill as td
 
 
+def random_teacher(path, num_classes: int, name: str = "test_resnet") -> str:
+    """A seeded random-init timm classifier's state_dict at ``path`` (for --teacher-weights)."""
+    import timm
+
+    torch.manual_seed(0)
+    torch.save(timm.create_model(name, pretrained=False, num_classes=num_classes).state_dict(), path)
+    return str(path)
+
+
 def fake_topk(n, num_classes, k, seed):
     """Top-K log-probs (descending, fp32) and ids of a random peaky teacher."""
     g = torch.Generator().manual_seed(seed)

@@ -13,6 +13,7 @@ import torch
 import zarr
 
 import tinydistill as td
+from conftest import random_teacher
 
 ARGS = ["--data", "digits", "--teacher", "test_resnet", "--teacher-input-size", "32", "--epochs", "2",
         "--img-size", "32", "--mix-group", "64", "--chunk-rows", "128", "--shard-rows", "128",
@@ -21,10 +22,7 @@ ARGS = ["--data", "digits", "--teacher", "test_resnet", "--teacher-input-size", 
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("w") / "teacher.pth"
-    torch.save(timm.create_model("test_resnet", pretrained=False, num_classes=10).state_dict(), path)
-    return str(path)
+    return random_teacher(tmp_path_factory.mktemp("w") / "teacher.pth", 10)
 
 
 def cli(*args):

@@ -2,11 +2,11 @@
 
 import numpy as np
 import pytest
-import timm
 import torch
 from PIL import Image
 
 import tinydistill as td
+from conftest import random_teacher
 import tinydistill.train as train_mod
 from tinydistill.augment import AugSpec
 from tinydistill.generate import GenConfig, gen_logits
@@ -130,10 +130,7 @@ def photos(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def teacher_weights(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("w") / "t.pth"
-    torch.save(timm.create_model("test_resnet", pretrained=False, num_classes=12).state_dict(), path)
-    return str(path)
+    return random_teacher(tmp_path_factory.mktemp("w") / "t.pth", 12)
 
 
 SPEC = AugSpec(img_size=16, mixup=0.8, cutmix=1.0)  # default mix_group (256)

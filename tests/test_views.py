@@ -72,34 +72,26 @@ def test_stream_yields_items_in_order_whatever_the_workers(digits):
     assert runs[0] == runs[1] == runs[2] == [list(range(i, i + 10)) for i in range(0, 200, 10)]
 
 
-def test_records_same_across_processes_and_render_twice_same_pixels(digits):
+def test_records_and_pixels_same_in_a_fresh_process_and_render_twice_same_pixels(digits):
     views = Views(digits, SPEC, 7)
     recs = [views.render(e, [r], with_params=True)[0]["params"].to_dict() for e, r in PROBE]
     code = (
         "import json; from tinydistill.augment import AugSpec; from tinydistill.sources import open_source;"
-        "from tinydistill.views import Views;"
-        f"v = Views(open_source('digits'), AugSpec.from_dict({SPEC.to_dict()!r}), 7);"
-        f"print(json.dumps([v.render(e, [r], with_params=True)[0]['params'].to_dict() for e, r in {PROBE!r}]))"
+        "from tinydistill.views import Views, render_views; from tinydistill.replay import views_digest;"
+        f"spec = AugSpec.from_dict({SPEC.to_dict()!r}); src = open_source('digits'); v = Views(src, spec, 7);"
+        f"print(json.dumps([v.render(e, [r], with_params=True)[0]['params'].to_dict() for e, r in {PROBE!r}]));"
+        f"print(views_digest(render_views(src, spec, 7, {PROBE!r})))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert json.loads(out.stdout) == json.loads(json.dumps(recs))
+    records, digest = out.stdout.strip().splitlines()
+    assert json.loads(records) == json.loads(json.dumps(recs))
+    assert digest == views_digest(render_views(digits, SPEC, 7, PROBE))
     # a record rendered twice gives the same pixels; the record alone decides them
     img = next(iter(digits.read([300])))[1]
     p = views.render(0, [300], with_params=True)[0]["params"]
     assert torch.equal(render_base(img, p, 24), render_base(img, p, 24))
     q = dataclasses.replace(p, hflip=not p.hflip)
     assert not torch.equal(render_base(img, p, 24), render_base(img, q, 24))
-
-
-def test_fresh_process_gives_same_pixels(digits):
-    code = (
-        "from tinydistill.augment import AugSpec; from tinydistill.sources import open_source;"
-        "from tinydistill.views import render_views; from tinydistill.replay import views_digest;"
-        f"spec = AugSpec.from_dict({SPEC.to_dict()!r});"
-        f"print(views_digest(render_views(open_source('digits'), spec, 7, {PROBE!r})))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == views_digest(render_views(digits, SPEC, 7, PROBE))
 
 
 def test_global_rng_neither_leaks_in_nor_out(digits):

@@ -17,6 +17,9 @@ from .options import option
 from .errors import TinydistillError
 
 
+RENDERERS = ("pil", "torch")  # what can turn parameter records into pixels
+
+
 class SpecError(TinydistillError):
     """An augmentation spec that timm cannot build, or a YAML file that is not a spec."""
 
@@ -43,7 +46,7 @@ class AugSpec:
     mix_group: int = option(256, "Rows per mix-pairing group (power of two, divides the store's chunk rows).")
     renderer: str | None = option(None, "Renderer of views: pil (CPU workers) or torch (batched on --device; on a GPU "
                                         "workers only read bytes) [default: torch on cuda, pil on cpu].",
-                                  flag="--render", type=__import__("click").Choice(["pil", "torch"]))
+                                  flag="--render", type=__import__("click").Choice(RENDERERS))
 
     def __post_init__(self):
         for name in ("scale", "ratio"):
@@ -56,7 +59,7 @@ class AugSpec:
                 raise SpecError(f"{name} must be a probability in [0, 1], got {v}")
         if self.mixup < 0 or self.cutmix < 0:
             raise SpecError("mixup and cutmix are Beta alphas: >= 0")
-        if self.renderer not in (None, "pil", "torch"):
+        if self.renderer is not None and self.renderer not in RENDERERS:
             raise SpecError(f"renderer must be pil or torch, got {self.renderer!r}")
         if self.re_mode not in ("const", "rand", "pixel"):
             raise SpecError(f"re_mode must be const, rand or pixel, got {self.re_mode!r}")

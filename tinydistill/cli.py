@@ -8,7 +8,7 @@ import sys
 import click
 
 from . import __version__
-from .augment import AugSpec
+from .augment import RENDERERS, AugSpec
 from .config import GenConfig, TrainConfig
 from .options import RecipeError, cli_names, click_options, flags_in, from_options, load_recipe
 from .errors import TinydistillError
@@ -178,21 +178,6 @@ def spec_from_options(opts: dict):
     return AugSpec.from_dict({k: v for k, v in given.items() if v is not None}, source="augmentation options")
 
 
-RENDER_HELP = ("Renderer of views: pil (CPU workers) or torch (batched, on --device; workers then only read "
-               "bytes on a GPU)")
-
-
-def render_option(default_help: str):
-    return click.option("--render", type=click.Choice(["pil", "torch"]), default=None,
-                        help=f"{RENDER_HELP} [default: {default_help}].")
-
-
-def allow_renderer_option(f):
-    return click.option("--allow-renderer-change", is_flag=True,
-                        help="Replay a store's views with another --render than the store's; the replay canary "
-                             "then reports the pixel difference instead of refusing.")(f)
-
-
 def _default_device() -> str:
     from .dist import default_device  # imports torch: only when a command runs
 
@@ -246,8 +231,9 @@ def gen_logits_cmd(**opts):
               help="Largest allowed |delta log-prob| (after fp16 rounding). 0 = exact: same hardware and dtype.")
 @click.option("--min-id-agreement", type=float, default=1.0, show_default=True,
               help="Smallest allowed fraction of views with the same top-K class ids.")
-@render_option("the store's")
-@allow_renderer_option
+@click.option("--render", type=click.Choice(RENDERERS), help="Renderer of views [default: the store's].")
+@click.option("--allow-renderer-change", is_flag=True,
+              help="Replay with another --render than the store's; the canary then reports the pixel difference.")
 def verify(store, data, teacher, teacher_weights, samples, seed, device, amp, max_logp_diff, min_id_agreement,
            render, allow_renderer_change):
     """Replay random stored views, re-run the teacher and compare with the store.

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import click
 
-from .augment import AugSpec
+from .augment import RENDERERS, AugSpec
 from .errors import TinydistillError
 from .options import option
 
@@ -128,7 +128,7 @@ class TrainConfig:
     num_classes: int | None = option(None, "Student classes; must match the store's.", type=click.IntRange(min=1))
     val_crop_pct: float | None = option(None, "Eval centre-crop fraction [default: the student's].")
     render: str | None = option(None, "Renderer of views: a store's own by default; --no-kd/--online-teacher "
-                                      "without --like: torch on cuda, pil on cpu.", type=click.Choice(["pil", "torch"]))
+                                      "without --like: torch on cuda, pil on cpu.", type=click.Choice(RENDERERS))
     allow_renderer_change: bool = option(False, "Replay a store's views with another --render than the store's; "
                                                 "the replay canary then reports the pixel difference instead of refusing.")
     progress: bool = option(True, "Show progress bars.")

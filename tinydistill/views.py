@@ -22,7 +22,6 @@ from .seeds import encode_seed
 from .sources import BadSampleError, Source
 
 VIEW_FORMAT = 2  # how views are made: 1 = timm transforms under reseeded global RNGs; 2 = records
-RENDERERS = ("pil", "torch")
 
 
 class ReplayError(TinydistillError):
