@@ -187,3 +187,260 @@ def test_torchrun_two_cpu_processes_train(store, tmp_path):
     r = json.loads(p.stdout.strip().splitlines()[-1])
     assert r["step"] > 0 and r["views"] > 1000 and "val_top1" in r
     assert (out / "last.pth").exists()
+
+
+# ---- resume, AMP, dropped rows, unlabeled data, host syncs (small stores: seconds each) -----------
+
+def _in_process(*args):
+    """train-student through the CLI in this process: (exit code, its `Error` lines, output)."""
+    from click.testing import CliRunner
+
+    from tinydistill.cli import main
+
+    r = CliRunner().invoke(main, ["train-student", *args])
+    return r.exit_code, [l for l in r.output.strip().splitlines() if l.startswith("Error")], r.output
+
+
+class _Records(list):
+    """A logging handler's records (the CLI may turn the logger's propagation off)."""
+
+    def __enter__(self):
+        import logging
+
+        self.h = logging.Handler()
+        self.h.emit = self.append
+        logging.getLogger("tinydistill").addHandler(self.h)
+        return self
+
+    def __exit__(self, *exc):
+        import logging
+
+        logging.getLogger("tinydistill").removeHandler(self.h)
+
+    def text(self, level):
+        return "\n".join(r.getMessage() for r in self if r.levelno == level)
+
+
+@pytest.fixture(scope="module")
+def unlabeled(tmp_path_factory):
+    """96 JPEG-only webdataset samples in 2 tar shards (no `cls` member) and a 2-epoch K=5 store of
+    a random 10-class teacher over them."""
+    import io
+
+    import webdataset as wds
+    from PIL import Image
+
+    from conftest import random_teacher
+    from tinydistill.augment import AugSpec
+    from tinydistill.config import GenConfig
+    from tinydistill.generate import gen_logits
+
+    root = tmp_path_factory.mktemp("wds")
+    rng = np.random.default_rng(0)
+    for s in range(2):
+        with wds.TarWriter(str(root / f"shard-{s:02d}.tar")) as tw:
+            for i in range(48):
+                buf = io.BytesIO()
+                Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(buf, "JPEG")
+                tw.write({"__key__": f"s{s}i{i:03d}", "jpg": buf.getvalue()})
+    data = str(root / "shard-{00..01}.tar")
+    weights = random_teacher(root / "t.pth", 10)
+    store = str(root / "u.zarr")
+    gen_logits(GenConfig(data=data, teacher="test_resnet", teacher_weights=weights, teacher_input_size=16,
+                         out=store, k=5, epochs=(0, 2), workers=0, batch_size=32, chunk_rows=32, shard_rows=64,
+                         spec=AugSpec(img_size=16, mix_group=32), progress=False))
+    return data, store
+
+
+def _small(unlabeled, out, **kw):
+    from tinydistill.train import TrainConfig
+
+    data, store = unlabeled
+    args = dict(data=data, logits=store, student="test_vit", out=str(out), epochs=1, batch_size=16, workers=0,
+                lr=5e-4, warmup_epochs=0.2, progress=False, model_kwargs={"img_size": 16, "patch_size": 4})
+    return TrainConfig(**{**args, **kw})
+
+
+def test_unlabeled_webdataset_distils_without_labels(unlabeled, tmp_path):
+    from tinydistill.sources import open_source
+    from tinydistill.train import train_student
+
+    data, store = unlabeled
+    assert (open_source(data).labels == -1).all()  # no cls member: label -1 for every row
+    r = train_student(_small(unlabeled, tmp_path / "a"))  # alpha 1: pure distillation, no labels needed
+    assert r["mode"] == "offline" and r["step"] == 6 and r["views"] == 96 and r["dropped_views"] == 0
+    assert len(steps(tmp_path / "a")) == 6 and all(np.isfinite(s["loss"]) for s in steps(tmp_path / "a"))
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--no-kd"], "`no_kd`"),
+    (["--alpha", "0.5"], "--alpha 0.5"),
+    (["--loss", "hard"], "--loss hard"),
+    (["--val-data", "DATA"], "--val-data"),
+])
+def test_unlabeled_data_where_labels_are_needed_is_a_clear_error(unlabeled, tmp_path, extra, needle):
+    data, store = unlabeled
+    extra = [data if a == "DATA" else a for a in extra]
+    args = ["--data", data, "--student", "test_vit", "--model-kwargs", "img_size=16", "--model-kwargs",
+            "patch_size=4", "--epochs", "1", "--workers", "0", "--no-progress", "--out", str(tmp_path / "x"), *extra]
+    if "--no-kd" not in extra:
+        args += ["--logits", store]
+    code, errors, output = _in_process(*args)
+    needle = needle.replace("`no_kd`", "--no-kd")
+    assert code == 1 and len(errors) == 1, output
+    assert data in errors[0] and "has no labels" in errors[0] and needle in errors[0], errors[0]
+    assert "Traceback" not in output and not (tmp_path / "x" / "steps.jsonl").exists()
+
+
+def test_nan_targets_are_dropped_counted_and_warned(unlabeled, tmp_path):
+    import logging
+    import shutil
+
+    import zarr
+
+    from tinydistill.train import train_student
+
+    data, store = unlabeled
+    bad = tmp_path / "nan.zarr"
+    shutil.copytree(store, bad)
+    g = zarr.open_group(str(bad), mode="r+")
+    index = "index_gap" if "index_gap" in g else "index"
+    for rows in (slice(5, 12), 70):  # as gen-logits stores views it skipped (e.g. a teacher's fp16 overflow)
+        g["logp"][0, rows], g[index][0, rows], g["seed"][0, rows] = np.nan, -1, 2**64 - 2
+    with _Records() as records:
+        r = train_student(_small(unlabeled, tmp_path / "o", logits=str(bad), epochs=2))
+    assert (r["dropped_views"], r["nan_target_views"], r["unreadable_views"], r["views"]) == (0, 0, 0, 96)
+    rows = [json.loads(l) for l in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["dropped_views"], m["nan_target_views"], m["unreadable_views"], m["views"]) for m in rows] == [
+        (8, 8, 0, 88), (0, 0, 0, 96)]
+    warned = records.text(logging.WARNING)
+    assert str(bad) in warned and "epoch 0: 8 views dropped" in warned and "8 with NaN targets" in warned, warned
+    assert "epoch 1" not in warned
+    assert all(np.isfinite(s["loss"]) for s in steps(tmp_path / "o"))
+
+
+def test_losses_are_read_every_log_interval_steps_without_item(unlabeled, tmp_path, monkeypatch):
+    from tinydistill.train import train_student
+
+    item = torch.Tensor.item
+    on_graph = []
+
+    def spy(self):  # the old loop read every step's loss with loss.item() (a host sync on a GPU)
+        if self.grad_fn is not None:
+            on_graph.append(1)
+        return item(self)
+
+    monkeypatch.setattr(torch.Tensor, "item", spy)
+    seen = []
+    train_student(_small(unlabeled, tmp_path / "a", epochs=2, log_interval=4), on_step=seen.append)
+    lines = steps(tmp_path / "a")
+    assert [s["step"] for s in lines] == list(range(1, 13)) and not on_graph
+    assert [s["step"] for s in seen] == list(range(1, 13)) and all(s["views"] == 16 for s in seen)
+    read = [s["step"] for s in seen if "loss" in s]
+    assert read == [4, 6, 10, 12]  # every 4 steps and at each epoch's end (6 steps an epoch)
+    assert all(s["loss"] == lines[s["step"] - 1]["loss"] for s in seen if "loss" in s)
+    m = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert m[1]["train_loss"] == pytest.approx(np.mean([s["loss"] for s in lines[6:]]), rel=1e-9)
+
+
+def test_non_finite_loss_stops_at_the_next_read_naming_its_step(unlabeled, tmp_path, monkeypatch):
+    import tinydistill.train as train_mod
+
+    calls = []
+
+    class Bad(train_mod.Objective):
+        def __call__(self, *a, **k):
+            calls.append(1)
+            loss = super().__call__(*a, **k)
+            return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(train_mod, "Objective", Bad)
+    with pytest.raises(train_mod.TrainError, match=r"^epoch 0 step 3: loss is nan; lower `lr`"):
+        train_mod.train_student(_small(unlabeled, tmp_path / "a", log_interval=5))
+    assert len(calls) == 5  # found at the read after step 5, not at step 3 (no sync per step)
+    assert [s["step"] for s in steps(tmp_path / "a")] == [1, 2] and not (tmp_path / "a" / "last.pth").exists()
+
+
+def test_rng_state_covers_every_generator_and_loads_weights_only(tmp_path, monkeypatch):
+    import random
+
+    import tinydistill.train as train_mod
+
+    def draws():
+        return torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)]
+
+    train_mod._seed_rng(7)
+    a0 = draws()
+    train_mod._seed_rng(7)
+    assert draws() == a0
+    train_mod._seed_rng(8)  # seed + rank: another rank draws other masks
+    assert all(x != y for x, y in zip(draws(), a0))
+    state = train_mod._rng_state()
+    assert state["cuda"] == [] or torch.cuda.is_initialized()  # CPU: CUDA untouched, nothing to save
+    torch.save({"rng": state}, tmp_path / "ck.pth")
+    after = draws()
+    train_mod._set_rng_state(torch.load(tmp_path / "ck.pth", weights_only=True)["rng"])
+    assert draws() == after
+    # CUDA generators (what drop-path draws from on a GPU): saved once CUDA is initialised, restored per device
+    fake = [torch.tensor([1, 2], dtype=torch.uint8), torch.tensor([3, 4], dtype=torch.uint8)]
+    restored = {}
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: fake)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, i: restored.__setitem__(i, s.tolist()))
+    state = train_mod._rng_state()
+    torch.save({"rng": state}, tmp_path / "ck2.pth")
+    train_mod._set_rng_state(torch.load(tmp_path / "ck2.pth", weights_only=True)["rng"])
+    assert restored == {0: [1, 2], 1: [3, 4]}
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_resume_with_drop_path_matches_uninterrupted_and_amp_is_compared(unlabeled, tmp_path):
+    from tinydistill.train import train_student
+
+    kw = dict(epochs=2, drop_path=0.2, ema=0.9, log_interval=4)
+    train_student(_small(unlabeled, tmp_path / "full", **kw))
+
+    def stop(info):
+        if info["epoch"] == 1 and info["step"] == 8:
+            raise _Stop
+
+    with pytest.raises(_Stop):  # killed in epoch 1, after epoch 0's checkpoint
+        train_student(_small(unlabeled, tmp_path / "part", **kw), on_step=stop)
+    ck = torch.load(tmp_path / "part" / "last.pth", weights_only=True)
+    assert ck["epoch"] == 0 and ck["amp"] == "none" and "cuda" in ck["rng"] and len(ck["rng_ranks"]) == 1
+    code, errors, output = _in_process(  # another AMP: the scaler state would not fit
+        "--data", unlabeled[0], "--logits", unlabeled[1], "--student", "test_vit", "--model-kwargs", "img_size=16",
+        "--model-kwargs", "patch_size=4", "--epochs", "2", "--batch-size", "16", "--workers", "0", "--no-progress",
+        "--out", str(tmp_path / "part"), "--resume", "--amp", "fp16")
+    assert code == 1 and len(errors) == 1 and "Traceback" not in output, output
+    assert str(tmp_path / "part" / "last.pth") in errors[0] and "--amp none" in errors[0], errors[0]
+    assert "--amp fp16" in errors[0] and "resume with --amp none" in errors[0], errors[0]
+    train_student(_small(unlabeled, tmp_path / "part", resume=True, **kw))
+    a = torch.load(tmp_path / "full" / "last.pth", weights_only=True)
+    b = torch.load(tmp_path / "part" / "last.pth", weights_only=True)
+    assert a["step"] == b["step"] == 12
+    for key in ("model", "ema"):
+        for n, t in a[key].items():
+            assert torch.equal(t, b[key][n]), (key, n)
+    full = {s["step"]: s["loss"] for s in steps(tmp_path / "full")}
+    part = {s["step"]: s["loss"] for s in steps(tmp_path / "part")}  # epoch 1 appended twice: last wins
+    assert full == part
+
+
+def test_objective_says_when_it_needs_labels():
+    from tinydistill.losses import DistillLoss, Objective
+
+    logits, logp = torch.randn(4, 10), torch.log_softmax(torch.randn(4, 3), 1)
+    index = torch.arange(3).repeat(4, 1)
+    pure = Objective(DistillLoss(10))
+    assert not pure.needs_labels() and torch.isfinite(pure(logits, None, logp, index))  # no labels built
+    assert pure.needs_labels(two_heads=True) and Objective(None).needs_labels()
+    for kd in (DistillLoss(10, alpha=0.5), DistillLoss(10, kind="hard")):
+        assert Objective(kd).needs_labels()
+        with pytest.raises(ValueError, match="needs labels"):
+            Objective(kd)(logits, None, logp, index)

@@ -132,5 +132,9 @@ class TrainConfig:
     allow_renderer_change: bool = option(False, "Replay a store's views with another --render than the store's; "
                                                 "the replay canary then reports the pixel difference instead of refusing.")
     progress: bool = option(True, "Show progress bars.")
+    log_interval: int = option(50, "Steps between reads of the loss from the device (steps.jsonl lines, the "
+                                   "progress bar, the non-finite-loss check). Each read waits for the GPU to "
+                                   "finish; reading every step would stop the CPU from queueing work ahead.",
+                               type=click.IntRange(min=1))
     spec: AugSpec = option(factory=AugSpec, cli=False)  # views for no_kd / online (a store brings its own)
     expect_spec: bool = option(False, cli=False)  # offline: ``spec`` came from a recipe and must equal the store's

@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import functools
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from .errors import TinydistillError
+
+# How long a rank waits for the others in a collective. torch's default (10 minutes) is shorter
+# than rank 0 may take to create a large store, or to write its last shards, while the other
+# ranks wait; TINYDISTILL_DIST_TIMEOUT_S overrides it.
+TIMEOUT_S = 4 * 3600
+
+
+def timeout() -> timedelta:
+    return timedelta(seconds=float(os.environ.get("TINYDISTILL_DIST_TIMEOUT_S", TIMEOUT_S)))
 
 
 def active() -> bool:
@@ -40,7 +50,7 @@ def setup(device: str, workers: int = 0) -> tuple[int, int, torch.device]:
     if world > 1 and not active():
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
+        dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timeout())
     rank, world = rank_world()
     if cuda and world > 1:
         return rank, world, torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
@@ -67,15 +77,16 @@ def keeps_threads(fn):
 
 
 def barrier() -> None:
+    """Wait for every rank (through the gloo group: no NCCL watchdog on a long wait)."""
     if active():
-        dist.barrier()
+        dist.barrier(group=_objects_group())
 
 
 def broadcast_error(msg: str | None) -> None:
     """Rank 0's set-up failure stops every rank with the same one-line message."""
     if active():
         box = [msg]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, group=_objects_group())
         msg = box[0]
     if msg:
         raise TinydistillError(msg)
@@ -91,11 +102,18 @@ def gather_parts(obj, dst: int) -> list | None:
     global _cpu_group
     if not active():
         return [obj]
-    if _cpu_group is None:
-        _cpu_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
     out = [None] * dist.get_world_size() if dist.get_rank() == dst else None
-    dist.gather_object(obj, out, dst=dst, group=_cpu_group)
+    dist.gather_object(obj, out, dst=dst, group=_objects_group())
     return out
+
+
+def _objects_group():
+    """A gloo group (with :func:`timeout`) for Python objects, so they never touch GPU memory."""
+    global _cpu_group
+    if _cpu_group is None:
+        _cpu_group = (dist.new_group(backend="gloo", timeout=timeout()) if dist.get_backend() != "gloo"
+                      else dist.group.WORLD)
+    return _cpu_group
 
 
 def all_reduce(values: list[float], op: str = "sum") -> list[float]:

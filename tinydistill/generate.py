@@ -30,7 +30,9 @@ from .errors import NotAStoreError, StoreError, TinydistillError
 from .sources import open_source
 from .replay import check_replay, run_mismatch, view_store_attrs
 from .store import DEFAULT_CHUNK_ROWS, DEFAULT_SHARD_CHUNKS, LogitStore, create_store, open_store
-from .stream import DeviceRenderer, GenPlan, Meter, ViewStream, gen_plan
+from .cuda import HostCopy
+from .render_device import DeviceRenderer
+from .stream import GenPlan, Meter, ViewStream, gen_plan
 from .teachers import load_teacher
 from .views import Views
 
@@ -196,21 +198,19 @@ def gen_logits(cfg: GenConfig, on_step: Callable[[dict], None] | None = None) ->
     if cfg.teacher_input_size:
         teacher.input_size = int(cfg.teacher_input_size)
     teacher.meta.update(amp=cfg.amp, device=device.type, batch_size=cfg.batch_size,
-                        cpu_threads=torch.get_num_threads())
+                        cpu_threads=torch.get_num_threads(), compile=bool(cfg.compile))
     if not 1 <= cfg.k <= teacher.num_classes:
         raise TinydistillError(f"`k` {cfg.k}: must be between 1 and the teacher's {teacher.num_classes} classes")
     shard_rows = cfg.shard_rows or cfg.chunk_rows * DEFAULT_SHARD_CHUNKS
-    cfg.shard_rows = shard_rows
+    cfg = replace(cfg, shard_rows=shard_rows)
     store = _prepare_store(cfg, teacher, source, rank, device)
 
     mask = store.complete_mask(refresh=True)
     todo = [(e, s) for e in range(*cfg.epochs) for s in range(store.num_shards) if not mask[e, s]]
     plan = gen_plan(todo, store.shard_bounds, store.num_rows, cfg.spec.mix_group, cfg.batch_size,
                     cfg.workers, world, rank)
-    # the torch renderer on a GPU: workers only read bytes and draw records; pixels are made on the device
-    on_device = cfg.spec.renderer == "torch" and device.type == "cuda"
-    views = Views(source, cfg.spec, cfg.seed, skip_bad=cfg.skip_bad, device=device if on_device else "cpu")
-    stream = ViewStream(views, plan.items, encoded=on_device)
+    core = Views(source, cfg.spec, cfg.seed, skip_bad=cfg.skip_bad, device=device)
+    stream = ViewStream(core, plan.items)  # the torch renderer: workers ship bytes + records
     loader = torch.utils.data.DataLoader(
         stream, batch_size=None, num_workers=cfg.workers, pin_memory=device.type == "cuda",
         persistent_workers=False, prefetch_factor=4 if cfg.workers else None,
@@ -220,21 +220,27 @@ def gen_logits(cfg: GenConfig, on_step: Callable[[dict], None] | None = None) ->
 
     writer = _ShardWriter(store)
     rounds = _Rounds(plan, store, writer, rank, world)
-    meter = Meter(cfg.workers)
-    views = skipped = 0
+    renderer = DeviceRenderer(core, device) if stream.encoded else None
+    meter = Meter(cfg.workers, renderer)
+    counts = {"views": 0, "skipped": 0, "nonfinite": 0}
     bar = _progress(stream.num_views, enabled=cfg.progress and rank == 0, desc=f"gen-logits ({world} rank(s))")
+    pad_to = cfg.batch_size if cfg.compile else None  # one shape for a compiled teacher, tails included
     try:
-        batches = meter(loader)
-        for batch in DeviceRenderer(views, device)(batches) if on_device else batches:
-            logp, idx = teacher.topk(batch["image"], cfg.k)
-            logp, idx = logp.cpu().numpy(), idx.cpu().numpy()
-            rows, valid = batch["row"].cpu().numpy(), batch["valid"].cpu().numpy()
-            rounds.add(int(batch["epoch"][0]), rows, logp, idx, batch["seed"].cpu().numpy().astype(np.uint64), ~valid)
-            views += len(rows)
-            skipped += int((~valid).sum())
-            bar.update(len(rows))
+        pending = None
+        for batch in meter(renderer(loader) if renderer else loader):
+            logp, idx = teacher.topk(batch["image"], cfg.k, pad_to=pad_to)
+            # the copies back are queued now and waited for one batch later: the device keeps working
+            done, pending = pending, (batch, HostCopy(logp, idx))
+            if done is not None:
+                _store_batch(cfg, rounds, counts, *done)
+                bar.update(len(done[0]["row"]))
+                if on_step is not None:
+                    on_step({"views": len(done[0]["row"]), "seconds": time.time() - t_start})
+        if pending is not None:
+            _store_batch(cfg, rounds, counts, *pending)
+            bar.update(len(pending[0]["row"]))
             if on_step is not None:
-                on_step({"views": len(rows), "seconds": time.time() - t_start})
+                on_step({"views": len(pending[0]["row"]), "seconds": time.time() - t_start})
         rounds.flush(final=True)
         writer.close()
     finally:
@@ -244,16 +250,40 @@ def gen_logits(cfg: GenConfig, on_step: Callable[[dict], None] | None = None) ->
             writer.thread.join()
     load = meter.report()
     dist.barrier()
-    views, skipped, written = (int(v) for v in dist.all_reduce([views, skipped, writer.written]))
+    views, skipped, nonfinite, written = (int(v) for v in dist.all_reduce(
+        [counts["views"], counts["skipped"], counts["nonfinite"], writer.written]))
+    if nonfinite and rank == 0:
+        log.warning("%s: %d view(s) had non-finite teacher outputs and are stored as skipped (--skip-bad)",
+                    cfg.out, nonfinite)
     secs = time.time() - t_start
     return {
         "store": cfg.out, "epochs": list(cfg.epochs), "rank": rank, "world_size": world,
-        "units_written": written, "views": views, "skipped_views": skipped,
+        "units_written": written, "views": views, "skipped_views": skipped, "nonfinite_views": nonfinite,
         "seconds": round(secs, 2), "views_per_s": round(views / secs, 1) if secs else None,
         "complete": [round(float(f), 4) for f in store.completed()],
         "teacher": teacher.name, "k": cfg.k, "num_classes": teacher.num_classes,
         "item_rows": plan.item_rows, "items": len(plan.items), "load": load,
     }
+
+
+def _store_batch(cfg: GenConfig, rounds: "_Rounds", counts: dict, batch: dict, copy: HostCopy) -> None:
+    """Hand one teacher batch to its shard. Views whose teacher outputs are not finite (an
+    fp16 teacher overflowing) are stored as skipped with ``--skip-bad`` and refused without."""
+    logp, idx = (t.numpy() for t in copy.get())
+    rows, valid = batch["row"].numpy(), batch["valid"].numpy()
+    epoch = int(batch["epoch"][0])
+    bad = valid & ~np.isfinite(logp).all(1)
+    if bad.any():
+        if not cfg.skip_bad:
+            raise TinydistillError(
+                f"`teacher` {cfg.teacher}: non-finite outputs for {int(bad.sum())} view(s) of epoch {epoch} "
+                f"(rows {', '.join(str(r) for r in rows[bad][:5])}) with `amp` {cfg.amp}; use `amp` bf16 or none, "
+                f"or `skip_bad` to store them as skipped")
+        counts["nonfinite"] += int(bad.sum())
+        valid = valid & ~bad
+    rounds.add(epoch, rows, logp, idx, batch["seed"].numpy().astype(np.uint64), ~valid)
+    counts["views"] += len(rows)
+    counts["skipped"] += int((~valid).sum())
 
 
 def _progress(total: int, enabled: bool, desc: str):

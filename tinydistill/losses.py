@@ -41,6 +41,12 @@ class DistillLoss:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
         self.num_classes, self.kind, self.t, self.alpha = num_classes, kind, float(temperature), float(alpha)
 
+    @property
+    def needs_labels(self) -> bool:
+        """Whether the loss has a ground-truth term: ``hard``, or ``alpha`` < 1 (pure
+        distillation, the default, trains on unlabeled data)."""
+        return self.kind == "hard" or self.alpha < 1.0
+
     def kd(self, logits: torch.Tensor, logp: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """The teacher term alone."""
         if self.kind == "hard":
@@ -54,6 +60,8 @@ class DistillLoss:
 
     def __call__(self, logits, logp, index, labels: torch.Tensor | None = None) -> torch.Tensor:
         """``labels``: soft labels [B, C] for the ground-truth term (needed when alpha < 1 or hard)."""
+        if labels is None and self.needs_labels:
+            raise ValueError(f"the {self.kind} loss with alpha {self.alpha} needs labels")
         if self.kind == "hard":
             return 0.5 * soft_cross_entropy(logits, labels) + 0.5 * self.kd(logits, logp, index)
         kd = self.kd(logits, logp, index)
@@ -73,7 +81,13 @@ class Objective:
     def __init__(self, kd: DistillLoss | None):
         self.kd = kd
 
-    def __call__(self, out, labels: torch.Tensor, logp: torch.Tensor | None = None,
+    def needs_labels(self, two_heads: bool = False) -> bool:
+        """Whether the loss uses ground-truth labels: without a teacher (``kd`` None), with a
+        ground-truth term in ``kd``, or for a student with two heads (its class head learns them).
+        When False, ``labels`` may be None."""
+        return self.kd is None or self.kd.needs_labels or two_heads
+
+    def __call__(self, out, labels: torch.Tensor | None, logp: torch.Tensor | None = None,
                  index: torch.Tensor | None = None) -> torch.Tensor:
         if isinstance(out, tuple):
             cls, dist = out

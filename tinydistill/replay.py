@@ -152,6 +152,8 @@ def run_mismatch(store, *, out: str, teacher, k: int, spec: AugSpec, source: Sou
         ("view format", int(a.get("view_format", 1)), VIEW_FORMAT),
         ("teacher", t.get("name"), teacher.name),
         ("teacher weights", t.get("weights_digest"), teacher.weights_digest),
+        ("teacher amp", t.get("amp", teacher.meta.get("amp")), teacher.meta.get("amp")),
+        ("teacher compile", bool(t.get("compile", False)), bool(teacher.meta.get("compile", False))),
         ("K", a.get("k"), k),
         ("num_classes", a.get("num_classes"), teacher.num_classes),
         ("augmentation spec hash", AugSpec.from_dict(a.get("augmentation", {})).hash, spec.hash),

@@ -34,6 +34,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from .params import pair_order
 from .views import Views
 
+ENCODED_RENDERERS = {"torch"}  # renderers whose pixels are made in the main process (render_device)
 ITEMS_PER_WORKER = 4  # aim: at least this many items per worker per epoch
 MAX_ITEM_ROWS = 4096  # items stay small on big data too: quick to hand out, cheap to lose
 
@@ -193,9 +194,11 @@ class ViewStream(IterableDataset):
     is given, and ``worker`` / ``busy_s`` (which worker made it, and the seconds it worked on it).
     """
 
-    def __init__(self, views: Views, items: Sequence[Item], targets=None, encoded: bool = False):
-        self.views, self.items, self.targets = views, list(items), targets
-        self.encoded = encoded  # yield encoded batches (Views.encode) for a DeviceRenderer in the main process
+    def __init__(self, core: Views, items: Sequence[Item], targets=None, encoded: bool | None = None):
+        self.core, self.items, self.targets = core, list(items), targets
+        # encoded batches (Views.encode: bytes + records) for a DeviceRenderer in the main
+        # process; the renderer alone decides (ENCODED_RENDERERS), on every device
+        self.encoded = core.spec.renderer in ENCODED_RENDERERS if encoded is None else bool(encoded)
 
     def __len__(self) -> int:
         return sum(it.num_batches for it in self.items)
@@ -216,12 +219,12 @@ class ViewStream(IterableDataset):
             step = it.render or len(it.rows)
             for start in range(0, len(it.rows), step):
                 rows = it.rows[start:start + step]
-                views = None if self.encoded else self.views.render(it.epoch, rows)
+                rendered = None if self.encoded else self.core.render(it.epoch, rows)
                 for lo in range(0, len(rows), it.batch):
                     if self.encoded:  # bytes and records only: pixels are made on the device
-                        batch = self.views.encode(it.epoch, rows[lo:lo + it.batch])
+                        batch = self.core.encode(it.epoch, rows[lo:lo + it.batch])
                     else:
-                        batch = default_collate(views[lo:lo + it.batch])
+                        batch = default_collate(rendered[lo:lo + it.batch])
                     if targets is not None:
                         logp, index = targets.get(it.epoch, rows[lo:lo + it.batch])
                         batch["logp"], batch["index"] = torch.from_numpy(logp), torch.from_numpy(index)
@@ -232,86 +235,16 @@ class ViewStream(IterableDataset):
                     t0 = time.perf_counter()
 
 
-class DeviceRenderer:
-    """Turns the encoded batches of a stream into pixels on a GPU, ahead of the model.
-
-    A thread takes batches from the DataLoader and renders them with the torch renderer on
-    its own CUDA stream, keeping ``depth`` batches ready, so decoding and augmenting the next
-    batch overlaps the model's work on the current one. On the CPU it renders in line.
-    """
-
-    def __init__(self, views: Views, device, depth: int = 2):
-        self.views, self.device, self.depth = views, torch.device(device), depth
-
-    def __call__(self, batches) -> Iterator[dict]:
-        if self.device.type != "cuda":
-            for raw in batches:
-                yield self._render(raw)
-            return
-        import queue
-        import threading
-
-        q: queue.Queue = queue.Queue(maxsize=self.depth)
-        side = torch.cuda.Stream(self.device)
-        done = object()
-        stop = threading.Event()
-
-        def work():
-            try:
-                if self.device.index is not None:
-                    torch.cuda.set_device(self.device)
-                for raw in batches:
-                    if stop.is_set():
-                        return
-                    with torch.cuda.stream(side):
-                        out = self._render(raw)
-                        ready = torch.cuda.Event()
-                        ready.record(side)
-                    q.put((out, ready))
-                q.put(done)
-            except BaseException as e:  # surfaced in the consuming thread
-                q.put(e)
-
-        t = threading.Thread(target=work, daemon=True)
-        t.start()
-        try:
-            while True:
-                item = q.get()
-                if item is done:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                out, ready = item
-                torch.cuda.current_stream(self.device).wait_event(ready)
-                for v in out.values():
-                    if torch.is_tensor(v) and v.is_cuda:
-                        v.record_stream(torch.cuda.current_stream(self.device))
-                yield out
-        finally:
-            stop.set()
-            while t.is_alive():  # unblock a producer waiting on a full queue
-                try:
-                    q.get_nowait()
-                except Exception:
-                    pass
-                t.join(timeout=0.05)
-
-    def _render(self, raw: dict) -> dict:
-        out = self.views.render_encoded(raw, self.device)
-        for k in ("logp", "index", "worker", "busy_s"):
-            if k in raw:
-                out[k] = raw[k]
-        out["valid"] = torch.as_tensor(raw["valid"])
-        return out
-
-
 class Meter:
     """Where a consuming loop's time goes: each worker's views and busy seconds, and the time
-    the main process waited for data (the rest is its own work: the model)."""
+    the main process waited for data (the rest is its own work: the model). It wraps what the
+    model consumes (after a DeviceRenderer, if any), so waiting for the renderer counts as
+    waiting; ``renderer`` adds the render thread's busy share."""
 
-    def __init__(self, workers: int):
+    def __init__(self, workers: int, renderer=None):
+        self.renderer = renderer
         self.n = max(workers, 1)
-        self.views = [0] * self.n
+        self.worker_views = [0] * self.n
         self.busy = [0.0] * self.n
         self.wait = 0.0
         self.t0 = time.perf_counter()
@@ -326,13 +259,17 @@ class Meter:
                 return
             self.wait += time.perf_counter() - t
             w = int(batch["worker"])
-            self.views[w] += len(batch["row"])
+            self.worker_views[w] += len(batch["row"])
             self.busy[w] += float(batch["busy_s"])
             yield batch
 
     def report(self) -> dict:
         wall = max(time.perf_counter() - self.t0, 1e-9)
-        return {"wall_s": round(wall, 3), "wait_s": round(self.wait, 3),
-                "main_busy_share": round(1 - self.wait / wall, 3),
-                "worker_views": list(self.views),
-                "worker_busy_share": [round(b / wall, 3) for b in self.busy]}
+        out = {"wall_s": round(wall, 3), "wait_s": round(self.wait, 3),
+               "main_busy_share": round(1 - self.wait / wall, 3),
+               "worker_views": list(self.worker_views),
+               "worker_busy_share": [round(b / wall, 3) for b in self.busy]}
+        if self.renderer is not None:
+            out["render_busy_share"] = round(self.renderer.busy / wall, 3)
+            out["render_units"] = self.renderer.units
+        return out

@@ -60,13 +60,18 @@ class Teacher:
         return self
 
     @torch.inference_mode()
-    def topk(self, images: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def topk(self, images: torch.Tensor, k: int, pad_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The one teacher forward (gen-logits, online KD and verify all call it): views
         [B, 3, H, W] in [0, 1] -> top-K log-probabilities (float32, descending) and class ids,
         on the teacher's device. Resize, interpolation, normalisation, memory layout and
-        autocast are the teacher's own."""
+        autocast are the teacher's own. ``pad_to``: a shorter batch is padded with black views
+        to that many (outputs dropped), so a compiled teacher sees one shape and a batch's
+        values never depend on which shapes were compiled first."""
         from .views import prepare
 
+        n = images.shape[0]
+        if pad_to is not None and n < pad_to:
+            images = torch.cat([images, images.new_zeros((pad_to - n,) + tuple(images.shape[1:]))])
         x = prepare(images.to(self.device, non_blocking=True), self.input_size, self.mean, self.std,
                     self.interpolation)
         if self.device.type == "cuda":
@@ -74,7 +79,8 @@ class Teacher:
         dt = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.amp)
         with torch.autocast(self.device.type, dtype=dt, enabled=dt is not None):
             logits = self.model(x)
-        return torch.log_softmax(logits.float(), dim=-1).topk(k, dim=-1)
+        logp, idx = torch.log_softmax(logits[:n].float(), dim=-1).topk(k, dim=-1)
+        return logp, idx
 
     def describe(self) -> dict:
         """What the store records about the teacher."""

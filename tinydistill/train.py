@@ -30,7 +30,8 @@ from .errors import TinydistillError
 from . import dist
 from .losses import DistillLoss, Objective, mixed_labels
 from .sources import open_source
-from .stream import DeviceRenderer, Meter, ViewStream, epoch_order, train_items
+from .render_device import DeviceRenderer
+from .stream import Meter, ViewStream, epoch_order, train_items
 from .views import Views, prepare
 
 log = logging.getLogger("tinydistill")
@@ -124,6 +125,7 @@ def _val_loader(cfg: TrainConfig, input_size: int, mean, std, crop_pct: float, w
     from timm.data.transforms_factory import transforms_imagenet_eval
 
     source = open_source(cfg.val_data)
+    require_labels(source, "`val_data` (top-1/top-5)")
     tf = transforms_imagenet_eval(img_size=input_size, crop_pct=crop_pct, mean=mean, std=std, interpolation="bicubic")
 
     class _Val(torch.utils.data.IterableDataset):
@@ -144,20 +146,18 @@ def _val_loader(cfg: TrainConfig, input_size: int, mean, std, crop_pct: float, w
 
 @torch.inference_mode()
 def evaluate(model, loader, device, amp_dtype) -> dict[str, float]:
-    from timm.utils import accuracy
-
+    """Top-1/top-5 (top-C with fewer than 5 classes), counted on the device: one host sync at the end."""
     model.eval()
-    n = c1 = c5 = 0.0
+    n, hits = 0, torch.zeros(2, dtype=torch.int64, device=device)
     for x, y in loader:
-        x, y = x.to(device), y.to(device)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             out = model(x)
         out = out[0] if isinstance(out, tuple) else out
-        k5 = min(5, out.shape[-1])
-        a1, a5 = accuracy(out.float(), y, topk=(1, k5))
+        top = out.float().topk(min(5, out.shape[-1]), dim=1).indices.eq(y[:, None])  # [B, k]
+        hits += torch.stack([top[:, 0].sum(), top.any(1).sum()])
         n += len(y)
-        c1 += a1.item() * len(y) / 100
-        c5 += a5.item() * len(y) / 100
+    c1, c5 = hits.tolist()
     n, c1, c5 = dist.all_reduce([n, c1, c5])
     return {"top1": 100 * c1 / max(n, 1), "top5": 100 * c5 / max(n, 1)}
 
@@ -168,18 +168,93 @@ def _save(path: Path, obj: dict) -> None:
     os.replace(tmp, path)  # never a half-written checkpoint under the real name
 
 
+def _seed_rng(seed: int) -> None:
+    """Seed every generator the training loop draws from: torch's CPU and CUDA generators (drop-path,
+    the DataLoader's worker seeds), numpy's and Python's (timm internals)."""
+    torch.manual_seed(seed)  # CPU and every CUDA device
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
 def _rng_state() -> dict:
-    """RNG states as tensors and plain Python values, so checkpoints load with weights_only=True."""
+    """Every generator the loop draws from (see :func:`_seed_rng`), as tensors and plain Python
+    values, so checkpoints load with weights_only=True. The CUDA states are saved only once CUDA
+    is initialised (on the CPU there are none)."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "numpy": [name, keys.tolist(), pos, has_gauss, gauss],
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
+    return {"torch": torch.get_rng_state(), "cuda": cuda, "numpy": [name, keys.tolist(), pos, has_gauss, gauss],
             "python": random.getstate()}
 
 
 def _set_rng_state(s: dict) -> None:
     torch.set_rng_state(s["torch"])
+    cuda = s.get("cuda") or []
+    if cuda and torch.cuda.is_available():
+        for i, state in enumerate(cuda[:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state, i)
     name, keys, pos, has_gauss, gauss = s["numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
     random.setstate(tuple(s["python"][:1]) + (tuple(s["python"][1]),) + tuple(s["python"][2:]))
+
+
+# ---- labels and dropped rows ----------------------------------------------------------------------
+
+def require_labels(source, needed_by: str) -> None:
+    """A one-line error when ``source`` lacks labels that ``needed_by`` (an option, in words) needs."""
+    missing = int((np.asarray(source.labels) < 0).sum())
+    if not missing:
+        return
+    from .sources import WebDatasetSource
+
+    what = "has no labels" if missing == len(source) else f"has no label for {missing} of {len(source)} samples"
+    if isinstance(source, WebDatasetSource):
+        what += " (webdataset samples without a cls/label member)"
+    raise TrainError(f"{source.name}: {what}; {needed_by} needs them (offline KD with the default `alpha` 1 "
+                     "and `loss` soft_ce or kl trains without labels)")
+
+
+def _labels_needed_by(cfg: TrainConfig, two_heads: bool) -> str:
+    """The option that makes the objective use labels, in words (for :func:`require_labels`)."""
+    if cfg.no_kd:
+        return "`no_kd`"
+    if cfg.loss == "hard":
+        return "`loss` hard"
+    if cfg.alpha < 1:
+        return f"`alpha` {cfg.alpha} (< 1: a ground-truth term)"
+    return f"the distilled student {cfg.student} (its class head learns the labels)" if two_heads else "the loss"
+
+
+def _dropped(batch: dict) -> tuple[torch.Tensor | None, int, int]:
+    """(ids of the rows to keep, or None when all are kept; rows whose stored targets are NaN;
+    other rows dropped) of a batch, from its CPU tensors alone (``valid``, ``logp``): no device
+    sync. A store holds NaN targets for the views gen-logits skipped: unreadable images, or
+    non-finite outputs of the teacher (an fp16 teacher that overflowed); the store does not say
+    which. The other rows dropped are those whose image cannot be read now (``valid`` False)."""
+    valid = torch.as_tensor(batch["valid"]).bool()
+    nan = torch.isnan(torch.as_tensor(batch["logp"])).any(1) if "logp" in batch else torch.zeros_like(valid)
+    keep = valid & ~nan
+    if bool(keep.all()):
+        return None, 0, 0
+    n_nan = int(nan.sum())
+    return keep.nonzero().squeeze(1), n_nan, int((~keep).sum()) - n_nan
+
+
+def _take(batch: dict, keep: torch.Tensor) -> dict:
+    """The rows ``keep`` (CPU ids) of every per-row tensor of a batch; device tensors are indexed
+    with a copy of the ids sent ahead (index_select), never with a mask (that would sync)."""
+    n, out, on = len(batch["valid"]), {}, {}
+    for k, v in batch.items():
+        if torch.is_tensor(v) and v.dim() and len(v) == n:
+            if v.device.type != "cpu":
+                if v.device not in on:
+                    on[v.device] = keep.to(v.device, non_blocking=True)
+                v = v.index_select(0, on[v.device])
+            else:
+                v = v[keep]
+        elif isinstance(v, np.ndarray) and v.ndim and len(v) == n:
+            v = v[keep.numpy()]
+        out[k] = v
+    return out
 
 
 # ---- targets --------------------------------------------------------------------------------------
@@ -212,8 +287,9 @@ def label_targets(batch: dict, images: torch.Tensor):
 
 # ---- checkpoints ----------------------------------------------------------------------------------
 
-def _resume(path: Path, cfg: TrainConfig, parts: dict) -> tuple[int, int, float]:
-    """Load ``parts`` (model, optimizer, ...) from a checkpoint; returns (next epoch, step, best)."""
+def _resume(path: Path, cfg: TrainConfig, parts: dict, rank: int = 0, world: int = 1) -> tuple[int, int, float]:
+    """Load ``parts`` (model, optimizer, ...) from a checkpoint and this rank's RNG states;
+    returns (next epoch, step, best). ``cfg`` is resolved (its ``amp`` is set)."""
     if not path.exists():
         raise TrainError(f"{path}: no checkpoint to resume from")
     try:
@@ -223,20 +299,74 @@ def _resume(path: Path, cfg: TrainConfig, parts: dict) -> tuple[int, int, float]
     if ck["config"]["student"] != cfg.student or ck["config"]["epochs"] != cfg.epochs:
         raise TrainError(f"{path}: checkpoint is of {ck['config']['student']} for {ck['config']['epochs']} "
                          f"epochs; this run is {cfg.student} for {cfg.epochs}")
+    amp = ck.get("amp") or ck["config"].get("amp")  # older checkpoints: the resolved config's
+    if amp != cfg.amp:  # the GradScaler's state (fp16) exists or not with it: refuse, not a traceback
+        raise TrainError(f"{path}: checkpoint was trained with `amp` {amp}, this run asks for `amp` {cfg.amp}; "
+                         f"resume with `amp` {amp} (or train into a new `out` without `resume`)")
     for name, obj in parts.items():
         if obj is not None and ck.get(name) is not None:
             obj.load_state_dict(ck[name])
-    _set_rng_state(ck["rng"])
+    states = ck.get("rng_ranks") or [ck["rng"]]  # every rank's RNG states (older checkpoints: rank 0's)
+    if len(states) == world:
+        _set_rng_state(states[rank])
+    else:  # another world size: the data order changes too; keep the ranks' draws apart
+        log.warning("%s: saved by %d rank(s), resumed by %d: random draws (drop-path) are not replayed exactly",
+                    path, len(states), world)
+        _seed_rng(cfg.seed + rank + world * (ck["step"] + 1))
     log.info("resumed %s at epoch %d, step %d", path, ck["epoch"] + 1, ck["step"])
     return ck["epoch"] + 1, ck["step"], ck.get("best", -1.0)
 
 
 # ---- the loop ------------------------------------------------------------------------------------
 
+class StepLosses:
+    """Each step's loss, kept on the device and read back every ``log_interval`` steps in one
+    host sync (a read every step would keep the CPU from queueing work ahead of the GPU). A read
+    writes the steps' lines to steps.jsonl and raises the one-line error at the first non-finite
+    loss (under DDP every rank raises when any rank saw one: the ranks read at the same steps)."""
+
+    def __init__(self, epoch: int, steps_f, world: int = 1):
+        self.epoch, self.steps_f, self.world = epoch, steps_f, world
+        self.losses: list[torch.Tensor] = []  # 0-dim device tensors, not yet read
+        self.meta: list[tuple[int, float]] = []  # (step, lr) of each
+        self.sum, self.count, self.last = 0.0, 0, float("nan")
+
+    def __len__(self) -> int:
+        return len(self.losses)
+
+    def add(self, loss: torch.Tensor, step: int, lr: float) -> None:
+        self.losses.append(loss.detach())
+        self.meta.append((step, lr))
+
+    def read(self) -> float:
+        """Read the pending losses (the host sync); returns the last step's loss."""
+        if not self.losses:
+            return self.last
+        values = torch.stack(self.losses).float().cpu().tolist()
+        meta, self.losses, self.meta = self.meta, [], []
+        bad = next(((s, v) for (s, _), v in zip(meta, values) if not math.isfinite(v)), None)
+        elsewhere = self.world > 1 and dist.all_reduce([float(bad is not None)])[0] > 0
+        for (s, lr), v in zip(meta, values):
+            if bad is not None and s == bad[0]:
+                break
+            if self.steps_f:
+                self.steps_f.write(json.dumps({"epoch": self.epoch, "step": s, "loss": v, "lr": lr}) + "\n")
+        if bad is not None:
+            raise TrainError(f"epoch {self.epoch} step {bad[0]}: loss is {bad[1]}; lower `lr` or check the store")
+        if elsewhere:
+            raise TrainError(f"epoch {self.epoch}: another rank's loss is not finite by step {meta[-1][0]}; "
+                             "lower `lr` or check the store")
+        self.sum, self.count, self.last = self.sum + sum(values), self.count + len(values), values[-1]
+        return self.last
+
+
 @dist.keeps_threads
 def train_student(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> dict[str, Any]:
     """Train ``cfg.student``; returns the last epoch's metrics. ``on_step`` (optional) is
-    called after every optimizer step with ``{"epoch", "step", "views", "loss"}``."""
+    called after every optimizer step with ``{"epoch", "step", "views"}``, plus ``"loss"`` (that
+    step's) at the steps where the losses are read back from the device: every ``log_interval``
+    steps and the last step of each epoch. There the step has finished on the device; elsewhere
+    it may only be queued (the loop does not wait for the GPU between reads)."""
     from timm.data import resolve_data_config
     from timm.optim import create_optimizer_v2
     from timm.scheduler import CosineLRScheduler
@@ -260,7 +390,8 @@ def train_student(cfg: TrainConfig, on_step: Callable[[dict], None] | None = Non
     input_size = cfg.input_size or spec.img_size
 
     torch.manual_seed(cfg.seed)
-    model = create_student(cfg, num_classes, input_size)
+    model = create_student(cfg, num_classes, input_size)  # the same initial weights on every rank
+    _seed_rng(cfg.seed + rank)  # training draws (drop-path masks) differ across ranks, as in timm
     data_cfg = resolve_data_config({}, model=model)
     mean, std = data_cfg["mean"], data_cfg["std"]
     distilled = hasattr(model, "set_distilled_training")
@@ -279,12 +410,13 @@ def train_student(cfg: TrainConfig, on_step: Callable[[dict], None] | None = Non
         targets = StoreTargets(device) if store is not None else label_targets
     objective = Objective(None if cfg.no_kd else
                           DistillLoss(num_classes, kind=cfg.loss, temperature=cfg.temperature, alpha=cfg.alpha))
-    # the torch renderer on a GPU: workers only read bytes and draw records; pixels are made on the device
-    on_device = spec.renderer == "torch" and device.type == "cuda"
-    views_of = Views(source, spec, view_seed, skip_bad=store is not None, device=device if on_device else "cpu")
+    use_labels = objective.needs_labels(two_heads=distilled)  # pure distillation trains on unlabeled data
+    if use_labels:
+        require_labels(source, _labels_needed_by(cfg, distilled))
+    core = Views(source, spec, view_seed, skip_bad=store is not None, device=device)
 
     parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler, "ema": ema}
-    start_epoch, step, best = _resume(out / "last.pth", cfg, parts) if cfg.resume else (0, 0, -1.0)
+    start_epoch, step, best = _resume(out / "last.pth", cfg, parts, rank, world) if cfg.resume else (0, 0, -1.0)
     ddp = model
     if world > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -304,31 +436,45 @@ def train_student(cfg: TrainConfig, on_step: Callable[[dict], None] | None = Non
             # every epoch a fresh order of all rows, the same in every mode (stream.epoch_order)
             view_epoch = epoch % store.epochs if store is not None else epoch
             order = epoch_order(len(source), spec.mix_group, spec.mixing, view_seed, view_epoch, cfg.seed, epoch)
-            stream = ViewStream(views_of, train_items(order, view_epoch, cfg.batch_size, world, rank),
-                                targets=store, encoded=on_device)
+            # the torch renderer: workers ship bytes + records, the pixels are made on `device`
+            stream = ViewStream(core, train_items(order, view_epoch, cfg.batch_size, world, rank), targets=store)
             loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.workers,
                                                  pin_memory=device.type == "cuda",
                                                  prefetch_factor=4 if cfg.workers else None)
-            meter = Meter(cfg.workers)
+            renderer = DeviceRenderer(core, device) if stream.encoded else None
+            meter = Meter(cfg.workers, renderer)
             model.train()
             if distilled:
                 model.set_distilled_training(True)
             bar = tqdm(total=len(stream), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", file=sys.stderr,
                        disable=not (cfg.progress and rank == 0), dynamic_ncols=True)
-            loss_sum, views, lr = 0.0, 0, optimizer.param_groups[0]["lr"]
-            batches = meter(loader)
-            for batch in DeviceRenderer(views_of, device)(batches) if on_device else batches:
-                if not batch["valid"].all():  # unreadable images skipped at gen-logits time
-                    batch = {k: v[batch["valid"]] if torch.is_tensor(v) else v for k, v in batch.items()}
+            losses, views, lr = StepLosses(epoch, steps_f, world), 0, optimizer.param_groups[0]["lr"]
+            nan_views = bad_views = batches_seen = 0
+            for batch in meter(renderer(loader) if renderer else loader):
+                batches_seen += 1
+                # rows with unreadable images or NaN targets: dropped on the CPU masks, no device sync
+                keep, n_nan, n_bad = _dropped(batch)
+                if keep is not None:
+                    nan_views, bad_views = nan_views + n_nan, bad_views + n_bad
+                    if not len(keep) and world == 1:  # nothing to learn from: no step
+                        bar.update(1)
+                        continue
+                    batch = _take(batch, keep)  # under DDP an empty batch still steps, with the other ranks
+                n = len(batch["valid"])
                 images = batch["image"].to(device, non_blocking=True)
-                labels = mixed_labels(batch["label"].to(device), batch["partner_label"].to(device),
-                                      batch["lam"].to(device), num_classes, smoothing=cfg.smoothing if cfg.no_kd else 0.0)
+                labels = None  # not built when the loss needs none (unlabeled data: label -1)
+                if use_labels:
+                    labels = mixed_labels(batch["label"].to(device, non_blocking=True),
+                                          batch["partner_label"].to(device, non_blocking=True),
+                                          batch["lam"].to(device, non_blocking=True), num_classes,
+                                          smoothing=cfg.smoothing if cfg.no_kd else 0.0)
                 logp, index = targets(batch, images)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     outputs = ddp(prepare(images, input_size, mean, std))
-                loss = objective(outputs, labels, logp, index)
-                if not torch.isfinite(loss):
-                    raise TrainError(f"epoch {epoch} step {step}: loss is {loss.item()}; lower `lr` or check the store")
+                if n:
+                    loss = objective(outputs, labels, logp, index)
+                else:  # DDP: zero gradients, so this rank's all-reduce goes along with the others'
+                    loss = sum(o.float().sum() for o in (outputs if isinstance(outputs, tuple) else (outputs,))) * 0.0
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 if cfg.clip_grad:
@@ -340,18 +486,28 @@ def train_student(cfg: TrainConfig, on_step: Callable[[dict], None] | None = Non
                 scheduler.step_update(num_updates=step)
                 if ema is not None:
                     ema.update(model, step=step)
-                loss_v, lr = loss.item(), optimizer.param_groups[0]["lr"]
-                loss_sum, views = loss_sum + loss_v, views + len(labels)
-                if steps_f:
-                    steps_f.write(json.dumps({"epoch": epoch, "step": step, "loss": loss_v, "lr": lr}) + "\n")
-                bar.set_postfix(loss=f"{loss_v:.4f}", lr=f"{lr:.2e}")
+                lr = optimizer.param_groups[0]["lr"]
+                losses.add(loss, step, lr)  # no host sync: read back every `log_interval` steps
+                views += n
                 bar.update(1)
+                info = {"epoch": epoch, "step": step, "views": n}
+                if len(losses) >= cfg.log_interval or batches_seen >= len(stream):
+                    info["loss"] = losses.read()
+                    bar.set_postfix(loss=f"{info['loss']:.4f}", lr=f"{lr:.2e}")
                 if on_step is not None:
-                    on_step({"epoch": epoch, "step": step, "views": len(labels), "loss": loss_v})
+                    on_step(info)
+            losses.read()  # the epoch's last steps (when the stream yielded more batches than it said)
             bar.close()
             del loader
-            row = {"epoch": epoch, "step": step, "train_loss": loss_sum / max(len(stream), 1), "lr": lr,
-                   "views": views * world, "seconds": round(time.time() - t0, 2), "load": meter.report()}
+            views, nan_views, bad_views = (int(v) for v in dist.all_reduce([views, nan_views, bad_views]))
+            row = {"epoch": epoch, "step": step, "train_loss": losses.sum / max(losses.count, 1), "lr": lr,
+                   "views": views, "dropped_views": nan_views + bad_views, "nan_target_views": nan_views,
+                   "unreadable_views": bad_views, "seconds": round(time.time() - t0, 2), "load": meter.report()}
+            if rank == 0 and nan_views + bad_views:
+                log.warning("%s: epoch %d: %d views dropped from training: %d with NaN targets (views gen-logits "
+                            "skipped: unreadable images or non-finite teacher outputs, e.g. an fp16 teacher that "
+                            "overflowed), %d with images unreadable now",
+                            cfg.logits or cfg.data, epoch, nan_views + bad_views, nan_views, bad_views)
             if val is not None:
                 if distilled:
                     model.set_distilled_training(False)
@@ -359,6 +515,7 @@ def train_student(cfg: TrainConfig, on_step: Callable[[dict], None] | None = Non
                 if ema is not None:
                     row.update({f"ema_val_{k}": v for k, v in evaluate(ema.module, val, device, amp_dtype).items()})
             score = max(row.get("val_top1", -1.0), row.get("ema_val_top1", -1.0))
+            rngs = dist.gather_parts(_rng_state(), 0)  # every rank's generators (all ranks call it)
             if rank == 0:
                 metrics_f.write(json.dumps(row) + "\n")
                 metrics_f.flush()
@@ -368,8 +525,8 @@ def train_student(cfg: TrainConfig, on_step: Callable[[dict], None] | None = Non
                         if isinstance(v, (int, float)) and k != "epoch":
                             tb.add_scalar(k, v, epoch)
                 ck = {name: obj.state_dict() if obj is not None else None for name, obj in parts.items()}
-                ck.update(epoch=epoch, step=step, best=max(best, score), rng=_rng_state(), config=_cfg_dict(cfg),
-                          num_classes=num_classes, input_size=input_size)
+                ck.update(epoch=epoch, step=step, best=max(best, score), rng=rngs[0], rng_ranks=rngs, amp=cfg.amp,
+                          config=_cfg_dict(cfg), num_classes=num_classes, input_size=input_size)
                 _save(out / "last.pth", ck)
                 if score > best:
                     _save(out / "best.pth", ck)

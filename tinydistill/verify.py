@@ -49,22 +49,24 @@ def verify_store(path: str, data: str, teacher_name: str, weights: str | None = 
         picks.append((e, s, int(rng.integers(a, b))))
     # the batches gen-logits ran these views in: (epoch, shard, batch index within the unit)
     batches = sorted({(e, s, (r - store.shard_bounds(s)[0]) // batch_size) for e, s, r in picks})
-    views_of = Views(source, spec, store.base_seed, skip_bad=True, device=device)
-    teacher.place(device, amp)
+    core = Views(source, spec, store.base_seed, skip_bad=True, device=device)
+    compiled = bool(t_attrs.get("compile", False))  # the store's own graph: compiled values differ from eager
+    teacher.place(device, amp, compile=compiled)
     want = {(e, r) for e, _, r in picks}
     got_rows, same_ids, max_diff = 0, 0, 0.0
     for e, s, bi in batches:
         a, b = store.shard_bounds(s)
         rows = range(a + bi * batch_size, min(a + (bi + 1) * batch_size, b))
-        views = views_of.render(e, rows)
-        lp, ix = teacher.topk(torch.stack([v["image"] for v in views]), store.k)
+        rendered = core.render(e, rows)
+        lp, ix = teacher.topk(torch.stack([v["image"] for v in rendered]), store.k,
+                              pad_to=batch_size if compiled else None)
         lp, ix = lp.cpu().numpy(), ix.cpu().numpy()
         order = np.argsort(ix, axis=1)
         ix = np.take_along_axis(ix, order, 1)
         lp = stored_logp(np.take_along_axis(lp, order, 1)).astype(np.float32)  # as the store rounds them
         s_lp, s_ix = store.topk(e, np.array(list(rows)), order="stored")
         for j, r in enumerate(rows):
-            if (e, r) not in want or not views[j]["valid"]:
+            if (e, r) not in want or not rendered[j]["valid"]:
                 continue
             got_rows += 1
             new_ix, new_lp = ix[j], lp[j]
@@ -76,4 +78,4 @@ def verify_store(path: str, data: str, teacher_name: str, weights: str | None = 
                 if len(common):
                     max_diff = max(max_diff, float(np.abs(new_lp[ia] - s_lp[j][ib]).max()))
     return {"store": path, "views_checked": got_rows, "topk_id_agreement": same_ids / max(got_rows, 1),
-            "max_abs_logp_diff": max_diff, "amp": amp, "device": device, "renderer": spec.renderer}
+            "max_abs_logp_diff": max_diff, "amp": amp, "compile": compiled, "device": device, "renderer": spec.renderer}

@@ -148,83 +148,144 @@ class Views:
         return self._render_pil(epoch, rows, with_params)
 
     def encode(self, epoch: int, rows: Sequence[int]) -> dict:
-        """What a worker ships when pixels are made elsewhere (the torch renderer on a GPU):
-        each needed image once (JPEGs encoded, for the GPU's decoder, their size read from the
-        header; other formats decoded here to uint8 arrays), with its record, and per row which
-        image it is and which it mixes with."""
+        """What a worker ships when the pixels are made in the main process (the torch
+        renderer, :mod:`tinydistill.render_device`): each image the rows need, once, with its
+        record, and per row which image it is and which it mixes with.
+
+        Per-view work stays here, in the worker: JPEGs travel as bytes when the renderer's
+        device is a GPU (its decoder takes them); every other image is decoded here and packed
+        into one uint8 buffer (``pixels``, CHW per image at ``pix_off``), so the main process
+        moves a batch's pixels in one copy. Erasing's noise and pixel positions are drawn
+        here too (``erase_*``: one scatter on the device).
+        """
+        from . import render_torch
+
         rows = [int(r) for r in rows]
         partner = self.partners(epoch, rows)
         need = sorted(set(rows) | set(partner.values()))
         partner.update(self.partners(epoch, [q for q in need if q not in partner]))
-        data, params, slot_of = [], [], {}
-        for r, item, size in self.source.read_encoded(need):
-            if isinstance(item, (bytes, bytearray)) and bytes(item[:3]) != b"\xff\xd8\xff":
-                item = _decode_here(self.source, r, item)  # not a JPEG: decoded by this (CPU) worker
+        gpu_jpeg = torch.device(self.device).type == "cuda"
+        size = self.spec.img_size
+        params, keys, jpeg, arrays, pix_off, slot_of = [], [], [], [], [], {}
+        e_slot, e_idx, e_val = [], [], []
+        n_pix = 0
+        for r, item, src_size in self.source.read_encoded(need):
+            if not isinstance(item, BadSampleError) and not (gpu_jpeg and _is_jpeg(item)):
+                item = _decode_here(self.source, r, item)  # CHW uint8, or the error
             if isinstance(item, BadSampleError):
                 if not self.skip_bad:
                     raise item
                 continue
-            slot_of[r] = len(data)
-            data.append(item)
-            params.append(self.policy.draw(self.base_seed, epoch, r, self.seed(epoch, r), size, partner[r]))
+            p = self.policy.draw(self.base_seed, epoch, r, self.seed(epoch, r), src_size, partner[r])
+            if isinstance(item, np.ndarray):
+                if (item.shape[2], item.shape[1]) != tuple(src_size):
+                    raise BadSampleError(f"{self.source.name}: {self.source.keys[r]}: decoded size "
+                                         f"{item.shape[2]}x{item.shape[1]} differs from its header's "
+                                         f"{src_size[0]}x{src_size[1]}")
+                pix_off.append(n_pix)
+                arrays.append(item.reshape(-1))
+                n_pix += item.size
+            else:
+                pix_off.append(-1)
+                jpeg.append(bytes(item))
+            if p.erase:
+                idx, val = render_torch.erase_fill(p, size)
+                e_slot.append(np.full(len(idx), len(params), np.int64))
+                e_idx.append(idx)
+                e_val.append(val)
+            slot_of[r] = len(params)
+            params.append(p)
+            keys.append(self.source.keys[r])
         labels = self.source.labels
-        slot, pslot, prow, lam = [], [], [], []
-        for r in rows:
-            s = slot_of.get(r, -1)
+        slot = np.array([slot_of.get(r, -1) for r in rows], np.int64)
+        pslot, prow, lam = [], [], []
+        for r, s in zip(rows, slot):
             p = params[s] if s >= 0 else None
             mixed = p is not None and p.mix != "none" and p.partner in slot_of
-            slot.append(s)
             pslot.append(slot_of[p.partner] if mixed else -1)
             prow.append(p.partner if mixed else r)
             lam.append(p.lam if mixed else 1.0)
+        cat = lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt)  # noqa: E731
         return {"epoch": int(epoch), "row": np.array(rows, np.int64),
                 "seed": np.array([self.seed(epoch, r) for r in rows], np.uint64).astype(np.int64),
                 "label": labels[rows].astype(np.int64), "partner": np.array(prow, np.int64),
                 "partner_label": labels[prow].astype(np.int64), "lam": np.array(lam, np.float64),
-                "valid": np.array([s >= 0 for s in slot]), "slot": np.array(slot, np.int64),
-                "pslot": np.array(pslot, np.int64), "data": data, "params": params,
-                "keys": [self.source.keys[r] for r in need if r in slot_of]}
+                "valid": slot >= 0, "slot": slot, "pslot": np.array(pslot, np.int64),
+                "params": params, "keys": keys, "jpeg": jpeg, "pixels": cat(arrays, np.uint8),
+                "pix_off": np.array(pix_off, np.int64), "erase_slot": cat(e_slot, np.int64),
+                "erase_idx": cat(e_idx, np.int64), "erase_val": cat(e_val, np.float32)}
 
     def render_encoded(self, raw: dict, device) -> dict:
-        """A batch from :meth:`encode`, rendered by the torch renderer on ``device``: the same
-        keys as a collated batch of :meth:`render` views, tensors on ``device``."""
+        """Encoded views (:meth:`encode`, or several merged by
+        :func:`tinydistill.render_device.merge_encoded`) rendered by the torch renderer on
+        ``device``: the fields of a collated batch of :meth:`render` views, tensors on
+        ``device``. A fixed number of device ops per call, plus the decoder's per image."""
         from . import render_torch
 
         device = torch.device(device)
         size = self.spec.img_size
         n = len(raw["row"])
-        # a DataLoader turns numpy arrays into tensors on the way: arrays of pixels go back
-        raw = {**raw, "data": [d.numpy() if torch.is_tensor(d) else d for d in raw["data"]]}
-        batch = {k: torch.as_tensor(raw[k]) for k in ("row", "seed", "label", "partner", "partner_label", "lam", "valid")}
-        batch["epoch"] = torch.full((n,), raw["epoch"], dtype=torch.int64)
-        if raw["data"]:
-            base = render_torch.render_base(self._decode(raw, device), raw["params"], size)
-        else:
-            base = torch.zeros((0, 3, size, size), device=device)
-        slot, pslot = torch.as_tensor(raw["slot"]), torch.as_tensor(raw["pslot"])
-        valid = slot >= 0
-        img = torch.zeros((n, 3, size, size), device=device)
-        if valid.any():
-            idx = torch.nonzero(valid).squeeze(1)
-            own = base.index_select(0, slot[idx].to(device))
-            rec = [raw["params"][int(s)] for s in slot[idx]]
-            has = pslot[idx] >= 0
-            other = base.index_select(0, pslot[idx].clamp(min=0).to(device))
-            rec = [p if bool(h) else _unmixed(p) for p, h in zip(rec, has)]
-            img.index_copy_(0, idx.to(device), render_torch.mix(own, other, rec))
+        batch = {k: torch.as_tensor(np.asarray(raw[k])) for k in ("row", "seed", "label", "partner", "partner_label",
+                                                                   "lam", "valid")}
+        ep = np.asarray(raw["epoch"], np.int64)
+        batch["epoch"] = torch.from_numpy(np.array(np.broadcast_to(ep, (n,))))
+        params = raw["params"]
+        slot, pslot = np.asarray(raw["slot"]), np.asarray(raw["pslot"])
+        rows = np.flatnonzero(slot >= 0)
+        if not len(rows):
+            batch["image"] = torch.zeros((n, 3, size, size), device=device)
+            return batch
+        css = 3 * size * size
+        erase = (np.asarray(raw["erase_slot"]) * css + np.asarray(raw["erase_idx"]), np.asarray(raw["erase_val"]))
+        base = render_torch.render_base(self._frames(raw, device), params, size, erase=erase)
+        own_slot = slot[rows]
+        has = pslot[rows] >= 0
+        rec = [params[s] for s in own_slot.tolist()]
+        rec = [p if h or p.mix == "none" else _unmixed(p) for p, h in zip(rec, has.tolist())]
+        sel = torch.from_numpy(np.concatenate([own_slot, np.where(has, pslot[rows], own_slot)])).to(device)
+        both = base.index_select(0, sel)
+        img = render_torch.mix(both[:len(rows)], both[len(rows):], rec)
+        if len(rows) < n:
+            img = torch.zeros((n, 3, size, size), device=device).index_copy_(0, torch.from_numpy(rows).to(device), img)
         batch["image"] = img
         return batch
 
-    def _decode(self, raw: dict, device) -> list[torch.Tensor]:
-        """Decode a batch's images; a file that decodes wrong names its key."""
+    def _frames(self, raw: dict, device):
+        """The batch's images on ``device`` as one packed buffer: worker-decoded pixels moved
+        in one copy, JPEGs decoded by the device's decoder; a JPEG that fails or decodes to
+        another size than its header names its key."""
+        from . import render_torch
+
+        params, off = raw["params"], np.asarray(raw["pix_off"])
+        widths = np.array([p.src_size[0] for p in params], np.int64)
+        heights = np.array([p.src_size[1] for p in params], np.int64)
+        parts = [torch.as_tensor(np.asarray(raw["pixels"])).to(device, non_blocking=True)]
+        off = off.copy()
+        if raw["jpeg"]:
+            at = np.flatnonzero(off < 0)
+            keys = [raw["keys"][i] for i in at]
+            images = self._decode(raw["jpeg"], keys, device)
+            n_pix = len(raw["pixels"])
+            for i, im, key in zip(at, images, keys):
+                if (im.shape[0], im.shape[2], im.shape[1]) != (3, widths[i], heights[i]):
+                    raise BadSampleError(f"{self.source.name}: {key}: decoded size {im.shape[2]}x{im.shape[1]} "
+                                         f"differs from its header's {widths[i]}x{heights[i]}")
+                off[i] = n_pix
+                n_pix += im.numel()
+            parts += [im.reshape(-1) for im in images]
+        flat = torch.cat(parts) if len(parts) > 1 else parts[0]
+        return render_torch.Frames(flat=flat, offsets=off, heights=heights, widths=widths)
+
+    def _decode(self, datas: list, keys: list, device) -> list[torch.Tensor]:
+        """Decode JPEGs on ``device``; a file that decodes wrong names its key."""
         from . import render_torch
 
         try:
-            return render_torch.decode(raw["data"], device)
+            return render_torch.decode(datas, device)
         except Exception:
             pass
         out = []
-        for key, d in zip(raw["keys"], raw["data"]):
+        for key, d in zip(keys, datas):
             try:
                 out.append(render_torch.decode([d], device)[0])
             except Exception as e:
@@ -281,15 +342,32 @@ class Views:
                     params=v["params"])
 
 
-def _decode_here(source: Source, row: int, data: bytes):
-    """An image the GPU decoder does not take, as a uint8 [H, W, 3] array (or the error)."""
+def _is_jpeg(data) -> bool:
+    return isinstance(data, (bytes, bytearray, memoryview)) and bytes(data[:3]) == b"\xff\xd8\xff"
+
+
+def _decode_here(source: Source, row: int, data) -> "np.ndarray | BadSampleError":
+    """An image decoded on this CPU as a uint8 [3, H, W] array (or the error): JPEGs by
+    torchvision's decoder (the torch renderer's CPU decoder), other formats, arrays and PIL
+    images the way PIL's ``convert("RGB")`` makes them."""
     import io
 
     from PIL import Image
 
+    from . import render_torch
+
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            return np.asarray(img.convert("RGB"))
+        if _is_jpeg(data):
+            return render_torch.decode([data], "cpu")[0].numpy()
+        if isinstance(data, np.ndarray):
+            a = data[:, :, None] if data.ndim == 2 else data
+            return np.ascontiguousarray(render_torch.decode([a], "cpu")[0].numpy())
+        if hasattr(data, "convert"):
+            img = data.convert("RGB")
+        else:
+            with Image.open(io.BytesIO(data)) as f:
+                img = f.convert("RGB")
+        return np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1))
     except Exception as e:
         return BadSampleError(f"{source.name}: {source.keys[row]}: cannot read image ({type(e).__name__}: {e})")
 
