@@ -47,3 +47,11 @@ def small_store(tmp_path):
         class_names=[f"class{c}" for c in range(50)], chunk_rows=128, shard_rows=256,
         teacher={"name": "resnet18", "weights_digest": "abc"}, augmentation={"img_size": 32},
     )
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _tar_index_cache(tmp_path_factory):
+    """Webdataset tar indexes go to a fresh cache, never the user's ~/.cache (subprocesses inherit it)."""
+    import os
+
+    os.environ["TINYDISTILL_CACHE"] = str(tmp_path_factory.mktemp("td_cache"))
