@@ -21,11 +21,11 @@ def free_port() -> int:
 class S3Server:
     """``python -m moto.server`` on 127.0.0.1; ``endpoint`` is its URL. ``stop()`` kills it."""
 
-    def __init__(self):
+    def __init__(self, **env):
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **env})
         deadline = time.time() + 60
         while True:
             try:

@@ -349,6 +349,9 @@ class LogitStore:
                 raise NotAStoreError(missing) from None
             if isinstance(e, (FileNotFoundError, zarr.errors.NodeNotFoundError)):
                 raise NotAStoreError(f"{path}: not a tinydistill store (no Zarr group there)") from None
+            if isinstance(e, PermissionError) and _is_url(path):
+                raise StoreError(f"{path}: access denied ({_one_line(e)}); check the credentials "
+                                 "(e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or anonymous access)") from None
             raise NotAStoreError(f"{path}: not a tinydistill store ({_one_line(e)})") from None
         version = attrs.get(FORMAT_KEY)
         if version is None:
