@@ -62,6 +62,7 @@ SEED_UNSET = np.iinfo(np.uint64).max  # fill value of ``seed``: a seed that was 
 SEED_SKIPPED = SEED_UNSET - np.uint64(1)  # seed of a view whose image could not be read (--skip-bad)
 # which fsspec backend package an URL scheme needs, and the extra that installs it
 _EXTRAS = {"s3fs": "tinydistill[s3]", "gcsfs": "tinydistill[gcs]"}
+_LISTING_CACHES = ("s3", "s3a", "gs", "gcs")  # fsspec backends that cache directory listings
 
 
 def _compressors(shuffle: str = "shuffle"):
@@ -131,6 +132,10 @@ def _is_url(path: str) -> bool:
 
 
 def _open_group(path: str, mode: str, storage_options: dict | None):
+    if _is_url(path) and _local(path).split("://", 1)[0] in _LISTING_CACHES:
+        # s3fs/gcsfs answer an object's size from a cached listing: an object written since the
+        # listing (a unit another rank completed) would read as missing, i.e. as fill values
+        storage_options = {"use_listings_cache": False, **(storage_options or {})}
     kwargs = {"storage_options": storage_options} if storage_options else {}
     return zarr.open_group(_local(path), mode=mode, zarr_format=3, **kwargs)
 
