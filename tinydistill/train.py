@@ -30,6 +30,7 @@ from .errors import TinydistillError
 from . import dist
 from .losses import DistillLoss, Objective, mixed_labels
 from .sources import open_source
+from .ranktargets import RankTargets
 from .stream import DeviceRenderer, Meter, ViewStream, epoch_order, train_items
 from .views import Views, prepare
 
@@ -185,7 +186,7 @@ def _set_rng_state(s: dict) -> None:
 # ---- targets --------------------------------------------------------------------------------------
 
 class StoreTargets:
-    """Offline KD: the stored top-K, joined to each batch by the DataLoader workers."""
+    """Offline KD: the stored top-K, joined to each batch in the rank's main process (RankTargets)."""
 
     def __init__(self, device):
         self.device = device
@@ -304,8 +305,9 @@ def train_student(cfg: TrainConfig, on_step: Callable[[dict], None] | None = Non
             # every epoch a fresh order of all rows, the same in every mode (stream.epoch_order)
             view_epoch = epoch % store.epochs if store is not None else epoch
             order = epoch_order(len(source), spec.mix_group, spec.mixing, view_seed, view_epoch, cfg.seed, epoch)
-            stream = ViewStream(views_of, train_items(order, view_epoch, cfg.batch_size, world, rank),
-                                targets=store, encoded=on_device)
+            items = train_items(order, view_epoch, cfg.batch_size, world, rank)
+            stream = ViewStream(views_of, items, encoded=on_device)
+            joined = RankTargets(store, items) if store is not None else None  # each chunk once per rank
             loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.workers,
                                                  pin_memory=device.type == "cuda",
                                                  prefetch_factor=4 if cfg.workers else None)
@@ -318,6 +320,7 @@ def train_student(cfg: TrainConfig, on_step: Callable[[dict], None] | None = Non
             loss_sum, views, lr = 0.0, 0, optimizer.param_groups[0]["lr"]
             batches = meter(loader)
             for batch in DeviceRenderer(views_of, device)(batches) if on_device else batches:
+                batch = joined.join(batch) if joined is not None else batch
                 if not batch["valid"].all():  # unreadable images skipped at gen-logits time
                     batch = {k: v[batch["valid"]] if torch.is_tensor(v) else v for k, v in batch.items()}
                 images = batch["image"].to(device, non_blocking=True)
@@ -350,6 +353,8 @@ def train_student(cfg: TrainConfig, on_step: Callable[[dict], None] | None = Non
                     on_step({"epoch": epoch, "step": step, "views": len(labels), "loss": loss_v})
             bar.close()
             del loader
+            if joined is not None:
+                joined.close()
             row = {"epoch": epoch, "step": step, "train_loss": loss_sum / max(len(stream), 1), "lr": lr,
                    "views": views * world, "seconds": round(time.time() - t0, 2), "load": meter.report()}
             if val is not None:
