@@ -2,7 +2,7 @@
 
 Every source has stable unique keys, labels, class names and a fixed *store order*: row r of
 the store is ``source.keys[r]``. :meth:`Source.read` yields decoded images for rows in
-ascending order; webdataset sources stream their tars in order and never seek per sample.
+ascending order; webdataset sources read each image by its byte range in the tar.
 """
 
 from __future__ import annotations
@@ -182,23 +182,52 @@ class ImageFolderSource(Source):
 class WebDatasetSource(Source):
     """Webdataset tar shards (a brace pattern, or several joined with ``::``), in tar order.
 
-    Opening lists every sample once (a sequential pass over the shards). Labels come from a
-    ``cls``/``cls.txt``/``label`` member; keys are ``<shard name>/<__key__>``.
+    Keys are ``<shard name>/<__key__>``; labels come from a ``cls``/``cls.txt``/``label``/``class``
+    member. Shards are read at random through a per-tar index (:mod:`tinydistill.tarindex`):
+    opening reads only the indexes, a batch reads only its own images (seeks locally,
+    byte-range requests on s3://, gs://, http(s):// through fsspec). ``pipe:`` shards cannot
+    seek: they are listed and read by streaming the tars in order.
     """
 
-    def __init__(self, spec: str):
+    def __init__(self, spec: str, storage_options: dict | None = None):
         from webdataset.shardlists import expand_urls
+
+        from . import tarindex
 
         self.name = spec
         self.urls = expand_urls(spec)
+        self.storage_options = storage_options
+        self.io = {"bytes": 0, "requests": 0}  # read by this process (benchmarks, tests)
+        self.index_stats: dict = {}  # where each shard's index came from
+        self._indexed = not any(u.startswith("pipe:") for u in self.urls)
         keys, labels, counts = [], [], []
-        for url in self.urls:
-            n = 0
-            for sample in self._stream([url]):
-                keys.append(f"{_shard_name(url)}/{sample['__key__']}")
-                labels.append(_label(sample))
-                n += 1
-            counts.append(n)
+        if self._indexed:
+            shard, offset, size = [], [], []
+            self.data_bytes = 0
+            for si, url in enumerate(self.urls):
+                if not tarindex.is_remote(url) and not Path(tarindex._local(url)).is_file():
+                    raise SourceError(f"{url}: no such shard")
+                samples, nbytes = tarindex.load(url, storage_options, self.index_stats)
+                self.data_bytes += nbytes
+                for key, label, members in samples:
+                    keys.append(f"{_shard_name(url)}/{key}")
+                    labels.append(int(label))
+                    img = next((m for e in IMAGE_EXTS for m in members if m[0] == e), None)
+                    shard.append(si)
+                    offset.append(img[1] if img else -1)
+                    size.append(img[2] if img else 0)
+                counts.append(len(samples))
+            self._shard = np.array(shard, np.int32)
+            self._offset = np.array(offset, np.int64)
+            self._size = np.array(size, np.int64)
+        else:
+            for url in self.urls:
+                n = 0
+                for sample in self._stream([url]):
+                    keys.append(f"{_shard_name(url)}/{sample['__key__']}")
+                    labels.append(_label(sample))
+                    n += 1
+                counts.append(n)
         if not keys:
             raise SourceError(f"{spec}: the shards hold no samples")
         if len(set(keys)) != len(keys):
@@ -220,10 +249,32 @@ class WebDatasetSource(Source):
             raise SourceError(f"{self.name}: cannot read shards {urls[0]}... ({_one_line(e)})") from e
 
     def _members(self, rows):
-        """(row, sample dict) for ascending rows, streaming the tars that hold them."""
-        rows = [int(r) for r in rows]
-        if not rows:
+        """(row, {image extension: bytes}) for ascending rows: one read per run of neighbouring
+        images of a shard (``pipe:`` shards: streamed from the first row's tar)."""
+        rows = np.asarray([int(r) for r in rows], np.int64)
+        if not len(rows):
             return
+        if not self._indexed:
+            yield from self._streamed(rows.tolist())
+            return
+        from . import tarindex
+
+        for si in np.unique(self._shard[rows]):  # ascending shards hold ascending rows
+            mine = rows[self._shard[rows] == si]
+            ok = mine[self._offset[mine] >= 0]
+            url = self.urls[int(si)]
+            try:
+                blobs = tarindex.read_ranges(url, [(int(self._offset[r]), int(self._offset[r] + self._size[r]))
+                                                   for r in ok], self.storage_options, self.io)
+            except TinydistillError:
+                raise
+            except Exception as e:  # server down, credentials refused, shard deleted ...
+                raise SourceError(f"{url}: cannot read shard ({_one_line(e)})") from None
+            got = dict(zip(ok.tolist(), blobs))
+            for r in mine.tolist():
+                yield r, ({"image": got[r]} if r in got else {})
+
+    def _streamed(self, rows):
         first = int(np.searchsorted(self._starts, rows[0], side="right") - 1)
         last = int(np.searchsorted(self._starts, rows[-1], side="right") - 1)
         want = iter(rows)
@@ -231,17 +282,17 @@ class WebDatasetSource(Source):
         row = int(self._starts[first])
         for sample in self._stream(self.urls[first:last + 1]):
             if row == target:
-                yield row, sample
+                ext = next((e for e in IMAGE_EXTS if e in sample), None)
+                yield row, ({"image": sample[ext]} if ext else {})
                 target = next(want, None)
                 if target is None:
                     return
             row += 1
 
     def _image_bytes(self, row: int, sample: dict) -> bytes:
-        ext = next((e for e in IMAGE_EXTS if e in sample), None)
-        if ext is None:
+        if "image" not in sample:
             raise BadSampleError(f"{self.name}: {self.keys[row]}: no image member ({', '.join(IMAGE_EXTS)})")
-        return sample[ext]
+        return sample["image"]
 
     def read(self, rows):
         for row, sample in self._members(rows):

@@ -62,6 +62,7 @@ SEED_UNSET = np.iinfo(np.uint64).max  # fill value of ``seed``: a seed that was 
 SEED_SKIPPED = SEED_UNSET - np.uint64(1)  # seed of a view whose image could not be read (--skip-bad)
 # which fsspec backend package an URL scheme needs, and the extra that installs it
 _EXTRAS = {"s3fs": "tinydistill[s3]", "gcsfs": "tinydistill[gcs]"}
+_LISTING_CACHES = ("s3", "s3a", "gs", "gcs")  # fsspec backends that cache directory listings
 
 
 def _compressors(shuffle: str = "shuffle"):
@@ -131,6 +132,10 @@ def _is_url(path: str) -> bool:
 
 
 def _open_group(path: str, mode: str, storage_options: dict | None):
+    if _is_url(path) and _local(path).split("://", 1)[0] in _LISTING_CACHES:
+        # s3fs/gcsfs answer an object's size from a cached listing: an object written since the
+        # listing (a unit another rank completed) would read as missing, i.e. as fill values
+        storage_options = {"use_listings_cache": False, **(storage_options or {})}
     kwargs = {"storage_options": storage_options} if storage_options else {}
     return zarr.open_group(_local(path), mode=mode, zarr_format=3, **kwargs)
 
@@ -341,14 +346,17 @@ class LogitStore:
         if not _is_url(path) and not local.is_dir():
             raise NotAStoreError(f"{path}: is a file, not a store (a store is a directory)")
         try:
-            self._group = _open_group(path, mode, storage_options)
-            attrs = dict(self._group.attrs)
+            group = _open_group(path, mode, storage_options)
+            attrs = dict(group.attrs)
         except Exception as e:
             missing = _backend_missing(path, e)
             if missing:
                 raise NotAStoreError(missing) from None
             if isinstance(e, (FileNotFoundError, zarr.errors.NodeNotFoundError)):
                 raise NotAStoreError(f"{path}: not a tinydistill store (no Zarr group there)") from None
+            if isinstance(e, PermissionError) and _is_url(path):
+                raise StoreError(f"{path}: access denied ({_one_line(e)}); check the credentials "
+                                 "(e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or anonymous access)") from None
             raise NotAStoreError(f"{path}: not a tinydistill store ({_one_line(e)})") from None
         version = attrs.get(FORMAT_KEY)
         if version is None:
@@ -363,14 +371,7 @@ class LogitStore:
         # format 1 and id_layout "ids" keep class ids in "index"; "gaps" keeps their gaps in "index_gap"
         self.id_layout = attrs.get("id_layout", "ids") if version >= 2 else "ids"
         self._gaps = self.id_layout == "gaps"
-        try:
-            with _quiet_numcodecs():
-                self._logp = self._group["logp"]
-                self._index = self._group["index_gap" if self._gaps else "index"]
-                self._seed = self._group["seed"]
-                self._complete = self._group["complete"]
-        except Exception as e:
-            raise CorruptStoreError(f"{path}: store is missing an array ({_one_line(e)})") from None
+        self._handles = self._arrays(group)
         self.num_classes = int(attrs["num_classes"])
         self.k = int(attrs["k"])
         self.epochs = int(attrs["epochs"])
@@ -383,6 +384,33 @@ class LogitStore:
         self._labels: np.ndarray | None = None
         self._key_rows: dict | None = None
         self._replay: dict = {}
+
+    def _arrays(self, group) -> tuple:
+        """(pid, group, logp, index, seed, complete): the open handles of one process."""
+        try:
+            with _quiet_numcodecs():
+                return (os.getpid(), group, group["logp"], group["index_gap" if self._gaps else "index"],
+                        group["seed"], group["complete"])
+        except Exception as e:
+            raise CorruptStoreError(f"{self.path}: store is missing an array ({_one_line(e)})") from None
+
+    def _handle(self, i: int):
+        # a forked DataLoader worker must not use its parent's object-store connections (an
+        # aiohttp session bound to the parent's event loop): it opens the group again
+        if self._handles[0] != os.getpid() and _is_url(self.path):
+            try:
+                self._handles = self._arrays(_open_group(self.path, self.mode, self._storage_options))
+            except StoreError:
+                raise
+            except Exception as e:
+                raise NotAStoreError(f"{self.path}: cannot open store ({_one_line(e)})") from None
+        return self._handles[i]
+
+    _group = property(lambda self: self._handle(1))
+    _logp = property(lambda self: self._handle(2))
+    _index = property(lambda self: self._handle(3))
+    _seed = property(lambda self: self._handle(4))
+    _complete = property(lambda self: self._handle(5))
 
     def __getstate__(self):  # DataLoader workers started by spawn re-open the store by path
         return {"path": self.path, "mode": self.mode, "storage_options": self._storage_options}

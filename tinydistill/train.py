@@ -30,6 +30,7 @@ from .errors import TinydistillError
 from . import dist
 from .losses import DistillLoss, Objective, mixed_labels
 from .sources import open_source
+from .ranktargets import RankTargets
 from .render_device import DeviceRenderer
 from .stream import Meter, ViewStream, epoch_order, train_items
 from .views import Views, prepare
@@ -260,7 +261,7 @@ def _take(batch: dict, keep: torch.Tensor) -> dict:
 # ---- targets --------------------------------------------------------------------------------------
 
 class StoreTargets:
-    """Offline KD: the stored top-K, joined to each batch by the DataLoader workers."""
+    """Offline KD: the stored top-K, joined to each batch in the rank's main process (RankTargets)."""
 
     def __init__(self, device):
         self.device = device
@@ -437,7 +438,9 @@ def train_student(cfg: TrainConfig, on_step: Callable[[dict], None] | None = Non
             view_epoch = epoch % store.epochs if store is not None else epoch
             order = epoch_order(len(source), spec.mix_group, spec.mixing, view_seed, view_epoch, cfg.seed, epoch)
             # the torch renderer: workers ship bytes + records, the pixels are made on `device`
-            stream = ViewStream(core, train_items(order, view_epoch, cfg.batch_size, world, rank), targets=store)
+            items = train_items(order, view_epoch, cfg.batch_size, world, rank)
+            stream = ViewStream(core, items)
+            joined = RankTargets(store, items) if store is not None else None  # each chunk once per rank
             loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.workers,
                                                  pin_memory=device.type == "cuda",
                                                  prefetch_factor=4 if cfg.workers else None)
@@ -451,6 +454,7 @@ def train_student(cfg: TrainConfig, on_step: Callable[[dict], None] | None = Non
             losses, views, lr = StepLosses(epoch, steps_f, world), 0, optimizer.param_groups[0]["lr"]
             nan_views = bad_views = batches_seen = 0
             for batch in meter(renderer(loader) if renderer else loader):
+                batch = joined.join(batch) if joined is not None else batch
                 batches_seen += 1
                 # rows with unreadable images or NaN targets: dropped on the CPU masks, no device sync
                 keep, n_nan, n_bad = _dropped(batch)
@@ -499,6 +503,8 @@ def train_student(cfg: TrainConfig, on_step: Callable[[dict], None] | None = Non
             losses.read()  # the epoch's last steps (when the stream yielded more batches than it said)
             bar.close()
             del loader
+            if joined is not None:
+                joined.close()
             views, nan_views, bad_views = (int(v) for v in dist.all_reduce([views, nan_views, bad_views]))
             row = {"epoch": epoch, "step": step, "train_loss": losses.sum / max(losses.count, 1), "lr": lr,
                    "views": views, "dropped_views": nan_views + bad_views, "nan_target_views": nan_views,

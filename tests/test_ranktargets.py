@@ -1,0 +1,42 @@
+"""Targets joined in a rank's main process: exact, and each store chunk read once per epoch."""
+
+import numpy as np
+import torch
+
+from conftest import fill
+from tinydistill.ranktargets import RankTargets
+from tinydistill.stream import ChunkTargets, epoch_order, train_items
+
+
+def test_join_is_exact_and_reads_each_chunk_once(small_store):
+    fill(small_store)
+    order = epoch_order(small_store.num_rows, 64, False, 0, 1, 0, 3)
+    items = train_items(order, 1, 32, world=1, rank=0)
+    rt = RankTargets(small_store, items)
+    for it in items:
+        batch = {"epoch": torch.full((len(it.rows),), it.epoch), "row": torch.from_numpy(it.rows),
+                 "valid": torch.ones(len(it.rows), dtype=torch.bool)}
+        got = rt.join(batch)
+        lp, ix = small_store.topk(1, it.rows, order="stored")
+        np.testing.assert_array_equal(got["logp"].numpy(), lp)
+        np.testing.assert_array_equal(got["index"].numpy(), ix)
+        assert got["valid"].all()
+    rt.close()
+    chunks = -(-small_store.num_rows // small_store.chunk_rows)
+    assert rt.reads == chunks  # once per rank, whatever the DataLoader's worker count
+    # what two workers joining their own items read: nearly every chunk each
+    per_worker = [ChunkTargets(small_store, items[w::2]) for w in range(2)]
+    for w, ct in enumerate(per_worker):
+        for it in items[w::2]:
+            ct.get(it.epoch, it.rows)
+    assert sum(ct.reads for ct in per_worker) == 2 * chunks
+
+
+def test_unwritten_rows_are_invalid(small_store):
+    small_store.write_shard(0, 0, *__import__("conftest").unit_data(small_store, 0, 0),
+                            skipped=np.arange(256) == 5)
+    rt = RankTargets(small_store, train_items(np.arange(256), 0, 16, 1, 0))
+    got = rt.join({"epoch": torch.zeros(16, dtype=torch.int64), "row": torch.arange(16),
+                   "valid": torch.ones(16, dtype=torch.bool)})
+    assert got["valid"].tolist() == [i != 5 for i in range(16)]
+    rt.close()

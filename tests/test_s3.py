@@ -1,0 +1,203 @@
+"""Against a real S3 API server (moto's server mode on loopback, through s3fs): stores and
+webdataset shards on s3://, in DataLoader workers, and the errors a user can cause."""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import numpy as np
+import pytest
+import zarr
+
+import tinydistill as td
+from conftest import random_teacher
+
+GEN = ["--teacher", "test_resnet", "--teacher-input-size", "32", "--epochs", "1",
+       "--img-size", "32", "--mix-group", "64", "--chunk-rows", "128", "--shard-rows", "256",
+       "--k", "5", "--mixup", "0.8", "--cutmix", "1.0", "--no-progress", "--batch-size", "64"]
+TRAIN = ["--student", "test_vit", "--batch-size", "64", "--lr", "5e-4", "--no-progress", "--epochs", "1",
+         "--warmup-epochs", "0.2"]
+
+
+def cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "tinydistill", *args], capture_output=True, text=True, **kw)
+
+
+def arrays(url):
+    g = zarr.open_group(url, mode="r", storage_options={"use_listings_cache": False} if "://" in url else None)
+    return {n: g[n][:] for n in ("logp", "index_gap", "seed", "complete")}
+
+
+def s3fs_():
+    import s3fs
+
+    return s3fs.S3FileSystem(skip_instance_cache=True)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    return random_teacher(tmp_path_factory.mktemp("w") / "teacher.pth", 10)
+
+
+@pytest.fixture(scope="module")
+def local_ref(weights, tmp_path_factory):
+    """gen-logits on digits into a local store: what every s3:// run must equal."""
+    out = tmp_path_factory.mktemp("ref") / "ref.zarr"
+    p = cli("gen-logits", "--data", "digits", *GEN, "--teacher-weights", weights, "--workers", "1", "--out", str(out))
+    assert p.returncode == 0, p.stderr
+    return str(out)
+
+
+def upload_digit_shards(bucket: str, shards: int = 4, per: int = 48) -> str:
+    """``shards`` tars of ``per`` digits each (PNG + cls) in the bucket; returns the brace URL."""
+    from PIL import Image
+
+    from tinydistill.sources import DigitsSource
+
+    src = DigitsSource("train")
+    fs = s3fs_()
+    for s in range(shards):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            for i in range(s * per, (s + 1) * per):
+                png = io.BytesIO()
+                Image.fromarray(src._images[i]).save(png, format="PNG")
+                for name, data in ((f"{i:05d}.png", png.getvalue()), (f"{i:05d}.cls", str(src.labels[i]).encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        fs.pipe_file(f"{bucket[5:]}/shards/part-{s:03d}.tar", buf.getvalue())
+    return f"{bucket}/shards/part-{{000..{shards - 1:03d}}}.tar"
+
+
+@pytest.mark.slow
+def test_gen_logits_killed_and_resumed_on_s3_equals_local(s3, weights, local_ref):
+    url = f"{s3}/k.zarr"
+    cmd = [sys.executable, "-m", "tinydistill", "gen-logits", "--data", "digits", *GEN, "--teacher-weights", weights,
+           "--workers", "1", "--out", url]
+    fs = s3fs_()
+    for n_done in (1, 3):
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while True:
+            fs.invalidate_cache()
+            done = len(fs.find(f"{url[5:]}/complete/c")) if fs.exists(f"{url[5:]}/zarr.json") else 0
+            if done >= n_done:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+                break
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.time() < deadline, "timed out waiting for units"
+            time.sleep(0.05)
+    assert 0 < td.open_store(url).completed()[0] < 1
+    listed = td.open_store(url)
+    listed.complete_mask(refresh=True)  # a listing taken before the resume must not hide later chunks
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert 0 < json.loads(p.stdout)["units_written"] < 6
+    assert listed.completed()[0] == 1 and np.isfinite(listed.topk(0, slice(None))[0]).all()
+    assert listed._group["complete"][:].all()  # whole-object reads after a listing see new objects
+    ref, got = arrays(local_ref), arrays(url)
+    for n in ref:
+        assert ref[n].shape == got[n].shape and np.array_equal(ref[n], got[n], equal_nan=True), \
+            (n, np.argwhere(~((ref[n] == got[n]) | (ref[n] != ref[n])))[:5].tolist())
+    # inspect and verify read it where it is
+    p = cli("inspect", url, "--check", "--json")
+    assert p.returncode == 0 and json.loads(p.stdout)["complete_views"] == 1438, p.stderr
+    p = cli("verify", url, "--data", "digits", "--teacher", "test_resnet", "--teacher-weights", weights,
+            "--samples", "16", "--device", "cpu")
+    assert p.returncode == 0, p.stderr + p.stdout
+
+
+@pytest.mark.slow
+def test_train_with_workers_from_s3_store_and_s3_shards(s3, weights, tmp_path):
+    shards = upload_digit_shards(s3)
+    url = f"{s3}/wds.zarr"
+    p = cli("gen-logits", "--data", shards, *GEN, "--teacher-weights", weights, "--workers", "2", "--out", url)
+    assert p.returncode == 0, p.stderr
+    p = cli("train-student", "--data", shards, *TRAIN, "--logits", url, "--workers", "2", "--out", str(tmp_path / "t"))
+    assert p.returncode == 0, p.stderr
+    row = json.loads((tmp_path / "t" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["views"] == 4 * 48 and np.isfinite(row["train_loss"])
+
+
+def test_open_store_with_storage_options(s3, s3_server, monkeypatch):
+    url = f"{s3}/opts.zarr"
+    st = td.create_store(url, num_classes=10, k=3, epochs=1, keys=[f"k{i}" for i in range(20)], chunk_rows=8,
+                         shard_rows=8)
+    st.write_shard(0, 0, np.log(np.full((8, 3), 0.2)), np.tile(np.arange(3), (8, 1)), np.arange(8))
+    monkeypatch.delenv("AWS_ENDPOINT_URL")  # the options alone must find the server
+    opts = {"endpoint_url": s3_server.endpoint, "key": "testing", "secret": "testing"}
+    got = td.open_store(url, storage_options=opts)
+    assert got.completed().tolist() == [0.4] and got.topk(0, [3], order="stored")[1].tolist() == [[0, 1, 2]]
+
+
+def test_s3_shards_read_by_byte_range(s3):
+    from tinydistill.sources import open_source
+
+    src = open_source(upload_digit_shards(s3, shards=2, per=20))
+    assert src.index_stats == {"scanned": 2} and len(src) == 40
+    rows = [3, 27]  # one per shard: one request each, for exactly the image's bytes
+    imgs = dict(src.read(rows))
+    assert [np.asarray(imgs[r]).shape for r in rows] == [(8, 8)] * 2
+    assert src.io["requests"] == 2 and src.io["bytes"] == int(src._size[rows].sum())
+    again = open_source(src.name)
+    assert again.index_stats == {"cache": 2} and again.keys == src.keys
+
+
+@pytest.mark.parametrize("case", ["missing bucket", "bad credentials"])
+def test_user_errors_on_s3_are_one_line(s3, case, monkeypatch, tmp_path):
+    url = f"{s3}-nope/k.zarr" if case == "missing bucket" else f"{s3}/k.zarr"
+    if case == "bad credentials":  # a server that checks keys: ours are unknown to it
+        from s3server import S3Server
+
+        strict = S3Server(INITIAL_NO_AUTH_ACTION_COUNT="0")
+        monkeypatch.setenv("AWS_ENDPOINT_URL", strict.endpoint)
+        request_finalizer = strict.stop
+    else:
+        request_finalizer = lambda: None  # noqa: E731
+    try:
+        _one_line_errors(url, tmp_path)
+    finally:
+        request_finalizer()
+
+
+def _one_line_errors(url, tmp_path):
+    for args in (["inspect", url], ["train-student", "--data", "digits", *TRAIN, "--logits", url, "--workers", "0",
+                                    "--out", str(tmp_path / "t")]):
+        p = cli(*args, timeout=120)
+        err = p.stderr.strip().splitlines()
+        assert p.returncode == 1 and len(err) == 1 and url in err[0], p.stderr
+        assert "Traceback" not in p.stderr
+
+
+@pytest.mark.slow
+def test_server_that_stops_mid_run_is_one_line(weights, monkeypatch):
+    from s3server import S3Server
+
+    server = S3Server()
+    try:
+        for k, v in server.env().items():
+            monkeypatch.setenv(k, v)
+        server.make_bucket("td-stops")
+        url = "s3://td-stops/k.zarr"
+        proc = subprocess.Popen([sys.executable, "-m", "tinydistill", "gen-logits", "--data", "digits", *GEN,
+                                 "--teacher-weights", weights, "--workers", "1", "--out", url],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        fs, deadline = s3fs_(), time.time() + 120
+        while not (fs.invalidate_cache() or fs.find("td-stops/k.zarr/complete/c")):
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.time() < deadline
+            time.sleep(0.05)
+        server.stop()
+        _, err = proc.communicate(timeout=300)
+        lines = [l for l in err.strip().splitlines() if l.startswith("Error")]
+        assert proc.returncode == 1 and len(lines) == 1 and url in lines[0] and "left incomplete" in lines[0], err
+        assert "Traceback" not in err
+    finally:
+        server.stop()
