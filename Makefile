@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 OUT ?= runs/quickstart
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench gpu-check clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ bench: $(VENV)/.installed
 	$(PY) pipelines/bench_views.py
 	$(PY) pipelines/bench_gen_logits.py
 	$(PY) pipelines/bench_train.py
+
+# one-call GPU acceptance check (docs/bench_e2e.md); e.g. make gpu-check ARGS="--device cpu --smoke"
+gpu-check: $(VENV)/.installed
+	$(PY) pipelines/gpu_check.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs

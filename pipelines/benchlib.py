@@ -293,3 +293,192 @@ def last_json(stdout: str) -> dict:
 def shares(xs) -> str:
     """A list of busy shares as ``0.97/0.95``."""
     return "/".join(f"{x:.2f}" for x in xs) if xs else "-"
+
+
+# ---- timed commands and machine load (gpu_check) ------------------------------------------------
+
+class CliError(RuntimeError):
+    """A ``python -m tinydistill`` command that failed: the command, its exit status (None when
+    it was killed on a timeout) and the last lines of its stderr."""
+
+    def __init__(self, args: list[str], returncode: int | None, tail: list[str], timeout_s: float | None = None):
+        self.args_, self.returncode, self.tail = list(args), returncode, list(tail)
+        why = f"timed out after {timeout_s:.0f} s" if returncode is None else f"exited {returncode}"
+        super().__init__(f"`python -m tinydistill {' '.join(args)}` {why}; last lines of its stderr:\n"
+                         + "\n".join(f"    {line}" for line in tail))
+
+
+def run_cli_timed(args: list[str], label: str = "", every_s: float = 30.0, cwd: str | None = None,
+                  timeout_s: float | None = None) -> dict:
+    """Run ``python -m tinydistill ARGS`` like :func:`run_cli`, keeping every stderr line (each
+    progress-bar update included) with the time it arrived, and killing the command (its whole
+    process group: DataLoader workers too) after ``timeout_s``.
+
+    Returns ``{"stdout", "wall_s", "t0", "t1", "lines"}``: ``t0``/``t1`` are
+    ``time.perf_counter()`` at start and end, ``lines`` is a list of (perf_counter time, text).
+    Raises :class:`CliError` (command, status, stderr tail) when the command fails."""
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import threading
+    import time
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "tinydistill", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, bufsize=1, cwd=cwd or tempfile.gettempdir(),
+                            env=env, start_new_session=True)
+    lines: list[tuple[float, str]] = []
+    killed = threading.Event()
+
+    def kill():
+        killed.set()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the group this call started
+        except OSError:
+            pass
+
+    timer = threading.Timer(timeout_s, kill) if timeout_s else None
+
+    def pump():  # a line's time is when its first character came: tqdm ends a line only when it writes the next
+        last, buf, t_line = time.perf_counter(), "", 0.0
+        while True:
+            c = proc.stderr.read(1)
+            if not c:
+                break
+            if c in "\r\n":
+                if buf.strip():
+                    lines.append((t_line, buf))
+                    if t_line - last >= every_s:
+                        print(f"    {label} | {buf.strip()[:150]}", flush=True)
+                        last = t_line
+                buf = ""
+            else:
+                if not buf:
+                    t_line = time.perf_counter()
+                buf += c
+        if buf.strip():
+            lines.append((t_line, buf))
+
+    th = threading.Thread(target=pump, daemon=True)
+    th.start()
+    if timer:
+        timer.start()
+    try:
+        out = proc.stdout.read()
+        proc.wait()
+    finally:
+        if timer:
+            timer.cancel()
+    th.join()
+    t1 = time.perf_counter()
+    if proc.returncode or killed.is_set():
+        raise CliError(args, None if killed.is_set() else proc.returncode, [t for _, t in lines[-40:]], timeout_s)
+    return {"stdout": out, "wall_s": t1 - t0, "t0": t0, "t1": t1, "lines": lines}
+
+
+def cpu_times() -> tuple[float, float] | None:
+    """(busy, total) CPU time of the whole machine since boot, all cores (clock ticks from
+    /proc/stat; seconds from psutil where there is no /proc), or None. Busy is all but idle
+    and iowait; guest time is already counted in user time."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:9]]
+        return float(sum(v) - v[3] - v[4]), float(sum(v))
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import psutil
+    except ImportError:
+        return None
+    t = psutil.cpu_times()
+    total = sum(getattr(t, k, 0.0) for k in ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal"))
+    return total - t.idle - getattr(t, "iowait", 0.0), total
+
+
+def gpu_utilisation() -> list[int] | None:
+    """Each GPU's utilisation in percent, from ``nvidia-smi`` (None without it)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=5)
+        return [int(x) for x in out.stdout.split()] if out.returncode == 0 else None
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
+
+
+class MachineSampler:
+    """Samples the whole machine in threads, as a context manager: CPU time (:func:`cpu_times`)
+    every ``cpu_every_s`` seconds and, with ``gpu=True``, the utilisation of GPU ``gpu_index``
+    (:func:`gpu_utilisation`) every ``gpu_every_s``. Afterwards :meth:`cores_busy` and
+    :meth:`gpu_util` average them over the whole run or over windows of it (perf_counter times)."""
+
+    def __init__(self, gpu: bool = False, gpu_index: int = 0, cpu_every_s: float = 0.1, gpu_every_s: float = 0.5):
+        import threading
+
+        self.gpu_index = gpu_index
+        self.cpu: list[tuple[float, float, float]] = []  # (t, busy, total)
+        self.util: list[tuple[float, float]] = []  # (t, percent)
+        self.ncpu = os.cpu_count() or 1
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._loop, args=(self._cpu, cpu_every_s), daemon=True)]
+        if gpu:
+            self._threads.append(threading.Thread(target=self._loop, args=(self._gpu, gpu_every_s), daemon=True))
+
+    def _cpu(self):
+        import time
+
+        c = cpu_times()
+        if c is not None:
+            self.cpu.append((time.perf_counter(), *c))
+
+    def _gpu(self):
+        import time
+
+        u = gpu_utilisation()
+        if u and len(u) > self.gpu_index:
+            self.util.append((time.perf_counter(), float(u[self.gpu_index])))
+
+    def _loop(self, sample, every_s: float):
+        import time
+
+        nxt = time.perf_counter()
+        while not self._stop.is_set():
+            sample()
+            nxt += every_s
+            self._stop.wait(max(0.0, nxt - time.perf_counter()))
+
+    def __enter__(self):
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+        self._cpu()  # the end of the run
+        return False
+
+    def cores_busy(self, windows: list[tuple[float, float]] | None = None) -> float | None:
+        """Cores busy on average (whole machine) over ``windows`` (default: the whole run): CPU
+        time between the first and last samples inside each window (a window holding fewer
+        than two samples: the samples around it), summed over windows."""
+        busy = total = 0.0
+        s = self.cpu
+        for a, b in windows or [(float("-inf"), float("inf"))]:
+            inside = [x for x in s if a <= x[0] <= b]
+            if len(inside) < 2:
+                before, after = [x for x in s if x[0] <= a], [x for x in s if x[0] >= b]
+                inside = [before[-1] if before else s[0], after[0] if after else s[-1]] if s else []
+            if len(inside) >= 2:
+                busy += inside[-1][1] - inside[0][1]
+                total += inside[-1][2] - inside[0][2]
+        return busy / total * self.ncpu if total > 0 else None
+
+    def gpu_util(self, windows: list[tuple[float, float]] | None = None) -> float | None:
+        """Mean sampled GPU utilisation (percent) inside ``windows`` (default: the whole run)."""
+        xs = [u for t, u in self.util if any(a <= t <= b for a, b in windows or [(float("-inf"), float("inf"))])]
+        return sum(xs) / len(xs) if xs else None

@@ -265,3 +265,10 @@ def test_worker_decodes_non_gpu_formats_and_ships_jpegs_for_a_gpu(data):
     is_png = np.array([k.endswith(".png") for k in gpu["keys"]])
     assert ((gpu["pix_off"] >= 0) == is_png).all() and len(gpu["jpeg"]) == (~is_png).sum() > 0
     assert all(Image.open(io.BytesIO(b)).format == "JPEG" for b in gpu["jpeg"])
+
+
+def test_verify_samples_distinct_views(stores, data, weights):
+    from tinydistill.verify import verify_store
+
+    v = verify_store(str(stores["enc"][0]), data, "test_resnet", weights, samples=10_000)
+    assert v["views_checked"] == 2 * N and v["max_abs_logp_diff"] == 0.0  # every view once, none twice

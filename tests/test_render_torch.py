@@ -241,3 +241,89 @@ def test_decode_inputs(photos):
     assert (jpg.int() - ref.int()).abs().max() <= 2 and psnr(jpg / 255, ref / 255) >= 45
     with pytest.raises(TypeError):
         rt.decode([3.0], "cpu")
+
+
+# ---- host dispatch: packed inputs, erase data, op counts ------------------------------------------
+
+def test_count_aten_ops_counts_top_level_ops_only():
+    from tinydistill.opcount import count_aten_ops, profile_aten_ops, time_outside_aten_ops
+
+    def f(x):
+        y = x + 1  # aten::add
+        y.add_(2)  # aten::add_
+        z = torch.cat([x, y])  # aten::cat (its internal copies are children)
+        w = z.to(torch.float64)  # aten::to (with _to_copy / copy_ inside)
+        return w[3:5].sum()  # aten::slice, aten::sum: 0 + 3
+
+    n, out = count_aten_ops(f, torch.zeros(4))
+    assert n == 6 and float(out) == 3.0
+    names, _ = profile_aten_ops(f, torch.zeros(4))
+    assert names == {"aten::add": 1, "aten::add_": 1, "aten::cat": 1, "aten::to": 1, "aten::slice": 1, "aten::sum": 1}
+    assert count_aten_ops(lambda: 3)[0] == 0
+    t, n, out = time_outside_aten_ops(f, torch.zeros(4))
+    assert n == 6 and t >= 0 and float(out) == 3.0
+
+
+def test_pack_numpy_frames_and_lists_render_the_same(photos):
+    """Frames from a worker's buffer (pack_numpy + from_numpy), from pack(tensors) and a plain
+    list of tensors give the same pixels; pack_numpy makes RGB as convert("RGB") does."""
+    imgs, recs = _draw(AugSpec(img_size=S, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.5, re_count=2), photos, 12)
+    t = rt.decode(imgs, "cpu")
+    frames = rt.Frames.from_numpy(*rt.pack_numpy([np.asarray(im) for im in imgs]), device="cpu")
+    assert len(frames) == len(imgs) and torch.equal(frames.image(3), t[3])
+    assert frames.flat.numel() > sum(x.numel() for x in t)  # tail padding for the crop's window
+    ref = rt.render_base(t, recs, S)
+    assert torch.equal(rt.render_base(frames, recs, S), ref)
+    assert torch.equal(rt.render_base(rt.pack(t), recs, S), ref)
+    chw = rt.pack_numpy([x.numpy() for x in t], layout="chw", pad=False)
+    assert torch.equal(torch.from_numpy(chw[0]), rt.pack(t).flat)
+    grey, rgba = photos[3].convert("L"), photos[3].convert("RGBA")
+    flat, off, h, w = rt.pack_numpy([np.asarray(grey), np.asarray(grey)[:, :, None], np.asarray(rgba)])
+    f = rt.Frames.from_numpy(flat, off, h, w)
+    for i, im in enumerate((grey, grey, rgba)):
+        assert torch.equal(f.image(i), torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1))
+    with pytest.raises(ValueError, match="record is for"):
+        rt.render_base(frames.select(list(range(1, 12)) + [0]), recs, S)
+
+
+def test_erase_fill_is_render_pils_erasing(photos):
+    """erase_fill gives render_pil.erase's pixels as (unique indices, values), later boxes
+    winning where they overlap; render_base with erase= equals render_base drawing it itself."""
+    imgs, recs = _draw(AugSpec(img_size=S, re_prob=1.0, re_count=3, color_jitter=None), photos, 12)
+    recs = [dataclasses.replace(p, erase_mode=("pixel", "rand", "const")[i % 3]) for i, p in enumerate(recs)]
+    recs[0] = dataclasses.replace(recs[0], erase=[(2, 3, 20, 30), (10, 10, 20, 20), (0, 0, 5, 5)], erase_mode="pixel")
+    for p in recs:
+        x = torch.full((3, S, S), 7.0)
+        render_pil.erase(x, p)
+        idx, val = rt.erase_fill(p, S)
+        assert len(np.unique(idx)) == len(idx) and val.dtype == np.float32
+        y = torch.full((3, S, S), 7.0)
+        y.view(-1)[torch.from_numpy(idx)] = torch.from_numpy(val)
+        assert torch.equal(x, y), p.summary()
+    t = rt.decode(imgs, "cpu")
+    assert torch.equal(rt.render_base(t, recs, S, erase=rt.erase_fills(recs, S)), rt.render_base(t, recs, S))
+
+
+def test_device_ops_do_not_grow_with_the_batch(photos):
+    """The same records twice over cost exactly the same number of top-level aten ops as once:
+    nothing is dispatched per view (erasing and images come packed, as from a worker)."""
+    from tinydistill.opcount import count_aten_ops
+
+    spec = AugSpec(img_size=S, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, mixup=0.8, cutmix=1.0)
+    pol = Policy(spec)
+    small = [im.resize((40, 30)) for im in photos]
+    imgs = [small[i % len(small)] for i in range(32)]
+    recs = [pol.draw(5, 0, r, 11 + 7919 * r, imgs[r].size, partner=r ^ 1) for r in range(32)]
+    counts = []
+    for k in (1, 2, 4):
+        im, rc = imgs * k, recs * k
+        frames = rt.Frames.from_numpy(*rt.pack_numpy([np.asarray(i) for i in im]), device="cpu")
+        erase = rt.erase_fills(rc, S)
+
+        def run():
+            x = rt.render_base(frames, rc, S, erase=erase)
+            return rt.mix(x, x.flip(0), rc)
+
+        counts.append(count_aten_ops(run)[0])
+    assert counts[0] == counts[1] == counts[2], counts
+    assert counts[0] < 1000, counts

@@ -201,3 +201,23 @@ def test_server_that_stops_mid_run_is_one_line(weights, monkeypatch):
         assert "Traceback" not in err
     finally:
         server.stop()
+
+
+def test_targets_cross_the_network_once_per_node(s3, weights, local_ref):
+    """Two local ranks split an epoch's target objects: together they download the epoch's
+    stored bytes once; the mirror then serves every rank, and a second epoch start fetches nothing."""
+    from tinydistill import nodecache
+
+    url = f"{s3}/node.zarr"
+    fs = s3fs_()
+    fs.put(local_ref, url.split("://", 1)[1], recursive=True)
+    remote = td.open_store(url)
+    parts = [nodecache.fetch_epoch(remote, 0, r, 2) for r in (0, 1)]
+    target_bytes = sum(p["fetched_bytes"] for p in parts) - sum(
+        len(fs.cat_file(f"{url.split('://', 1)[1]}/{rel}")) for rel in parts[0]["objects"]
+        if rel.split("/")[0] not in nodecache.TARGET_ARRAYS)
+    assert target_bytes == parts[0]["epoch_bytes"] > 0  # each target byte fetched once by the node
+    mirror = nodecache.node_local(remote, 0)  # local rank 0 alone now: everything is on disk
+    assert mirror.path == parts[0]["root"] and nodecache.fetch_epoch(remote, 0)["fetched_bytes"] == 0
+    for a, b in zip(mirror.topk(0, slice(None), order="stored"), remote.topk(0, slice(None), order="stored")):
+        assert np.array_equal(a, b)

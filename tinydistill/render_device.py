@@ -55,7 +55,8 @@ def merge_encoded(parts: list[dict]) -> dict:
         n_pix += len(p["pixels"])
     out["slot"], out["pslot"] = np.concatenate(slot), np.concatenate(pslot)
     out["pix_off"], out["erase_slot"] = np.concatenate(pix_off), np.concatenate(erase_slot)
-    out["pixels"] = np.concatenate([np.asarray(p["pixels"]) for p in parts])
+    tail = max((q.src_size[0] for p in parts for q in p["params"]), default=0)  # see views._tail
+    out["pixels"] = np.concatenate([np.asarray(p["pixels"]) for p in parts] + [np.zeros(tail, np.uint8)])
     out["erase_idx"] = np.concatenate([np.asarray(p["erase_idx"]) for p in parts])
     out["erase_val"] = np.concatenate([np.asarray(p["erase_val"]) for p in parts])
     for k in ("jpeg", "params", "keys"):

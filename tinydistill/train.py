@@ -30,6 +30,7 @@ from .errors import TinydistillError
 from . import dist
 from .losses import DistillLoss, Objective, mixed_labels
 from .sources import open_source
+from .nodecache import node_local
 from .ranktargets import RankTargets
 from .render_device import DeviceRenderer
 from .stream import Meter, ViewStream, epoch_order, train_items
@@ -440,7 +441,8 @@ def train_student(cfg: TrainConfig, on_step: Callable[[dict], None] | None = Non
             # the torch renderer: workers ship bytes + records, the pixels are made on `device`
             items = train_items(order, view_epoch, cfg.batch_size, world, rank)
             stream = ViewStream(core, items)
-            joined = RankTargets(store, items) if store is not None else None  # each chunk once per rank
+            # each chunk once per rank; from object storage through a node-local mirror (once per node)
+            joined = RankTargets(node_local(store, view_epoch), items) if store is not None else None
             loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.workers,
                                                  pin_memory=device.type == "cuda",
                                                  prefetch_factor=4 if cfg.workers else None)

@@ -42,11 +42,15 @@ def verify_store(path: str, data: str, teacher_name: str, weights: str | None = 
     if not len(done):
         raise TinydistillError(f"{path}: no complete units to verify")
     rng = np.random.default_rng(seed)
+    # `samples` distinct views of the complete units (all of them when they are fewer)
+    bounds = [store.shard_bounds(int(s)) for _, s in done]
+    sizes = np.array([b - a for a, b in bounds], np.int64)
+    ends = np.cumsum(sizes)
+    flat = rng.choice(int(ends[-1]), size=min(samples, int(ends[-1])), replace=False)
     picks = []
-    for i in rng.integers(0, len(done), size=samples):
-        e, s = (int(v) for v in done[i])
-        a, b = store.shard_bounds(s)
-        picks.append((e, s, int(rng.integers(a, b))))
+    for f in flat.tolist():
+        u = int(np.searchsorted(ends, f, side="right"))
+        picks.append((int(done[u][0]), int(done[u][1]), bounds[u][0] + f - int(ends[u] - sizes[u])))
     # the batches gen-logits ran these views in: (epoch, shard, batch index within the unit)
     batches = sorted({(e, s, (r - store.shard_bounds(s)[0]) // batch_size) for e, s, r in picks})
     core = Views(source, spec, store.base_seed, skip_bad=True, device=device)

@@ -211,7 +211,7 @@ class Views:
                 "label": labels[rows].astype(np.int64), "partner": np.array(prow, np.int64),
                 "partner_label": labels[prow].astype(np.int64), "lam": np.array(lam, np.float64),
                 "valid": slot >= 0, "slot": slot, "pslot": np.array(pslot, np.int64),
-                "params": params, "keys": keys, "jpeg": jpeg, "pixels": cat(arrays, np.uint8),
+                "params": params, "keys": keys, "jpeg": jpeg, "pixels": cat(arrays + _tail(params), np.uint8),
                 "pix_off": np.array(pix_off, np.int64), "erase_slot": cat(e_slot, np.int64),
                 "erase_idx": cat(e_idx, np.int64), "erase_val": cat(e_val, np.float32)}
 
@@ -273,6 +273,7 @@ class Views:
                 off[i] = n_pix
                 n_pix += im.numel()
             parts += [im.reshape(-1) for im in images]
+            parts.append(torch.zeros(int(widths.max()), dtype=torch.uint8, device=device))  # crop windows' tail
         flat = torch.cat(parts) if len(parts) > 1 else parts[0]
         return render_torch.Frames(flat=flat, offsets=off, heights=heights, widths=widths)
 
@@ -340,6 +341,12 @@ class Views:
         return View(epoch=int(epoch), row=int(row), key=self.source.keys[int(row)], seed=v["seed"], image=v["image"],
                     label=v["label"], partner=v["partner"], partner_label=v["partner_label"], lam=v["lam"],
                     params=v["params"])
+
+
+def _tail(params) -> list[np.ndarray]:
+    """Zero bytes after a pixel buffer's last image: the renderer's crop windows read up to an
+    image width past a crop row, so with this tail it never pads (copies) the buffer itself."""
+    return [np.zeros(max(p.src_size[0] for p in params), np.uint8)] if params else []
 
 
 def _is_jpeg(data) -> bool:
