@@ -73,13 +73,13 @@ def test_missing_optional_package_is_one_line(st, monkeypatch):
     assert "\n" not in str(err.value) and err.value.__suppress_context__
 
 
-def test_missing_fsspec_backend_names_the_package(tmp_path):
+def test_missing_fsspec_backend_names_the_package(tmp_path, monkeypatch):
     pytest.importorskip("fsspec")
-    try:
-        import s3fs  # noqa: F401
-        pytest.skip("s3fs is installed")
-    except ImportError:
-        pass
+    import importlib
+
+    monkeypatch.setitem(sys.modules, "s3fs", None)  # as if s3fs were not installed (import -> ImportError)
+    registry = importlib.import_module("fsspec.registry")  # (fsspec.registry is a mapping, not the module)
+    monkeypatch.delitem(registry._registry, "s3", raising=False)  # registered by an earlier s3:// test
     with pytest.raises(NotAStoreError, match=r"s3:// URLs need the s3fs package: pip install s3fs") as err:
         td.open_store("s3://some-bucket/logits.zarr")
     assert "\n" not in str(err.value) and "not a tinydistill store" not in str(err.value)
