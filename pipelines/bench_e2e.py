@@ -15,9 +15,10 @@ What runs (every command is ``python -m tinydistill ...`` in a subprocess, its J
                and of the main process (= the device: it runs the teacher), item rows and items.
   forward t=T  The teacher alone, in this process, with T torch threads (the count gen-logits'
                main process gives itself: cores - workers, at least 1): the same teacher object
-               ``load_teacher`` builds from the same weights, on views rendered beforehand by
-               ``Views.render`` and collated into batches of the same size, timed per batch as
-               gen-logits runs it (``prepare``, the model, ``log_softmax().topk(K)``, copy back).
+               ``load_teacher(...).place(device, amp)`` builds from the same weights, on views
+               rendered beforehand by ``Views.render`` and collated into batches of the same size,
+               timed per batch as gen-logits runs it: the project's own ``Teacher.topk`` and the
+               copy back (``benchlib.forward_ceiling``).
                The ceiling gen-logits would reach if rendering were free.
   offline      ``train-student --logits STORE --workers W`` (the store of the first gen run with
                the most workers): the student trains on the stored top-K.
@@ -51,7 +52,6 @@ Nothing is downloaded and no timing is asserted.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -63,10 +63,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchlib import (environment, finish, fmt_ratio, last_json, loadavg, make_photo_folder, med, ratio_stats,
-                      run_cli, save_random_model, shares, write_json)
+from benchlib import (alternate, apply_preset, aug_spec, bench_parser, cli_options, environment, finish, fmt_ratio,
+                      forward_ceiling, last_json, make_photo_folder, med, placed_teacher, ratio_stats, recipe,
+                      run_cli, run_rounds, save_random_model, shares, skipped_without_cuda)
 
-RECIPE = dict(img_size=224, auto_augment="rand-m9-mstd0.5-inc1", mixup=0.8, cutmix=1.0)
+RECIPE = recipe(erasing=False, img_size=224)  # TinyViT's, without random erasing
 CORES = os.cpu_count() or 1
 PRESETS = {
     "cpu": dict(teacher="test_vit", student="test_vit", student_kwargs="patch_size=32", gen_workers="1,2",
@@ -75,13 +76,6 @@ PRESETS = {
                  student_kwargs="", gen_workers=str(max(1, CORES - 1)), train_workers=max(1, CORES - 1), amp="bf16",
                  rounds=3),
 }
-
-
-def recipe_options() -> list[str]:
-    out = []
-    for k, v in RECIPE.items():
-        out += [f"--{k.replace('_', '-')}", str(v)]
-    return out
 
 
 def main_threads(workers: int) -> int:
@@ -93,75 +87,24 @@ def main_threads(workers: int) -> int:
 
 # ---- the teacher alone -------------------------------------------------------------------------
 
-class ForwardOnly:
-    """The teacher's per-batch work in gen-logits, on views rendered beforehand."""
+def forward_only(args, weights: str) -> tuple:
+    """The teacher gen-logits builds (the project's own, placed as gen-logits places it) and
+    ``--forward-batches`` batches of views rendered beforehand, for :func:`benchlib.forward_ceiling`."""
+    from tinydistill.sources import open_source
+    from tinydistill.views import Views
 
-    def __init__(self, args, weights: str, batches: int):
-        from torch.utils.data import default_collate
-
-        from tinydistill.augment import AugSpec
-        from tinydistill.sources import open_source
-        from tinydistill.teachers import load_teacher
-        from tinydistill.views import Views
-
-        source = open_source(args.data)
-        self.teacher = load_teacher(args.teacher, weights, class_names=source.class_names)
-        self.teacher.input_size = args.teacher_input_size
-        self.device = torch.device(args.device)
-        self.model = self.teacher.model.to(self.device).eval()
-        if self.device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
-        self.amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
-        self.k = args.k
-        n = min(batches * args.batch_size, len(source))
-        t0 = time.perf_counter()
-        views = Views(source, AugSpec(**RECIPE), args.seed).render(0, range(n))
-        self.batches = [default_collate(views[i:i + args.batch_size])["image"] for i in range(0, n, args.batch_size)]
-        if self.device.type == "cuda":
-            self.batches = [b.pin_memory() for b in self.batches]
-        self.render_s = time.perf_counter() - t0
-        self.views = n
-
-    def _pass(self) -> int:
-        from tinydistill.views import prepare
-
-        t, dev, n = self.teacher, self.device, 0
-        with torch.inference_mode():
-            for images in self.batches:
-                x = prepare(images.to(dev, non_blocking=True), t.input_size, t.mean, t.std, t.interpolation)
-                if dev.type == "cuda":
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(dev.type, dtype=self.amp, enabled=self.amp is not None):
-                    logits = self.model(x)
-                logp, idx = torch.log_softmax(logits.float(), dim=-1).topk(self.k, dim=-1)
-                logp.cpu().numpy(), idx.cpu().numpy()
-                n += len(images)
-        return n
-
-    def run(self, threads: int | None, min_s: float) -> dict:
-        before = torch.get_num_threads()
-        if threads and self.device.type == "cpu":
-            torch.set_num_threads(threads)
-        try:
-            self._pass_batches(1)  # warm this thread count's kernels
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            t0, n = time.perf_counter(), 0
-            while time.perf_counter() - t0 < min_s:
-                n += self._pass()
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            wall = time.perf_counter() - t0
-        finally:
-            torch.set_num_threads(before)
-        return {"views": n, "wall_s": wall, "views_per_s": n / wall}
-
-    def _pass_batches(self, k: int) -> None:
-        keep, self.batches = self.batches, self.batches[:k]
-        try:
-            self._pass()
-        finally:
-            self.batches = keep
+    source = open_source(args.data)
+    teacher = placed_teacher(args.teacher, weights, args.device, args.amp, args.teacher_input_size,
+                             class_names=source.class_names)
+    n = min(args.forward_batches * args.batch_size, len(source))
+    t0 = time.perf_counter()
+    images = Views(source, aug_spec(RECIPE), args.seed).render(0, range(n)).image
+    batches = list(images.split(args.batch_size))
+    if teacher.device.type == "cuda":
+        batches = [b.pin_memory() for b in batches]
+    print(f"forward-only: {n} views rendered in this process in {time.perf_counter() - t0:.1f} s, "
+          f"batches of {args.batch_size}")
+    return teacher, batches
 
 
 # ---- the commands ------------------------------------------------------------------------------
@@ -170,7 +113,7 @@ def gen_cmd(args, weights: str, out: Path, workers: int) -> list[str]:
     cmd = ["gen-logits", "--data", args.data, "--teacher", args.teacher, "--teacher-weights", weights,
            "--teacher-input-size", str(args.teacher_input_size), "--k", str(args.k), "--epochs", str(args.epochs),
            "--out", str(out), "--overwrite", "--workers", str(workers), "--device", args.device, "--amp", args.amp,
-           "--seed", str(args.seed), *recipe_options()]
+           "--seed", str(args.seed), *cli_options(RECIPE)]
     if args.batch_size_opt:
         cmd += ["--batch-size", str(args.batch_size)]
     if args.render:  # default: the CLI's (torch on cuda, pil on cpu)
@@ -188,7 +131,7 @@ def run_gen(args, weights: str, workers: int, label: str) -> dict:
            "worker_busy": load["worker_busy_share"], "worker_views": load["worker_views"],
            "item_rows": s["item_rows"], "items": s["items"], "complete": s["complete"]}
     try:
-        from tinydistill.store import open_store
+        from tinydistill import open_store
 
         rec["threads"] = open_store(str(out)).teacher.get("cpu_threads")
     except Exception:  # only a cross-check of main_threads()
@@ -219,7 +162,7 @@ def run_train(args, mode: str, store: Path, label: str) -> dict:
 
 def same_stores(paths: list[Path]) -> bool | None:
     """Whether stores hold the same top-K log-probs, class ids and seeds (public store API)."""
-    from tinydistill.store import open_store
+    from tinydistill import open_store
 
     if len(paths) < 2:
         return None
@@ -240,6 +183,12 @@ def du(path: Path) -> int:
 
 
 # ---- reporting ---------------------------------------------------------------------------------
+
+def ratio_text(s: dict, key: str, vps: dict, num: str, den: str, label: str) -> str:
+    """``s[key]``: the per-round ratio of two variants' views/s; returns ``label median [min, max]``."""
+    s[key] = ratio_stats(vps[num], vps[den])
+    return f"{label} {fmt_ratio(s[key])}"
+
 
 def per_worker(recs: list[dict]) -> list[float]:
     """Median over rounds of each worker's busy share."""
@@ -270,11 +219,115 @@ def table(names: list[str], runs: dict, extra) -> list[dict]:
     return out
 
 
+# ---- stages ------------------------------------------------------------------------------------
+
+def work_dir(args):
+    """``args.work``: --work-dir, or a temporary directory (returned, to be cleaned up)."""
+    if args.work_dir:
+        args.work = Path(args.work_dir).resolve()
+        args.work.mkdir(parents=True, exist_ok=True)
+        return None
+    tmp = tempfile.TemporaryDirectory(prefix="bench_e2e_")
+    args.work = Path(tmp.name)
+    return tmp
+
+
+def set_up(args, res: dict) -> str:
+    """The photos and the random teacher's weights file; prints what runs."""
+    info = make_photo_folder(args.data_dir, args.images, classes=args.classes, seed=args.seed)
+    args.data = args.data_dir
+    print(f"data: {args.images} JPEGs {info['size'][0]}x{info['size'][1]} in {args.classes} classes at {args.data}, "
+          f"mean {info['mean_kb']:.1f} KB" + (" (cached)" if info["cached"] else
+                                                f", made in {info['seconds']:.0f} s"
+                                                + (f" (hard links to {info['linked_from']})" if "linked_from" in info else "")))
+    weights = str(args.work / "teacher.pth")
+    t_params = save_random_model(args.teacher, args.teacher_classes, weights, seed=args.seed)
+    print(f"teacher: {args.teacher}, random init, {args.teacher_classes} classes, {t_params / 1e6:.2f} M params, "
+          f"{args.teacher_input_size} px; K={args.k}; student: {args.student} {args.student_kwargs}, random init, "
+          f"224 px\n"
+          f"recipe: {' '.join(cli_options(RECIPE))}; chunk/shard rows: defaults; gen batch "
+          f"{args.batch_size_opt or 'default (64)'}, train batch {args.train_batch_size or 'default (128)'}; "
+          f"device {args.device}, amp {args.amp}; gen workers {args.gen_list}, train workers {args.train_workers}; "
+          f"{args.epochs} epoch(s) per run, {args.rounds} round(s)")
+    res["teacher_params"] = t_params
+    return weights
+
+
+def variants(args, weights: str) -> tuple[dict, list[str], list[str]]:
+    """name -> one measurement (forward-only per thread count, gen per worker count, offline and
+    no-KD training), and the gen-side and train-side names."""
+    out: dict = {}
+    if "gen" in args.part_list:
+        teacher, batches = forward_only(args, weights)
+        for t in sorted({main_threads(w) for w in args.gen_list}) if args.device == "cpu" else [None]:
+            out[f"forward t={t}" if t else "forward"] = (
+                lambda r, i, t=t: {**forward_ceiling(teacher, batches, args.k, t, args.forward_seconds, warm=1),
+                                   "threads": t or torch.get_num_threads()})
+        for w in args.gen_list:
+            out[f"gen w={w}"] = lambda r, i, w=w: run_gen(args, weights, w, f"round {r + 1}/{args.rounds} gen w={w}")
+    gen_names = list(out)
+    store = args.work / f"gen_w{max(args.gen_list)}.zarr"
+    if "gen" not in args.part_list:  # the store offline KD reads: one gen run, not measured
+        print("store for training: one gen-logits run (not part of the figures)")
+        run_gen(args, weights, max(args.gen_list), "store")
+    if "train" in args.part_list:
+        for m in ("offline", "no-kd"):
+            out[m] = lambda r, i, m=m: run_train(args, m, store, f"round {r + 1}/{args.rounds} {m}")
+    return out, gen_names, [n for n in out if n not in gen_names]
+
+
+def measure(args, weights: str, res: dict) -> tuple[dict, list[str], list[str]]:
+    fns, gen_names, train_names = variants(args, weights)
+    runs = run_rounds(fns, args.rounds, lambda r: alternate(gen_names, r) + alternate(train_names, r),
+                      digits=1, each=True)
+    res["runs"] = runs
+    if len(args.gen_list) > 1 and "gen" in args.part_list:
+        res["stores_identical"] = same_stores([args.work / f"gen_w{w}.zarr" for w in args.gen_list])
+    store = args.work / f"gen_w{max(args.gen_list)}.zarr"
+    if store.exists():
+        res["store_bytes"] = du(store)
+    return runs, gen_names, train_names
+
+
+def summarise(args, runs: dict, res: dict, gen_names: list[str], train_names: list[str]) -> dict:
+    vps = {n: [r["views_per_s"] for r in runs[n]] for n in runs}
+    summ: dict = {}
+    print(f"\nmedian over {args.rounds} round(s) [min, max]; views/s: the command's own figure (gen: its summary, set-up "
+          "included; train: metrics.jsonl views / seconds);\nloop v/s: views / the loop's wall time (load.wall_s); "
+          "main busy: 1 - the share of the loop the main process waited for data (it runs the model: the device "
+          "proxy);\nworker busy: each DataLoader worker's busy seconds / loop wall; thr: torch threads of the "
+          "process running the model")
+    if gen_names:
+        print(f"\ngen-logits ({args.images} images x {args.epochs} epoch(s), K={args.k}):")
+        fwd_name = {w: (f"forward t={main_threads(w)}" if args.device == "cpu" else "forward") for w in args.gen_list}
+        w0 = min(args.gen_list)
+
+        def gen_extra(name, s):
+            if not name.startswith("gen"):
+                return ""
+            w = int(name.split("=")[1])
+            txt = ratio_text(s, "vs_forward", vps, name, fwd_name[w], f"/ {fwd_name[w]}")
+            return txt + (f"; {ratio_text(s, 'vs_w0', vps, name, f'gen w={w0}', f'/ gen w={w0}')}" if w != w0 else "")
+
+        summ["gen"] = table(gen_names, runs, gen_extra)
+        if "stores_identical" in res:
+            print(f"stores written with workers {args.gen_list}: "
+                  f"{'identical' if res['stores_identical'] else 'DIFFERENT'} (top-K log-probs, class ids, seeds)")
+    if train_names:
+        print(f"\ntrain-student ({args.student}, {args.train_workers} workers, {args.epochs} epoch(s) per run):")
+
+        summ["train"] = table(train_names, runs, lambda name, s: "" if name != "offline" else ratio_text(
+            s, "vs_no_kd", vps, "offline", "no-kd", "offline / no-KD") + " (target >= 0.97)")
+    if "store_bytes" in res:
+        print(f"\nstore: {res['store_bytes'] / 2**20:.1f} MiB on disk, "
+              f"{res['store_bytes'] / (args.images * args.epochs):.1f} bytes per view")
+    return summ
+
+
 # ---- main --------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = bench_parser(__doc__)
     ap.add_argument("--device", choices=sorted(PRESETS), default="cpu", help="cpu (default) or cuda; picks the preset")
     ap.add_argument("--images", type=int, default=16384, help="JPEGs in the data set (default 16384)")
     ap.add_argument("--classes", type=int, default=100, help="class folders of the data set")
@@ -302,9 +355,7 @@ def parse_args(argv=None):
     ap.add_argument("--forward-seconds", type=float, default=10.0, help="time per forward-only measurement")
     ap.add_argument("--out", help="also write figures and raw rounds to this JSON file")
     args = ap.parse_args(argv)
-    for k, v in PRESETS[args.device].items():
-        if getattr(args, k, None) is None:
-            setattr(args, k, v)
+    apply_preset(args, PRESETS[args.device])
     args.batch_size_opt = args.batch_size
     args.batch_size = args.batch_size or 64
     args.gen_list = [int(w) for w in str(args.gen_workers).split(",") if w.strip()]
@@ -320,124 +371,20 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    env = environment(loadavg_at_start=loadavg())
+    env = environment()
     print(f"bench_e2e: {env}")
     res: dict = {"env": env, "config": {k: str(v) if isinstance(v, (set, Path)) else v for k, v in vars(args).items()}}
-    if args.device == "cuda" and not torch.cuda.is_available():
-        msg = "skipped: --device cuda asked for, but torch.cuda.is_available() is False here; nothing was measured"
-        print(msg)
-        res["skipped"] = msg
-        write_json(args.out, res)
+    if skipped_without_cuda(args.device, res, args.out, where="here"):
         return 0
     t_start = time.perf_counter()
-    tmp = None
-    if args.work_dir:
-        args.work = Path(args.work_dir).resolve()
-        args.work.mkdir(parents=True, exist_ok=True)
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="bench_e2e_")
-        args.work = Path(tmp.name)
+    tmp = work_dir(args)
     try:
-        info = make_photo_folder(args.data_dir, args.images, classes=args.classes, seed=args.seed)
-        args.data = args.data_dir
-        print(f"data: {args.images} JPEGs {info['size'][0]}x{info['size'][1]} in {args.classes} classes at {args.data}, "
-              f"mean {info['mean_kb']:.1f} KB" + (" (cached)" if info["cached"] else
-                                                    f", made in {info['seconds']:.0f} s"
-                                                    + (f" (hard links to {info['linked_from']})" if "linked_from" in info else "")))
-        weights = str(args.work / "teacher.pth")
-        t_params = save_random_model(args.teacher, args.teacher_classes, weights, seed=args.seed)
-        print(f"teacher: {args.teacher}, random init, {args.teacher_classes} classes, {t_params / 1e6:.2f} M params, "
-              f"{args.teacher_input_size} px; K={args.k}; student: {args.student} {args.student_kwargs}, random init, "
-              f"224 px\n"
-              f"recipe: {' '.join(recipe_options())}; chunk/shard rows: defaults; gen batch "
-              f"{args.batch_size_opt or 'default (64)'}, train batch {args.train_batch_size or 'default (128)'}; "
-              f"device {args.device}, amp {args.amp}; gen workers {args.gen_list}, train workers {args.train_workers}; "
-              f"{args.epochs} epoch(s) per run, {args.rounds} round(s)")
-        res["teacher_params"] = t_params
-
-        gen_names, fwd = [], None
-        thr_of = {w: main_threads(w) for w in args.gen_list}
-        fwd_thr = sorted(set(thr_of.values())) if args.device == "cpu" else [None]
-        if "gen" in args.part_list:
-            fwd = ForwardOnly(args, weights, args.forward_batches)
-            print(f"forward-only: {fwd.views} views rendered in this process in {fwd.render_s:.1f} s, "
-                  f"batches of {args.batch_size}")
-            gen_names = [f"forward t={t}" if t else "forward" for t in fwd_thr] + [f"gen w={w}" for w in args.gen_list]
-        train_names = ["offline", "no-kd"] if "train" in args.part_list else []
-        store = args.work / f"gen_w{max(args.gen_list)}.zarr"
-        if "gen" not in args.part_list:  # the store offline KD reads: one gen run, not measured
-            print("store for training: one gen-logits run (not part of the figures)")
-            run_gen(args, weights, max(args.gen_list), "store")
-        runs: dict[str, list[dict]] = {n: [] for n in gen_names + train_names}
-        for r in range(args.rounds):
-            order = (gen_names if r % 2 == 0 else gen_names[::-1]) + (train_names if r % 2 == 0 else train_names[::-1])
-            line = []
-            for name in order:
-                label = f"round {r + 1}/{args.rounds} {name}"
-                t0 = time.perf_counter()
-                if name.startswith("forward"):
-                    rec = fwd.run(int(name.split("=")[1]) if "=" in name else None, args.forward_seconds)
-                    rec["threads"] = int(name.split("=")[1]) if "=" in name else torch.get_num_threads()
-                elif name.startswith("gen"):
-                    rec = run_gen(args, weights, int(name.split("=")[1]), label)
-                else:
-                    rec = run_train(args, name, store, label)
-                rec.update(round=r, loadavg=loadavg())
-                runs[name].append(rec)
-                line.append(f"{name} {rec['views_per_s']:.1f}")
-                print(f"  {label}: {rec['views_per_s']:.1f} views/s ({time.perf_counter() - t0:.0f} s)", flush=True)
-            print(f"round {r + 1}/{args.rounds}: " + ", ".join(line) + " views/s", flush=True)
-        res["runs"] = runs
-        if len(args.gen_list) > 1 and "gen" in args.part_list:
-            res["stores_identical"] = same_stores([args.work / f"gen_w{w}.zarr" for w in args.gen_list])
-        if store.exists():
-            res["store_bytes"] = du(store)
+        weights = set_up(args, res)
+        runs, gen_names, train_names = measure(args, weights, res)
     finally:
         if tmp is not None:
             tmp.cleanup()
-
-    # ---- summary
-    vps = {n: [r["views_per_s"] for r in runs[n]] for n in runs}
-    summ: dict = {}
-    print(f"\nmedian over {args.rounds} round(s) [min, max]; views/s: the command's own figure (gen: its summary, set-up "
-          "included; train: metrics.jsonl views / seconds);\nloop v/s: views / the loop's wall time (load.wall_s); "
-          "main busy: 1 - the share of the loop the main process waited for data (it runs the model: the device "
-          "proxy);\nworker busy: each DataLoader worker's busy seconds / loop wall; thr: torch threads of the "
-          "process running the model")
-    if gen_names:
-        print(f"\ngen-logits ({args.images} images x {args.epochs} epoch(s), K={args.k}):")
-        fwd_name = {w: (f"forward t={thr_of[w]}" if args.device == "cpu" else "forward") for w in args.gen_list}
-        w0 = min(args.gen_list)
-
-        def gen_extra(name, s):
-            if not name.startswith("gen"):
-                return ""
-            w = int(name.split("=")[1])
-            s["vs_forward"] = ratio_stats(vps[name], vps[fwd_name[w]])
-            txt = f"/ {fwd_name[w]} {fmt_ratio(s['vs_forward'])}"
-            if w != w0:
-                s["vs_w0"] = ratio_stats(vps[name], vps[f"gen w={w0}"])
-                txt += f"; / gen w={w0} {fmt_ratio(s['vs_w0'])}"
-            return txt
-
-        summ["gen"] = table(gen_names, runs, gen_extra)
-        if "stores_identical" in res:
-            print(f"stores written with workers {args.gen_list}: "
-                  f"{'identical' if res['stores_identical'] else 'DIFFERENT'} (top-K log-probs, class ids, seeds)")
-    if train_names:
-        print(f"\ntrain-student ({args.student}, {args.train_workers} workers, {args.epochs} epoch(s) per run):")
-
-        def train_extra(name, s):
-            if name != "offline":
-                return ""
-            s["vs_no_kd"] = ratio_stats(vps["offline"], vps["no-kd"])
-            return f"offline / no-KD {fmt_ratio(s['vs_no_kd'])} (target >= 0.97)"
-
-        summ["train"] = table(train_names, runs, train_extra)
-    if "store_bytes" in res:
-        print(f"\nstore: {res['store_bytes'] / 2**20:.1f} MiB on disk, "
-              f"{res['store_bytes'] / (args.images * args.epochs):.1f} bytes per view")
-    finish(res, env, t_start, args.out, summ)
+    finish(res, env, t_start, args.out, summarise(args, runs, res, gen_names, train_names))
     return 0
 
 

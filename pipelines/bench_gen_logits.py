@@ -7,12 +7,12 @@ over rounds with [min, max].
 
   forward   The teacher alone. The views are rendered once beforehand, exactly as gen-logits
             cuts them (``ViewStream(Views(...), gen_plan(...).items)``: same spec, seed, epochs, batch size),
-            and held in memory as collated batches. Timed: for each batch, host-to-device copy
-            (a no-op on the CPU), ``prepare(...)`` (the teacher's resize + normalise), the
-            teacher under ``torch.inference_mode`` (and autocast when ``--amp`` is set),
-            ``log_softmax(...).topk(K)`` and ``.cpu().numpy()``. Same teacher object as
-            gen-logits loads (``load_teacher`` with the same weights file), same device set-up
-            (channels_last on CUDA).
+            and held in memory as collated batches. Timed: for each batch, the project's own
+            ``Teacher.topk(batch, K)`` (host-to-device copy, the teacher's resize + normalise,
+            the model under ``torch.inference_mode`` and autocast when ``--amp`` is set,
+            ``log_softmax(...).topk(K)``) and ``.cpu().numpy()`` of its outputs
+            (``benchlib.forward_ceiling``). Same teacher as gen-logits loads
+            (``load_teacher(...).place(device, amp)`` with the same weights file: channels_last on CUDA).
   gen w=N   ``tinydistill.generate.gen_logits(GenConfig(...))`` on the same data, teacher and
             spec, with ``workers=N`` DataLoader workers, into a fresh store in a temporary
             directory: views rendered by the workers (or inline for N=0), top-K, shard buffers,
@@ -68,31 +68,21 @@ nothing is downloaded. No timing is asserted.
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import os
-import platform
-import resource
 import sys
-import tempfile
-from benchlib import (loadavg as _loadavg, make_jpeg_folder, med, ratio_stats, save_random_model,  # noqa: E402
-                      write_json as _write)
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from tinydistill.augment import AugSpec
-from tinydistill.generate import GenConfig, gen_logits
+from benchlib import (apply_preset, begin, bench_parser, cpu_seconds, finish, fmt_ratio,
+                      forward_ceiling, gen_config, in_process_options, med, placed_teacher, ratio_stats,
+                      run_rounds, save_random_model, StepClock, workspace)
+from tinydistill.generate import gen_logits
 from tinydistill.sources import open_source
-from tinydistill.teachers import load_teacher
 from tinydistill.stream import ViewStream, gen_plan
-from tinydistill.views import Views, prepare
-
-TINYVIT = dict(auto_augment="rand-m9-mstd0.5-inc1", color_jitter=0.4, interpolation="bicubic",
-               re_prob=0.25, re_mode="pixel", mixup=0.8, cutmix=1.0, switch_prob=0.5)
-LIGHT = dict(color_jitter=0.4, interpolation="bicubic")  # RandomResizedCrop + flip + jitter only
+from tinydistill.views import Views
 
 PRESETS = {
     "cpu": dict(teacher="resnet18", num_classes=1000, input_size=96, data="digits", images=0, img_size=32,
@@ -104,42 +94,28 @@ PRESETS = {
 }
 
 
-# ---- data and teacher ----------------------------------------------------------------------------
-
-# ---- timing helpers ------------------------------------------------------------------------------
-
-def cpu_seconds() -> float:
-    """CPU time of this process (all threads) plus its reaped children (DataLoader workers)."""
-    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
-
-
-class StepClock:
-    """``on_step`` callback for gen_logits: records the time of the first and last teacher batch,
-    the views after the first, and the torch thread count the teacher ran with."""
-
-    def __init__(self):
-        self.n = self.n_first = 0
-        self.t_first = self.t_last = None
-        self.threads = None
-
-    def __call__(self, info: dict) -> None:
-        now = time.perf_counter()
-        if self.t_first is None:
-            self.t_first, self.n_first = now, info["views"]
-            self.threads = torch.get_num_threads()  # what the teacher ran with
-        self.t_last = now
-        self.n += info["views"]
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def parse_args(argv=None):
+    ap = bench_parser(__doc__, PRESETS)
+    ap.add_argument("--teacher", help="timm model name (random init, no download)")
+    ap.add_argument("--num-classes", type=int, help="teacher head size")
+    ap.add_argument("--input-size", type=int, help="teacher input size (prepare() resizes views to it)")
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--epochs", type=int, help="epochs of views per measurement")
+    ap.add_argument("--shard-rows", type=int, help="chunk_rows = shard_rows of the store (work items are cut by gen_plan)")
+    ap.add_argument("--workers", help="comma-separated DataLoader worker counts for gen-logits")
+    in_process_options(ap)
+    args = ap.parse_args(argv)
+    apply_preset(args, PRESETS[args.preset])
+    if args.workers is None:  # gpu preset: scale with the machine
+        cores = os.cpu_count() or 1
+        args.workers = ",".join(str(w) for w in sorted({0, min(4, cores), min(8, cores), max(cores - 1, 1)}))
+    args.worker_counts = [int(w) for w in str(args.workers).split(",") if w.strip() != ""]
+    return args
 
 
 # ---- the two measurements ------------------------------------------------------------------------
 
-def render_batches(source, spec: AugSpec, args, pin: bool) -> tuple[list[torch.Tensor], dict]:
+def render_batches(source, spec, args, pin: bool) -> tuple[list[torch.Tensor], dict]:
     """The views gen-logits will see, cut into the same batches, rendered once in this process
     with one torch thread (as a DataLoader worker runs). Returns the image batches and timing."""
     n, shard = len(source), args.shard_rows
@@ -151,7 +127,7 @@ def render_batches(source, spec: AugSpec, args, pin: bool) -> tuple[list[torch.T
     torch.set_num_threads(1)
     gc.collect()
     c0, t0 = cpu_seconds(), time.perf_counter()
-    batches = [b["image"] for b in stream]
+    batches = [b.image for b in stream]
     wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     torch.set_num_threads(threads)
     if pin:
@@ -161,64 +137,15 @@ def render_batches(source, spec: AugSpec, args, pin: bool) -> tuple[list[torch.T
                      "cpu_s_per_view": cpu / views}
 
 
-class Forward:
-    """The teacher's forward-only pass over in-memory batches, as gen_logits runs it per batch."""
-
-    def __init__(self, args, weights: str, source, device: torch.device):
-        self.teacher = load_teacher(args.teacher, weights, class_names=source.class_names)
-        if args.input_size:
-            self.teacher.input_size = int(args.input_size)
-        self.device, self.k = device, args.k
-        self.model = self.teacher.model.to(device)
-        if device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
-        self.amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
-
-    def __call__(self, batches) -> int:
-        t, dev, n = self.teacher, self.device, 0
-        with torch.inference_mode():
-            for images in batches:
-                x = images.to(dev, non_blocking=True)
-                x = prepare(x, t.input_size, t.mean, t.std, t.interpolation)
-                if dev.type == "cuda":
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(dev.type, dtype=self.amp, enabled=self.amp is not None):
-                    logits = self.model(x)
-                logp, idx = torch.log_softmax(logits.float(), dim=-1).topk(self.k, dim=-1)
-                logp, idx = logp.cpu().numpy(), idx.cpu().numpy()
-                n += len(logp)
-        return n
-
-
-def run_forward(fwd: Forward, batches, threads: int | None = None) -> dict:
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    gc.collect()
-    sync(fwd.device)
-    c0, t0 = cpu_seconds(), time.perf_counter()
-    try:
-        views = fwd(batches)
-        sync(fwd.device)
-    finally:
-        wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
-        torch.set_num_threads(before)
-    return {"views": views, "wall_s": wall, "cpu_s": cpu, "views_per_s": views / wall}
-
-
-def gen_config(args, data: str, weights: str, out: str, workers: int, spec: AugSpec) -> GenConfig:
-    return GenConfig(data=data, teacher=args.teacher, out=out, k=args.k, epochs=(0, args.epochs),
-                     teacher_weights=weights, teacher_input_size=args.input_size, seed=args.seed,
-                     batch_size=args.batch_size, workers=workers, device=args.device, amp=args.amp,
-                     spec=spec, overwrite=True, chunk_rows=args.shard_rows, shard_rows=args.shard_rows,
-                     progress=False)
-
-
-def run_gen(args, data: str, weights: str, tmp: Path, workers: int, spec: AugSpec, tag: str) -> dict:
+def run_gen(args, data: str, weights: str, tmp: Path, workers: int, spec, tag: str) -> dict:
     """One gen_logits() call into a fresh store. gen_logits may change this process's torch
     thread count (on the CPU it leaves cores to the workers); it is restored afterwards."""
+    import shutil
+
     out = tmp / f"store_{tag}_w{workers}.zarr"
-    cfg = gen_config(args, data, weights, str(out), workers, spec)
+    cfg = gen_config(data, args.teacher, weights, str(out), spec, args.shard_rows, k=args.k, epochs=(0, args.epochs),
+                     teacher_input_size=args.input_size, seed=args.seed, batch_size=args.batch_size,
+                     workers=workers, device=args.device, amp=args.amp)
     clock = StepClock()
     before = torch.get_num_threads()
     gc.collect()
@@ -239,17 +166,66 @@ def run_gen(args, data: str, weights: str, tmp: Path, workers: int, spec: AugSpe
         rec["main_busy"], rec["worker_busy"] = load.get("main_busy_share"), load.get("worker_busy_share")
         rec["item_rows"], rec["items"] = summary.get("item_rows"), summary.get("items")
     rec["threads"] = clock.threads
-    if clock.t_first is not None:
-        if clock.t_last > clock.t_first:
-            rec["steady_views_per_s"] = (clock.n - clock.n_first) / (clock.t_last - clock.t_first)
-    _rmtree(out)
+    if clock.steady_views_per_s() is not None:
+        rec["steady_views_per_s"] = clock.steady_views_per_s()
+    shutil.rmtree(out, ignore_errors=True)
     return rec
 
 
-def _rmtree(path: Path) -> None:
-    import shutil
+# ---- stages --------------------------------------------------------------------------------------
 
-    shutil.rmtree(path, ignore_errors=True)
+def set_up(args, data: str, spec, tmp: Path, res: dict):
+    """The random teacher (saved, then placed as gen-logits places it) and the rendered batches."""
+    source = open_source(data)
+    weights = tmp / "teacher.pth"
+    t0 = time.perf_counter()
+    save_random_model(args.teacher, args.num_classes, weights)
+    secs = time.perf_counter() - t0
+    print(f"teacher: {args.teacher} random init, {args.num_classes} classes, "
+          f"{weights.stat().st_size / 2**20:.0f} MiB state_dict (built + saved in {secs:.1f} s)")
+    device = torch.device(args.device)
+    teacher = placed_teacher(args.teacher, str(weights), device, args.amp, args.input_size,
+                             class_names=source.class_names)
+    nparams = sum(p.numel() for p in teacher.model.parameters())
+    print(f"         {nparams / 1e6:.1f} M params, input {teacher.input_size} px ({teacher.interpolation}), "
+          f"device {device}, amp {args.amp}")
+    batches, render = render_batches(source, spec, args, pin=device.type == "cuda")
+    res["render"] = render
+    print(f"views: {source.name} ({len(source)} images) x {args.epochs} epoch(s) = {render['views']} views "
+          f"rendered at {args.img_size} px ({args.recipe} recipe), {len(batches)} batches of <= "
+          f"{args.batch_size}, shards of {args.shard_rows} rows\n"
+          f"       rendering alone, 1 process, 1 torch thread: {render['views_per_s']:.0f} views/s "
+          f"({render['cpu_s_per_view'] * 1e3:.2f} ms CPU per view)")
+    return teacher, str(weights), batches
+
+
+def warm_up(args, teacher, batches, data: str, weights: str, tmp: Path, spec, res: dict) -> dict:
+    """The teacher on a few batches, and small gen-logits runs (imports, zarr, caches, worker
+    start-up), which also tell the thread count gen-logits gives the teacher per worker count."""
+    forward_ceiling(teacher, batches[:2], args.k)
+    warm_data = "digits:val" if data.startswith("digits") else data
+    warm_args = argparse.Namespace(**{**vars(args), "epochs": 1})
+    warm_counts = args.worker_counts if args.device == "cpu" else [max(args.worker_counts + [0])]
+    gen_threads = {}
+    t0 = time.perf_counter()
+    for w in warm_counts:
+        gen_threads[w] = run_gen(warm_args, warm_data, weights, tmp, w, spec, "warmup").get("threads")
+    print(f"warm-up gen-logits on {warm_data}, workers {warm_counts}: {time.perf_counter() - t0:.1f} s; "
+          f"teacher threads in gen-logits per worker count: {gen_threads} (this process: {torch.get_num_threads()})\n")
+    res["gen_threads_warmup"] = gen_threads
+    return gen_threads
+
+
+def variants(args, teacher, batches, gen_threads: dict, data: str, weights: str, tmp: Path, spec) -> dict:
+    """name -> one measurement: forward-only at this process's threads (and, on the CPU, at each
+    thread count gen-logits gave the teacher), then gen-logits per worker count."""
+    out = {"forward": lambda r, i: forward_ceiling(teacher, batches, args.k)}
+    if args.device == "cpu":
+        for t_w in sorted({t for t in gen_threads.values() if t} - {torch.get_num_threads()}):
+            out[f"forward t={t_w}"] = lambda r, i, t_w=t_w: forward_ceiling(teacher, batches, args.k, threads=t_w)
+    for w in args.worker_counts:
+        out[f"gen w={w}"] = lambda r, i, w=w: run_gen(args, data, weights, tmp, w, spec, "run")
+    return out
 
 
 # ---- reporting -----------------------------------------------------------------------------------
@@ -258,164 +234,52 @@ def fmt(x, spec=".0f", width=7):
     return f"{x:{width}{spec}}" if x is not None else f"{'-':>{width}s}"
 
 
-def fmt_ratio(s):
-    return f"{s['median']:.3f} [{s['min']:.2f}, {s['max']:.2f}]" if s else "-"
-
-
-# ---- main ----------------------------------------------------------------------------------------
-
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="defaults for the options below (default cpu)")
-    ap.add_argument("--teacher", help="timm model name (random init, no download)")
-    ap.add_argument("--num-classes", type=int, help="teacher head size")
-    ap.add_argument("--input-size", type=int, help="teacher input size (prepare() resizes views to it)")
-    ap.add_argument("--data", help="digits[:train|:val], synthetic-jpeg (generated in a temp dir), or any SRC")
-    ap.add_argument("--images", type=int, help="how many JPEGs for --data synthetic-jpeg")
-    ap.add_argument("--img-size", type=int, help="size views are rendered at (AugSpec.img_size)")
-    ap.add_argument("--recipe", choices=["tinyvit", "light"], default="tinyvit",
-                    help="augmentation: TinyViT's (RandAugment, erasing, mixup/cutmix) or light (crop, flip, jitter)")
-    ap.add_argument("--batch-size", type=int)
-    ap.add_argument("--epochs", type=int, help="epochs of views per measurement")
-    ap.add_argument("--shard-rows", type=int, help="chunk_rows = shard_rows of the store (work items are cut by gen_plan)")
-    ap.add_argument("--mix-group", type=int)
-    ap.add_argument("--k", type=int, default=10)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--workers", help="comma-separated DataLoader worker counts for gen-logits")
-    ap.add_argument("--device", choices=["cpu", "cuda"])
-    ap.add_argument("--amp", choices=["none", "bf16", "fp16"])
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads in this process (default: torch's)")
-    ap.add_argument("--rounds", type=int)
-    ap.add_argument("--out", help="also write the figures and raw rounds to this JSON file")
-    args = ap.parse_args(argv)
-    for k, v in PRESETS[args.preset].items():
-        if getattr(args, k, None) is None:
-            setattr(args, k, v)
-    if args.workers is None:  # gpu preset: scale with the machine
-        cores = os.cpu_count() or 1
-        args.workers = ",".join(str(w) for w in sorted({0, min(4, cores), min(8, cores), max(cores - 1, 1)}))
-    args.worker_counts = [int(w) for w in str(args.workers).split(",") if w.strip() != ""]
-    return args
-
-
-def environment(args) -> dict:
-    import timm
-    import PIL
-    import zarr
-
-    env = {"date": datetime.date.today().isoformat(), "python": platform.python_version(),
-           "torch": torch.__version__, "timm": timm.__version__, "pillow": PIL.__version__,
-           "zarr": zarr.__version__, "numpy": np.__version__, "cpus": os.cpu_count(),
-           "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
-           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
-           "loadavg_at_start": _loadavg()}
-    if torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name(0)
-    return env
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    config = {k: v for k, v in vars(args).items() if k not in ("out",)}
-    env = environment(args)
-    print(f"bench_gen_logits: {env}")
-    print(f"config: {config}\n")
-    res: dict = {"env": env, "config": config}
-
-    if args.device == "cuda" and not torch.cuda.is_available():
-        msg = (f"skipped: --device cuda (preset {args.preset}, teacher {args.teacher}) asked for, but "
-               "torch.cuda.is_available() is False on this machine; nothing was measured")
-        print(msg)
-        res["skipped"] = msg
-        _write(args.out, res)
-        return 0
-    device = torch.device(args.device)
-    recipe = TINYVIT if args.recipe == "tinyvit" else LIGHT
-    spec = AugSpec(img_size=args.img_size, mix_group=args.mix_group, **recipe)
-    t_start = time.perf_counter()
-
-    with tempfile.TemporaryDirectory(prefix="bench_gen_logits_") as tmpdir:
-        tmp = Path(tmpdir)
-        data = args.data
-        if data == "synthetic-jpeg":
-            t0 = time.perf_counter()
-            make_jpeg_folder(tmp / "jpeg", args.images)
-            data = str(tmp / "jpeg")
-            print(f"data: {args.images} synthetic 320x256 JPEGs in {time.perf_counter() - t0:.1f} s")
-        source = open_source(data)
-        weights = tmp / "teacher.pth"
-        t0 = time.perf_counter()
-        save_random_model(args.teacher, args.num_classes, weights)
-        secs = time.perf_counter() - t0
-        print(f"teacher: {args.teacher} random init, {args.num_classes} classes, "
-              f"{weights.stat().st_size / 2**20:.0f} MiB state_dict (built + saved in {secs:.1f} s)")
-
-        fwd = Forward(args, str(weights), source, device)
-        t = fwd.teacher
-        nparams = sum(p.numel() for p in fwd.model.parameters())
-        print(f"         {nparams / 1e6:.1f} M params, input {t.input_size} px ({t.interpolation}), "
-              f"device {device}, amp {args.amp}")
-        batches, render = render_batches(source, spec, args, pin=device.type == "cuda")
-        res["render"] = render
-        print(f"views: {source.name} ({len(source)} images) x {args.epochs} epoch(s) = {render['views']} views "
-              f"rendered at {args.img_size} px ({args.recipe} recipe), {len(batches)} batches of <= "
-              f"{args.batch_size}, shards of {args.shard_rows} rows\n"
-              f"       rendering alone, 1 process, 1 torch thread: {render['views_per_s']:.0f} views/s "
-              f"({render['cpu_s_per_view'] * 1e3:.2f} ms CPU per view)")
-
-        # warm-up: the teacher on a few batches, and small gen-logits runs (imports, zarr, caches,
-        # worker start-up), which also tell the thread count gen-logits gives the teacher per worker count
-        fwd(batches[:2])
-        warm_data = "digits:val" if data.startswith("digits") else data
-        warm_args = argparse.Namespace(**{**vars(args), "epochs": 1})
-        warm_counts = args.worker_counts if device.type == "cpu" else [max(args.worker_counts + [0])]
-        gen_threads = {}
-        t0 = time.perf_counter()
-        for w in warm_counts:
-            gen_threads[w] = run_gen(warm_args, warm_data, str(weights), tmp, w, spec, "warmup").get("threads")
-        print(f"warm-up gen-logits on {warm_data}, workers {warm_counts}: {time.perf_counter() - t0:.1f} s; "
-              f"teacher threads in gen-logits per worker count: {gen_threads} (this process: {torch.get_num_threads()})\n")
-        res["gen_threads_warmup"] = gen_threads
-
-        variants = {"forward": lambda: run_forward(fwd, batches)}
-        if device.type == "cpu":
-            for t_w in sorted({t for t in gen_threads.values() if t} - {torch.get_num_threads()}):
-                variants[f"forward t={t_w}"] = lambda t_w=t_w: run_forward(fwd, batches, threads=t_w)
-        for w in args.worker_counts:
-            variants[f"gen w={w}"] = (lambda w=w: run_gen(args, data, str(weights), tmp, w, spec, "run"))
-        names = list(variants)
-        rounds: dict[str, list[dict]] = {k: [] for k in names}
-        for r in range(args.rounds):
-            order = names if r % 2 == 0 else names[::-1]
-            line = []
-            for name in order:
-                rec = variants[name]()
-                rounds[name].append(rec)
-                line.append(f"{name} {rec['views_per_s']:.0f}")
-            print(f"round {r + 1}/{args.rounds}: " + ", ".join(line) + " views/s")
-        res["rounds"] = rounds
-
-    # ---- summary
-    fw = rounds["forward"]
-    fw_vps = [x["views_per_s"] for x in fw]
-    fw_cpu = med([x["cpu_s"] / x["views"] for x in fw])
+def cpu_budget(args, fw_vps: list, fw_cpu: float, render: dict) -> dict:
+    """On the CPU: the ceiling of the ratio if teacher and rendering shared all cores (or only
+    those the forward-only pass kept busy) perfectly."""
     cores = os.cpu_count() or 1
     ceiling = ceiling_used = used = None
-    if device.type == "cpu":
+    if args.device == "cpu":
         r_cpu = render["cpu_s_per_view"]
         ceiling = min(1.0, cores / (med(fw_vps) * (fw_cpu + r_cpu)))
         used = med(fw_vps) * fw_cpu  # cores the forward-only pass actually kept busy
         ceiling_used = min(1.0, used / (med(fw_vps) * (fw_cpu + r_cpu)))
-    res["summary"] = {"forward_views_per_s": med(fw_vps), "forward_cpu_s_per_view": fw_cpu,
-                      "render_cpu_s_per_view": render["cpu_s_per_view"], "cpu_budget_ceiling": ceiling,
-                      "forward_cores_used": used, "cpu_budget_ceiling_forward_cores": ceiling_used,
-                      "main_threads": torch.get_num_threads()}
+    return {"forward_views_per_s": med(fw_vps), "forward_cpu_s_per_view": fw_cpu,
+            "render_cpu_s_per_view": render["cpu_s_per_view"], "cpu_budget_ceiling": ceiling,
+            "forward_cores_used": used, "cpu_budget_ceiling_forward_cores": ceiling_used,
+            "main_threads": torch.get_num_threads()}
+
+
+def variant_row(name: str, rs: list[dict], main_threads: int, fw_vps: list, fw_by_threads: dict, fw_best: list) -> dict:
+    e2e = [x["views_per_s"] for x in rs]
+    loop = [x.get("loop_views_per_s") for x in rs]
+    steady = [x.get("steady_views_per_s") for x in rs]
+    if name.startswith("forward"):
+        thr = int(name.split("=")[1]) if "=" in name else main_threads
+    else:
+        thr = med([x.get("threads") for x in rs])
+        thr = int(thr) if thr is not None else None
+    s = {"threads": thr, "e2e_views_per_s": med(e2e), "loop_views_per_s": med(loop),
+         "steady_views_per_s": med(steady), "setup_s": med([x.get("setup_s") for x in rs]),
+         "cpu_s_per_view": med([x["cpu_s"] / x["views"] for x in rs])}
+    if name != "forward":
+        s.update({"e2e/forward": ratio_stats(e2e, fw_vps), "loop/forward": ratio_stats(loop, fw_vps),
+                  "steady/forward": ratio_stats(steady, fw_vps)})
+    if name.startswith("gen") and thr in fw_by_threads:
+        s["e2e/forward_same_threads"] = ratio_stats(e2e, fw_by_threads[thr])
+    if name.startswith("gen"):
+        s["e2e/best_forward"] = ratio_stats(e2e, fw_best)
+        s["loop/best_forward"] = ratio_stats(loop, fw_best)
+    return s
+
+
+def summarise(args, rounds: dict, render: dict) -> dict:
+    fw_vps = [x["views_per_s"] for x in rounds["forward"]]
+    fw_cpu = med([x["cpu_s"] / x["views"] for x in rounds["forward"]])
+    summ = cpu_budget(args, fw_vps, fw_cpu, render)
     main_threads = torch.get_num_threads()
     fw_by_threads = {main_threads: fw_vps}
-    for name in names:
+    for name in rounds:
         if name.startswith("forward t="):
             fw_by_threads[int(name.split("=")[1])] = [x["views_per_s"] for x in rounds[name]]
     fw_best = [max(v[r] for v in fw_by_threads.values()) for r in range(len(fw_vps))]
@@ -425,42 +289,36 @@ def main(argv=None) -> int:
           "pass of the round, whatever its thread count")
     print(f"{'variant':11s} {'thr':>3s} {'e2e/s':>6s} {'loop/s':>6s} {'stdy/s':>6s} {'setup':>5s} {'cpu ms/v':>8s}  "
           f"{'e2e / forward':>20s}  {'loop / forward':>20s}  {'e2e / fwd same thr':>20s}  {'e2e / best fwd':>20s}")
-    for name in names:
-        rs = rounds[name]
-        e2e = [x["views_per_s"] for x in rs]
-        loop = [x.get("loop_views_per_s") for x in rs]
-        steady = [x.get("steady_views_per_s") for x in rs]
-        if name.startswith("forward"):
-            thr = int(name.split("=")[1]) if "=" in name else main_threads
-        else:
-            thr = med([x.get("threads") for x in rs])
-            thr = int(thr) if thr is not None else None
-        s = {"threads": thr, "e2e_views_per_s": med(e2e), "loop_views_per_s": med(loop),
-             "steady_views_per_s": med(steady), "setup_s": med([x.get("setup_s") for x in rs]),
-             "cpu_s_per_view": med([x["cpu_s"] / x["views"] for x in rs])}
-        if name != "forward":
-            s.update({"e2e/forward": ratio_stats(e2e, fw_vps), "loop/forward": ratio_stats(loop, fw_vps),
-                      "steady/forward": ratio_stats(steady, fw_vps)})
-        if name.startswith("gen") and thr in fw_by_threads:
-            s["e2e/forward_same_threads"] = ratio_stats(e2e, fw_by_threads[thr])
-        if name.startswith("gen"):
-            s["e2e/best_forward"] = ratio_stats(e2e, fw_best)
-            s["loop/best_forward"] = ratio_stats(loop, fw_best)
-        res["summary"][name] = s
-        print(f"{name:11s} {fmt(thr, 'd', 3)} {fmt(s['e2e_views_per_s'], width=6)} {fmt(s['loop_views_per_s'], width=6)} "
-              f"{fmt(s['steady_views_per_s'], width=6)} {fmt(s['setup_s'], '.1f', 5)} {fmt(s['cpu_s_per_view'] * 1e3, '.2f', 8)}  "
-              f"{fmt_ratio(s.get('e2e/forward')):>20s}  {fmt_ratio(s.get('loop/forward')):>20s}  "
-              f"{fmt_ratio(s.get('e2e/forward_same_threads')):>20s}  {fmt_ratio(s.get('e2e/best_forward')):>20s}")
-    if ceiling is not None:
-        print(f"\nCPU budget: forward {fw_cpu * 1e3:.2f} ms CPU/view at {med(fw_vps):.0f} views/s (= {used:.2f} cores "
-              f"busy), rendering {render['cpu_s_per_view'] * 1e3:.2f} ms CPU/view. Ceiling of the ratio if teacher and "
-              f"rendering shared the CPU perfectly: {ceiling:.3f} with all {cores} cores, {ceiling_used:.3f} with only "
-              f"the {used:.2f} cores the forward-only pass got")
-    res["elapsed_s"] = time.perf_counter() - t_start
-    res["loadavg_at_end"] = _loadavg()
-    print(f"load average (1 min) at start {env['loadavg_at_start']}, at end {res['loadavg_at_end']}")
-    print(f"total {res['elapsed_s']:.0f} s")
-    _write(args.out, res)
+    for name, rs in rounds.items():
+        summ[name] = s = variant_row(name, rs, main_threads, fw_vps, fw_by_threads, fw_best)
+        print(f"{name:11s} {fmt(s['threads'], 'd', 3)} {fmt(s['e2e_views_per_s'], width=6)} "
+              f"{fmt(s['loop_views_per_s'], width=6)} {fmt(s['steady_views_per_s'], width=6)} "
+              f"{fmt(s['setup_s'], '.1f', 5)} {fmt(s['cpu_s_per_view'] * 1e3, '.2f', 8)}  "
+              f"{fmt_ratio(s.get('e2e/forward'), 3, 2):>20s}  {fmt_ratio(s.get('loop/forward'), 3, 2):>20s}  "
+              f"{fmt_ratio(s.get('e2e/forward_same_threads'), 3, 2):>20s}  "
+              f"{fmt_ratio(s.get('e2e/best_forward'), 3, 2):>20s}")
+    if summ["cpu_budget_ceiling"] is not None:
+        print(f"\nCPU budget: forward {fw_cpu * 1e3:.2f} ms CPU/view at {med(fw_vps):.0f} views/s (= "
+              f"{summ['forward_cores_used']:.2f} cores busy), rendering {render['cpu_s_per_view'] * 1e3:.2f} ms "
+              f"CPU/view. Ceiling of the ratio if teacher and rendering shared the CPU perfectly: "
+              f"{summ['cpu_budget_ceiling']:.3f} with all {os.cpu_count() or 1} cores, "
+              f"{summ['cpu_budget_ceiling_forward_cores']:.3f} with only the {summ['forward_cores_used']:.2f} "
+              "cores the forward-only pass got")
+    return summ
+
+
+# ---- main ----------------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    env, res, spec, t_start = begin("bench_gen_logits", args,
+                                    f"--device cuda (preset {args.preset}, teacher {args.teacher})")
+    with workspace("bench_gen_logits_", args) as (tmp, data):
+        teacher, weights, batches = set_up(args, data, spec, tmp, res)
+        gen_threads = warm_up(args, teacher, batches, data, weights, tmp, spec, res)
+        res["rounds"] = rounds = run_rounds(variants(args, teacher, batches, gen_threads, data, weights, tmp, spec),
+                                            args.rounds)
+    finish(res, env, t_start, args.out, summarise(args, rounds, res["render"]), minutes=False)
     return 0
 
 

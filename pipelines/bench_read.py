@@ -51,7 +51,6 @@ def epoch(src, batch: int, seed: int = 0) -> dict:
     as a DataLoader worker reads them)."""
     order = np.random.default_rng(seed).permutation(len(src))
     t = time.perf_counter()
-    nbytes = 0
     for lo in range(0, len(order), batch):
         for _, img in src.read(np.sort(order[lo:lo + batch]).tolist()):
             img.convert("RGB")
@@ -109,6 +108,61 @@ def targets(n: int, batch: int, workers: int) -> dict:
     return {"stored_bytes": stored, "main_process": main / stored, f"{workers}_workers_each": in_workers / stored}
 
 
+def webdataset_local(spec: str, data: int, f: dict, a) -> tuple[dict, float, float]:
+    """The shards on the local disk: amplification, requests, speed; and the first (indexing) and cached open times."""
+    from tinydistill.sources import open_source
+
+    t = time.perf_counter()
+    wsrc = open_source(spec)
+    first_open = time.perf_counter() - t
+    t = time.perf_counter()
+    again = open_source(spec)
+    cached_open = time.perf_counter() - t
+    w = epoch(wsrc, a.batch)
+    return ({"bytes_read_over_data": wsrc.io["bytes"] / wsrc.data_bytes,
+             "bytes_read_over_image_bytes": wsrc.io["bytes"] / data,
+             "requests_per_epoch_per_worker": wsrc.io["requests"] / a.workers,
+             "images_per_s": w["images_per_s"], "relative_speed": w["images_per_s"] / f["images_per_s"],
+             "open_s_first": first_open, "open_s_cached": cached_open, "index_sources": again.index_stats},
+            first_open, cached_open)
+
+
+def webdataset_s3(spec: str, f: dict, a) -> dict:
+    """The same shards on an S3 API server on loopback (moto, through s3fs)."""
+    from s3server import S3Server
+
+    from tinydistill.sources import open_source
+
+    server = S3Server()
+    try:
+        os.environ.update(server.env())
+        server.make_bucket("bench")
+        import s3fs
+
+        fs = s3fs.S3FileSystem(skip_instance_cache=True)
+        for p in sorted(Path(spec).parent.glob("part-*.tar")):
+            fs.put_file(str(p), f"bench/shards/{p.name}")
+        ssrc = open_source(f"s3://bench/shards/{Path(spec).name}")
+        s = epoch(ssrc, a.batch)
+        return {"bytes_read_over_data": ssrc.io["bytes"] / ssrc.data_bytes,
+                "requests_per_epoch_per_worker": ssrc.io["requests"] / a.workers,
+                "images_per_s": s["images_per_s"], "relative_speed": s["images_per_s"] / f["images_per_s"]}
+    finally:
+        server.stop()
+
+
+def report(res: dict, first_open: float, cached_open: float) -> None:
+    for name in ("imagefolder", "webdataset_local", "webdataset_s3"):
+        r = res[name]
+        print(f"{name:18s} bytes read/data {r['bytes_read_over_data']:.3f}  requests/epoch/worker "
+              f"{r['requests_per_epoch_per_worker']:.0f}  images/s {r['images_per_s']:.0f}"
+              + (f"  relative to ImageFolder {r['relative_speed']:.3f}" if "relative_speed" in r else ""))
+    tr = res["targets"]
+    print(f"targets            fetched/stored per epoch: main process {tr['main_process']:.3f}, "
+          f"4 workers joining their own {tr['4_workers_each']:.3f}")
+    print(f"webdataset open: first (indexing) {first_open:.3f} s, cached {cached_open:.3f} s")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=8192)
@@ -124,63 +178,21 @@ def main():
     t_start = time.perf_counter()
     env = benchlib.environment(images=a.images, shards=a.shards, batch=a.batch, smoke=a.smoke)
     os.environ.setdefault("TINYDISTILL_CACHE", tempfile.mkdtemp(prefix="td_cache_"))
-    from tinydistill.sources import ImageFolderSource, open_source
+    from tinydistill.sources import ImageFolderSource
 
     root = Path(a.data)
     folder = root / f"photos{a.images}"
     benchlib.make_photo_folder(folder, a.images, classes=100)
     spec = pack_shards(folder, root / f"shards{a.images}x{a.shards}", a.shards)
     res = {"env": env}
-
     fsrc = ImageFolderSource(str(folder))
-    data = folder_bytes(fsrc)
     f = epoch(fsrc, a.batch)
     res["imagefolder"] = {"bytes_read_over_data": 1.0, "requests_per_epoch_per_worker": len(fsrc) / a.workers,
                           "images_per_s": f["images_per_s"]}  # each file read once, whole
-
-    t = time.perf_counter()
-    wsrc = open_source(spec)
-    first_open = time.perf_counter() - t
-    t = time.perf_counter()
-    again = open_source(spec)
-    cached_open = time.perf_counter() - t
-    w = epoch(wsrc, a.batch)
-    res["webdataset_local"] = {"bytes_read_over_data": wsrc.io["bytes"] / wsrc.data_bytes,
-                               "bytes_read_over_image_bytes": wsrc.io["bytes"] / data,
-                               "requests_per_epoch_per_worker": wsrc.io["requests"] / a.workers,
-                               "images_per_s": w["images_per_s"], "relative_speed": w["images_per_s"] / f["images_per_s"],
-                               "open_s_first": first_open, "open_s_cached": cached_open,
-                               "index_sources": again.index_stats}
-
-    from s3server import S3Server
-
-    server = S3Server()
-    try:
-        os.environ.update(server.env())
-        server.make_bucket("bench")
-        import s3fs
-
-        fs = s3fs.S3FileSystem(skip_instance_cache=True)
-        for p in sorted(Path(spec).parent.glob("part-*.tar")):
-            fs.put_file(str(p), f"bench/shards/{p.name}")
-        ssrc = open_source(f"s3://bench/shards/{Path(spec).name}")
-        s = epoch(ssrc, a.batch)
-        res["webdataset_s3"] = {"bytes_read_over_data": ssrc.io["bytes"] / ssrc.data_bytes,
-                                "requests_per_epoch_per_worker": ssrc.io["requests"] / a.workers,
-                                "images_per_s": s["images_per_s"], "relative_speed": s["images_per_s"] / f["images_per_s"]}
-    finally:
-        server.stop()
+    res["webdataset_local"], first_open, cached_open = webdataset_local(spec, folder_bytes(fsrc), f, a)
+    res["webdataset_s3"] = webdataset_s3(spec, f, a)
     res["targets"] = targets(max(a.images, 4096), a.batch, workers=4)
-
-    for name in ("imagefolder", "webdataset_local", "webdataset_s3"):
-        r = res[name]
-        print(f"{name:18s} bytes read/data {r['bytes_read_over_data']:.3f}  requests/epoch/worker "
-              f"{r['requests_per_epoch_per_worker']:.0f}  images/s {r['images_per_s']:.0f}"
-              + (f"  relative to ImageFolder {r['relative_speed']:.3f}" if "relative_speed" in r else ""))
-    tr = res["targets"]
-    print(f"targets            fetched/stored per epoch: main process {tr['main_process']:.3f}, "
-          f"4 workers joining their own {tr['4_workers_each']:.3f}")
-    print(f"webdataset open: first (indexing) {first_open:.3f} s, cached {cached_open:.3f} s")
+    report(res, first_open, cached_open)
     benchlib.finish(res, env, t_start, a.out, {k: res[k] for k in ("webdataset_local", "webdataset_s3", "targets")})
 
 

@@ -44,10 +44,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import make_photo_folder, write_json  # noqa: E402
+from benchlib import aug_spec, make_photo_folder, recipe, write_json  # noqa: E402
 
 DISPATCH_US = 12.0  # host time of one top-level aten op on a GPU (~10-13 us)
-RECIPE = dict(auto_augment="rand-m9-mstd0.5-inc1", mixup=0.8, cutmix=1.0, re_prob=0.25, renderer="torch")
 
 
 def load_impl(path: str | None):
@@ -195,7 +194,6 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(1)
     rt = load_impl(a.impl)
-    from tinydistill.augment import AugSpec
     from tinydistill.sources import open_source
     from tinydistill.views import Views
 
@@ -204,7 +202,7 @@ def main() -> None:
     sizes = [int(s) for s in a.sizes.split(",") if s]
     if sizes:
         make_photo_folder(root / "photo", max(sizes), classes=10, procs=1)
-        views = Views(open_source(str(root / "photo")), AugSpec(img_size=224, **RECIPE), 0)
+        views = Views(open_source(str(root / "photo")), aug_spec(recipe(img_size=224, renderer="torch")), 0)
         for n in sizes:
             r = measure(rt, views, n, a.repeat, timed=False)
             results["photo"].append(r)
@@ -212,7 +210,7 @@ def main() -> None:
     tiny = [int(s) for s in a.tiny.split(",") if s]
     if tiny:
         tiny_folder(root / "tiny", max(tiny))
-        views = Views(open_source(str(root / "tiny")), AugSpec(img_size=a.tiny_px, **RECIPE), 0)
+        views = Views(open_source(str(root / "tiny")), aug_spec(recipe(img_size=a.tiny_px, renderer="torch")), 0)
         for n in tiny:
             r = measure(rt, views, n, a.repeat, timed=True)
             results["tiny"].append(r)

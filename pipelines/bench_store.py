@@ -74,7 +74,8 @@ import torch
 
 import tinydistill as td
 from tinydistill.seeds import encode_seed
-from tinydistill.store import create_store, open_store
+from tinydistill import open_store
+from tinydistill.store import create_store
 from tinydistill.targets import dense_targets
 
 # (name, C, K, median tau): tau is tuned so that the mean top-1 probability lands where a strong
@@ -460,7 +461,7 @@ def report(cases: list[dict]) -> None:
                   f" {'[%.0f-%.0f]' % (r['ratio_min'], r['ratio_max']):>15}")
 
 
-def main() -> None:
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--views", type=int, default=65536, help="views per case (split over --epochs)")
     ap.add_argument("--epochs", type=int, default=2, help="store epochs (seed counter runs over them)")
@@ -483,13 +484,17 @@ def main() -> None:
     ap.add_argument("--encodings", action="store_true",
                     help="also compare alternative on-disk encodings of the clustered outputs")
     ap.add_argument("--out", help="write the figures to this JSON file")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     rows = args.views // args.epochs
     if rows < args.chunk_rows:
         ap.error(f"--views {args.views} gives {rows} rows per epoch, fewer than a chunk ({args.chunk_rows})")
-    torch.manual_seed(args.seed)
-    wanted = {int(x) for x in args.cases.split(",")}
+    return args
+
+
+def header(args) -> None:
     import zarr
+
+    rows = args.views // args.epochs
     print(f"bench_store: tinydistill {td.__version__}, zarr {zarr.__version__}, torch {torch.__version__}, "
           f"numpy {np.__version__}, {os.cpu_count()} CPUs, {args.views} views per case "
           f"({args.epochs} epochs x {rows} rows), chunk {args.chunk_rows} rows, shard "
@@ -497,7 +502,11 @@ def main() -> None:
     print(f"teacher simulation: A={A}, sigma={args.sigma}, tau " + ", ".join(f"{t:g} ({n})" for n, _, _, t in CASES)
           + f" with log-sd {TAU_SD}, {100 * P_SECOND:.0f}% of views with a second object, "
           f"{100 * args.displaced:.0f}% of classes displaced in the clustered layout, seed {args.seed}", flush=True)
-    t_start = time.perf_counter()
+
+
+def run_cases(args) -> list[dict]:
+    """Each case wanted: its stores written, then fidelity, reads and (--encodings) encodings."""
+    wanted = {int(x) for x in args.cases.split(",")}
     cases = []
     with tempfile.TemporaryDirectory(prefix="bench_store_") as tmp:
         for name, c, k, tau in CASES:
@@ -517,23 +526,38 @@ def main() -> None:
             del case["_ref"], case["_paths"]
             cases.append(case)
             gc.collect()
+    return cases
+
+
+def write_doc(args, cases: list[dict], elapsed: float) -> None:
+    import zarr
+
+    doc = {"date": datetime.date.today().isoformat(), "machine": {
+               "cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0]},
+           "versions": {"tinydistill": td.__version__, "zarr": zarr.__version__, "torch": torch.__version__,
+                        "numpy": np.__version__},
+           "args": vars(args),
+           "simulation": {"A": A, "sigma": args.sigma, "tau": {n: t for n, _, _, t in CASES},
+                          "tau_sd": TAU_SD, "p_second": P_SECOND, "displaced": args.displaced},
+           "cases": cases, "elapsed_s": elapsed}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(doc, indent=1))
+    print(f"figures written to {args.out}")
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    header(args)
+    t_start = time.perf_counter()
+    cases = run_cases(args)
     report(cases)
     if args.encodings:
         report_encodings(cases)
     elapsed = time.perf_counter() - t_start
     print(f"\ntotal {elapsed:.0f}s")
     if args.out:
-        doc = {"date": datetime.date.today().isoformat(), "machine": {
-                   "cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0]},
-               "versions": {"tinydistill": td.__version__, "zarr": zarr.__version__, "torch": torch.__version__,
-                            "numpy": np.__version__},
-               "args": vars(args),
-               "simulation": {"A": A, "sigma": args.sigma, "tau": {n: t for n, _, _, t in CASES},
-                              "tau_sd": TAU_SD, "p_second": P_SECOND, "displaced": args.displaced},
-               "cases": cases, "elapsed_s": elapsed}
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(doc, indent=1))
-        print(f"figures written to {args.out}")
+        write_doc(args, cases, elapsed)
 
 
 if __name__ == "__main__":

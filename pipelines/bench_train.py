@@ -74,31 +74,23 @@ end. No timing is asserted.
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import gc
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from tinydistill.augment import AugSpec
-from tinydistill.generate import GenConfig, gen_logits
+from benchlib import (apply_preset, begin, bench_parser, finish, fmt_ratio, gen_config,
+                      in_process_options, med, ratio_stats, run_rounds, save_random_model,
+                      StepClock, sync, workspace)
+from tinydistill.generate import gen_logits
 from tinydistill.sources import open_source
-from benchlib import (loadavg as _loadavg, make_jpeg_folder, med, ratio_stats, save_random_model, finish,  # noqa: E402
-                      write_json as _write)
 from tinydistill.train import TrainConfig, train_student
-
-TINYVIT = dict(auto_augment="rand-m9-mstd0.5-inc1", color_jitter=0.4, interpolation="bicubic",
-               re_prob=0.25, re_mode="pixel", mixup=0.8, cutmix=1.0, switch_prob=0.5)
-LIGHT = dict(color_jitter=0.4, interpolation="bicubic")  # RandomResizedCrop + flip + jitter only
 
 PRESETS = {
     "cpu": dict(data="digits", images=0, img_size=32, student="resnet18", input_size=32,
@@ -123,27 +115,11 @@ def count_student_params(args, num_classes: int) -> int:
     return n
 
 
-# ---- step timing ---------------------------------------------------------------------------------
+# ---- one training run ----------------------------------------------------------------------------
 
-class StepClock:
-    """``on_step`` callback for train_student: the end time of every step, per epoch."""
-
-    def __init__(self):
-        self.times: dict[int, list[float]] = {}
-
-    def __call__(self, info: dict) -> None:
-        self.times.setdefault(int(info["epoch"]), []).append(time.perf_counter())
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def train_config(args, mode: str, data: str, store: str, weights: str, out: str, spec: AugSpec,
-                 epochs: int) -> TrainConfig:
+def train_config(args, mode: str, data: str, store: str, weights: str, out: str, epochs: int) -> TrainConfig:
     # constant LR (min_lr = lr, no warm-up): a run's first epoch is then the same whatever its length,
-    # so the loss check in main() can compare a 1-epoch online run with the offline run's first epoch
+    # so the loss check can compare a 1-epoch online run with the offline run's first epoch
     common = dict(data=data, student=args.student, out=out, epochs=epochs, batch_size=args.batch_size,
                   workers=args.workers, device=args.device, amp=args.amp, seed=args.seed,
                   input_size=args.input_size, lr=1e-3, min_lr=1e-3, warmup_epochs=0.0,
@@ -157,11 +133,26 @@ def train_config(args, mode: str, data: str, store: str, weights: str, out: str,
                        teacher_input_size=args.teacher_input_size, k=args.k, **baseline)
 
 
-def run_mode(args, mode: str, data: str, store: str, weights: str, tmp: Path, spec: AugSpec, tag: str,
+def timed_steps(clocks: list[list[float]], skip: int) -> tuple[int, int, float, list[float]]:
+    """(steps, steps timed, their seconds, each timed step's duration) of per-epoch step end times,
+    the first ``skip`` steps of each epoch left out."""
+    timed, timed_s, steps, step_s = 0, 0.0, 0, []
+    for c in clocks:
+        steps += len(c)
+        if len(c) > skip:
+            start = c[skip - 1]
+            timed += len(c) - skip
+            timed_s += c[-1] - start
+            edges = [start] + c[skip:]
+            step_s += [b - a for a, b in zip(edges, edges[1:])]
+    return steps, timed, timed_s, step_s
+
+
+def run_mode(args, mode: str, data: str, store: str, weights: str, tmp: Path, tag: str,
              epochs: int | None = None) -> dict:
     out = tmp / f"run_{mode}_{tag}"
     epochs = epochs or (args.online_epochs if mode == "online" else args.epochs)
-    cfg = train_config(args, mode, data, store, weights, str(out), spec, epochs)
+    cfg = train_config(args, mode, data, store, weights, str(out), epochs)
     clock = StepClock()
     gc.collect()
     sync(args.device)
@@ -173,24 +164,56 @@ def run_mode(args, mode: str, data: str, store: str, weights: str, tmp: Path, sp
         raise RuntimeError("train_student never called on_step")
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     shutil.rmtree(out, ignore_errors=True)
-    s = args.skip_steps
-    timed_steps, timed_s, steps, step_s = 0, 0.0, 0, []
-    for c in clocks:
-        steps += len(c)
-        if len(c) > s:
-            start = c[s - 1]
-            timed_steps += len(c) - s
-            timed_s += c[-1] - start
-            edges = [start] + c[s:]
-            step_s += [b - a for a, b in zip(edges, edges[1:])]
+    steps, timed, timed_s, step_s = timed_steps(clocks, args.skip_steps)
     if summary.get("mode") != {"no-kd": "no_kd"}.get(mode, mode):
         raise RuntimeError(f"{mode}: train_student ran in mode {summary.get('mode')!r}")
-    rec = {"epochs": epochs, "steps": steps, "timed_steps": timed_steps, "timed_s": timed_s,
-           "steps_per_s": timed_steps / timed_s if timed_s > 0 else None,
+    rec = {"epochs": epochs, "steps": steps, "timed_steps": timed, "timed_s": timed_s,
+           "steps_per_s": timed / timed_s if timed_s > 0 else None,
            "epoch_seconds": [m["seconds"] for m in metrics], "views": sum(m["views"] for m in metrics),
            "wall_s": wall, "epoch_losses": [m["train_loss"] for m in metrics], "step_s": step_s}
     rec["setup_s"] = wall - sum(rec["epoch_seconds"])  # before the first epoch plus checkpoints after each
     return rec
+
+
+# ---- stages --------------------------------------------------------------------------------------
+
+def set_up(args, data: str, tmp: Path, res: dict) -> str:
+    """The random teacher's weights file; prints what runs."""
+    source = open_source(data)
+    weights = tmp / "teacher.pth"
+    t_params = save_random_model(args.teacher, source.num_classes, weights)
+    s_params = count_student_params(args, source.num_classes)
+    print(f"teacher: {args.teacher} random init, {t_params / 1e6:.1f} M params, input {args.teacher_input_size} px\n"
+          f"student: {args.student} random init, {s_params / 1e6:.1f} M params, input {args.input_size} px\n"
+          f"views:   {source.name} ({len(source)} images, {source.num_classes} classes) rendered at "
+          f"{args.img_size} px ({args.recipe} recipe), store chunks of {args.chunk_rows} rows; batch {args.batch_size}, "
+          f"{args.workers} DataLoader workers, {args.epochs} epoch(s) per run, device {args.device}, amp {args.amp}, "
+          f"{torch.get_num_threads()} torch threads")
+    res.update(teacher_params=t_params, student_params=s_params, images=len(source))
+    return str(weights)
+
+
+def make_store(args, data: str, weights: str, spec, store: str, res: dict) -> float:
+    """The teacher's top-K for every view of every epoch a run will train on (one-off cost); its seconds."""
+    cfg = gen_config(data, args.teacher, weights, store, spec, args.chunk_rows, k=args.k, epochs=(0, args.epochs),
+                     teacher_input_size=args.teacher_input_size, seed=args.seed, batch_size=args.batch_size,
+                     workers=args.workers, device=args.device, amp=args.amp)
+    t0 = time.perf_counter()
+    g = gen_logits(cfg)
+    gen_s = time.perf_counter() - t0
+    res["gen_logits"] = {"seconds": gen_s, "views": g["views"], "views_per_s": g["views"] / gen_s}
+    print(f"store:   gen-logits {g['views']} views (K={args.k}) in {gen_s:.1f} s = {g['views'] / gen_s:.0f} views/s "
+          "(one-off, not in any ratio)\n")
+    return gen_s
+
+
+def warm_up(args, data: str, store: str, weights: str, tmp: Path) -> None:
+    """Untimed: one epoch of the cheapest mode (first-call costs: allocator, oneDNN kernels, the
+    student's shapes); the teacher has already run at its shapes in gen-logits."""
+    warm = "no-kd" if "no-kd" in args.mode_list else args.mode_list[0]
+    t0 = time.perf_counter()
+    run_mode(args, warm, data, store, weights, tmp, "warmup", epochs=1)
+    print(f"warm-up: one {warm} epoch in {time.perf_counter() - t0:.1f} s (not counted)")
 
 
 # ---- reporting -----------------------------------------------------------------------------------
@@ -221,61 +244,109 @@ def per_round(runs: list[dict], rounds: int, median: bool = False) -> list[float
     return out
 
 
-def fmt_ratio(s, digits=3):
-    return f"{s['median']:.{digits}f} [{s['min']:.{digits}f}, {s['max']:.{digits}f}]" if s else "-"
+def mode_table(args, runs: dict, rounds: dict, rounds_med: dict) -> dict:
+    print(f"\nsteps/s: median over {args.rounds} rounds of (the mode's timed steps in the round / their time), first "
+          f"{args.skip_steps} step(s) of each epoch left out;\nruns: the mode's runs per round x epochs per run; "
+          "epoch s: train_student's own epoch wall time (metrics.jsonl 'seconds', includes worker start-up);\n"
+          "setup s: the rest of the call (model, teacher, store + canary before the first epoch; checkpoints);\n"
+          "med ms: median duration of a timed step (median over rounds), a second estimator robust to bursts")
+    print(f"{'mode':8s} {'steps/s':>8s} {'ms/step':>8s} {'rounds min..max':>16s} {'med ms':>7s} {'runs':>6s} "
+          f"{'steps/epoch':>11s} {'epoch s':>8s} {'setup s':>8s}")
+    summ = {}
+    for mode, rs in runs.items():
+        sps = rounds[mode]
+        epoch_s = med([statistics.mean(x["epoch_seconds"]) for x in rs])
+        s = {"steps_per_s": med(sps), "ms_per_step": 1e3 / med(sps), "min": min(sps), "max": max(sps),
+             "runs_per_round": len(rs) // args.rounds, "epochs_per_run": rs[0]["epochs"],
+             "steps_per_epoch": rs[0]["steps"] // rs[0]["epochs"], "epoch_seconds": epoch_s,
+             "setup_s": med([x["setup_s"] for x in rs]), "median_step_ms": 1e3 / med(rounds_med[mode])}
+        summ[mode] = s
+        runs_txt = f"{s['runs_per_round']}x{s['epochs_per_run']}"
+        print(f"{mode:8s} {s['steps_per_s']:8.2f} {s['ms_per_step']:8.1f} {s['min']:7.2f}..{s['max']:<7.2f} "
+              f"{s['median_step_ms']:7.1f} {runs_txt:>6s} {s['steps_per_epoch']:11d} {epoch_s:8.1f} {s['setup_s']:8.1f}")
+    if len({s["steps_per_epoch"] for s in summ.values()}) != 1:
+        print("note: the modes took different numbers of steps per epoch (they should not)")
+    return summ
 
 
-def environment() -> dict:
-    import PIL
-    import timm
-    import zarr
+def loss_check(runs: dict, summ: dict) -> None:
+    """Same views, same student init, constant LR, K = all classes: the online run's epoch and the offline
+    run's first epoch train on the same targets up to the store's fp16 log-probs. Checks the views line up."""
+    if "offline" in runs and "online" in runs:
+        a, b = runs["offline"][0]["epoch_losses"][0], runs["online"][0]["epoch_losses"][0]
+        summ["loss_check"] = {"offline_epoch0": a, "online_epoch0": b, "rel_diff": abs(a - b) / abs(b) if b else None}
+        print(f"check: first-epoch mean loss offline {a:.5f}, online {b:.5f} (same views, same targets up to the "
+              f"store's fp16: relative difference {summ['loss_check']['rel_diff']:.1e})")
 
-    env = {"date": datetime.date.today().isoformat(), "python": platform.python_version(),
-           "torch": torch.__version__, "timm": timm.__version__, "pillow": PIL.__version__,
-           "zarr": zarr.__version__, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-           "platform": platform.platform(), "loadavg_at_start": _loadavg()}
-    if torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name(0)
-    return env
+
+def ratios(rounds: dict, rounds_med: dict, summ: dict) -> None:
+    def ratio(a, b, table=rounds):
+        return ratio_stats(table[a], table[b]) if a in table and b in table else None
+
+    summ["offline/no-kd"] = ratio("offline", "no-kd")
+    summ["offline/online"] = ratio("offline", "online")
+    summ["no-kd/online"] = ratio("no-kd", "online")
+    summ["offline/no-kd median-step"] = ratio("offline", "no-kd", rounds_med)
+    summ["offline/online median-step"] = ratio("offline", "online", rounds_med)
+    print("\nratios of steps/s, per round, median [min, max]:")
+    if summ["offline/no-kd"]:
+        print(f"  offline / no-KD  = {fmt_ratio(summ['offline/no-kd'])}   (1.0 = the store costs nothing; target >= 0.97)")
+    if summ["offline/online"]:
+        print(f"  offline / online = {fmt_ratio(summ['offline/online'], 2)}   (speed-up of offline over online KD)")
+    if summ["no-kd/online"]:
+        print(f"  no-KD / online   = {fmt_ratio(summ['no-kd/online'], 2)}")
+    alt = [f"offline / {b} = {fmt_ratio(summ[f'offline/{k} median-step'], d)}"
+           for k, b, d in (("no-kd", "no-KD", 3), ("online", "online", 2)) if summ[f"offline/{k} median-step"]]
+    if alt:
+        print("  from median step durations instead: " + ", ".join(alt))
+
+
+def store_cost(args, gen_s: float, summ: dict) -> None:
+    """One epoch of views costs the store gen_s / epochs once; online pays the teacher every epoch it trains."""
+    if "offline" in summ and "online" in summ:
+        steps = summ["offline"]["steps_per_epoch"]
+        extra = steps / summ["online"]["steps_per_s"] - steps / summ["offline"]["steps_per_s"]
+        per_epoch = gen_s / args.epochs
+        summ["gen_seconds_per_epoch_of_views"] = per_epoch
+        summ["online_extra_seconds_per_epoch"] = extra
+        print(f"\none-off store cost: {per_epoch:.1f} s per epoch of views (gen-logits, teacher at "
+              f"{args.teacher_input_size} px); online KD pays {extra:.1f} s more per epoch than offline, every time "
+              "it trains")
+
+
+def summarise(args, runs: dict, gen_s: float, res: dict) -> dict:
+    rounds = {m: per_round(rs, args.rounds) for m, rs in runs.items()}
+    rounds_med = {m: per_round(rs, args.rounds, median=True) for m, rs in runs.items()}
+    res["per_round_steps_per_s"] = rounds
+    res["per_round_median_step_rate"] = rounds_med
+    summ = mode_table(args, runs, rounds, rounds_med)
+    loss_check(runs, summ)
+    ratios(rounds, rounds_med, summ)
+    store_cost(args, gen_s, summ)
+    return summ
 
 
 # ---- main ----------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="defaults for the options below (default cpu)")
+    ap = bench_parser(__doc__, PRESETS)
     ap.add_argument("--student", help="timm student (random init)")
-    ap.add_argument("--input-size", type=int, help="student input size (views are resized to it)")
     ap.add_argument("--teacher", help="timm teacher (random init, saved as a state_dict; no download)")
+    ap.add_argument("--input-size", type=int, help="student input size (views are resized to it)")
     ap.add_argument("--teacher-input-size", type=int, help="teacher input size for gen-logits and online KD")
-    ap.add_argument("--data", help="digits[:train|:val], synthetic-jpeg (generated in a temp dir), or any SRC")
-    ap.add_argument("--images", type=int, help="how many JPEGs for --data synthetic-jpeg")
-    ap.add_argument("--img-size", type=int, help="size views are rendered at (AugSpec.img_size)")
-    ap.add_argument("--recipe", choices=["tinyvit", "light"], default="tinyvit",
-                    help="augmentation: TinyViT's (RandAugment, erasing, mixup/cutmix) or light (crop, flip, jitter)")
-    ap.add_argument("--mix-group", type=int)
+    ap.add_argument("--k", type=int, default=10, help="top-K kept in the store and by the online teacher")
     ap.add_argument("--chunk-rows", type=int, help="store chunk rows (= shard rows)")
-    ap.add_argument("--batch-size", type=int)
     ap.add_argument("--workers", type=int, help="DataLoader workers (all modes)")
+    ap.add_argument("--repeats", type=int, default=2,
+                    help="offline and no-KD runs per round (online runs once per round); default 2")
     ap.add_argument("--epochs", type=int, help="epochs per offline / no-KD run (the store holds as many)")
     ap.add_argument("--online-epochs", type=int,
                     help="epochs per online run (default 1: it is by far the slowest and its rate is steady)")
-    ap.add_argument("--repeats", type=int, default=2,
-                    help="offline and no-KD runs per round (online runs once per round); default 2")
-    ap.add_argument("--k", type=int, default=10, help="top-K kept in the store and by the online teacher")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", choices=["cpu", "cuda"])
-    ap.add_argument("--amp", choices=["none", "bf16", "fp16"])
-    ap.add_argument("--threads", type=int, help="torch intra-op threads in this process (default: torch's)")
-    ap.add_argument("--rounds", type=int)
     ap.add_argument("--skip-steps", type=int, default=2, help="leading steps of each epoch left out of the timing (>= 1)")
     ap.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of offline,no-kd,online")
-    ap.add_argument("--out", help="also write the figures and raw rounds to this JSON file")
+    in_process_options(ap)
     args = ap.parse_args(argv)
-    for k, v in PRESETS[args.preset].items():
-        if getattr(args, k, None) is None:
-            setattr(args, k, v)
+    apply_preset(args, PRESETS[args.preset])
     if args.online_epochs is None:
         args.online_epochs = 1
     if not 1 <= args.online_epochs <= args.epochs:
@@ -297,144 +368,17 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    config = {k: v for k, v in vars(args).items() if k != "out"}
-    env = environment()
-    print(f"bench_train: {env}")
-    print(f"config: {config}\n")
-    res: dict = {"env": env, "config": config}
-    if args.device == "cuda" and not torch.cuda.is_available():
-        msg = (f"skipped: --device cuda (preset {args.preset}: student {args.student} at {args.input_size} px, "
-               f"teacher {args.teacher}, amp {args.amp}) asked for, but torch.cuda.is_available() is False "
-               "on this machine; nothing was measured")
-        print(msg)
-        res["skipped"] = msg
-        _write(args.out, res)
-        return 0
-    recipe = TINYVIT if args.recipe == "tinyvit" else LIGHT
-    spec = AugSpec(img_size=args.img_size, mix_group=args.mix_group, **recipe)
-    t_start = time.perf_counter()
-
-    with tempfile.TemporaryDirectory(prefix="bench_train_") as tmpdir:
-        tmp = Path(tmpdir)
-        data = args.data
-        if data == "synthetic-jpeg":
-            t0 = time.perf_counter()
-            make_jpeg_folder(tmp / "jpeg", args.images)
-            data = str(tmp / "jpeg")
-            print(f"data: {args.images} synthetic 320x256 JPEGs in {time.perf_counter() - t0:.1f} s")
-        source = open_source(data)
-        weights = tmp / "teacher.pth"
-        t_params = save_random_model(args.teacher, source.num_classes, weights)
-        s_params = count_student_params(args, source.num_classes)
-        print(f"teacher: {args.teacher} random init, {t_params / 1e6:.1f} M params, input {args.teacher_input_size} px\n"
-              f"student: {args.student} random init, {s_params / 1e6:.1f} M params, input {args.input_size} px\n"
-              f"views:   {source.name} ({len(source)} images, {source.num_classes} classes) rendered at "
-              f"{args.img_size} px ({args.recipe} recipe), store chunks of {args.chunk_rows} rows; batch {args.batch_size}, "
-              f"{args.workers} DataLoader workers, {args.epochs} epoch(s) per run, device {args.device}, amp {args.amp}, "
-              f"{torch.get_num_threads()} torch threads")
-        res.update(teacher_params=t_params, student_params=s_params, images=len(source))
-
-        # the store: the teacher's top-K for every view of every epoch a run will train on (one-off cost)
+    env, res, spec, t_start = begin("bench_train", args, f"--device cuda (preset {args.preset}: student "
+                                    f"{args.student} at {args.input_size} px, teacher {args.teacher}, amp {args.amp})")
+    with workspace("bench_train_", args) as (tmp, data):
+        weights = set_up(args, data, tmp, res)
         store = str(tmp / "store.zarr")
-        gcfg = GenConfig(data=data, teacher=args.teacher, out=store, k=args.k, epochs=(0, args.epochs),
-                         teacher_weights=str(weights), teacher_input_size=args.teacher_input_size, seed=args.seed,
-                         batch_size=args.batch_size, workers=args.workers, device=args.device, amp=args.amp,
-                         spec=spec, overwrite=True, chunk_rows=args.chunk_rows, shard_rows=args.chunk_rows,
-                         progress=False)
-        t0 = time.perf_counter()
-        g = gen_logits(gcfg)
-        gen_s = time.perf_counter() - t0
-        res["gen_logits"] = {"seconds": gen_s, "views": g["views"], "views_per_s": g["views"] / gen_s}
-        print(f"store:   gen-logits {g['views']} views (K={args.k}) in {gen_s:.1f} s = {g['views'] / gen_s:.0f} views/s "
-              "(one-off, not in any ratio)\n")
-
-        # warm-up, untimed: one epoch of the cheapest mode (first-call costs: allocator, oneDNN kernels,
-        # the student's shapes); the teacher has already run at its shapes in gen-logits above
-        warm = "no-kd" if "no-kd" in args.mode_list else args.mode_list[0]
-        t0 = time.perf_counter()
-        run_mode(args, warm, data, store, str(weights), tmp, spec, "warmup", epochs=1)
-        print(f"warm-up: one {warm} epoch in {time.perf_counter() - t0:.1f} s (not counted)")
-
-        names = args.mode_list
-        runs: dict[str, list[dict]] = {m: [] for m in names}
-        for r in range(args.rounds):
-            line = []
-            for i, mode in enumerate(round_order(names, r, args.repeats)):
-                rec = run_mode(args, mode, data, store, str(weights), tmp, spec, f"r{r}_{i}")
-                rec.update(round=r, slot=i, loadavg=_loadavg())
-                runs[mode].append(rec)
-                line.append(f"{mode} {rec['steps_per_s']:.2f}")
-            print(f"round {r + 1}/{args.rounds}: " + ", ".join(line) + " steps/s")
-        res["runs"] = runs
-
-    # ---- summary
-    summ: dict = {}
-    rounds = {m: per_round(runs[m], args.rounds) for m in names}
-    rounds_med = {m: per_round(runs[m], args.rounds, median=True) for m in names}
-    res["per_round_steps_per_s"] = rounds
-    res["per_round_median_step_rate"] = rounds_med
-    print(f"\nsteps/s: median over {args.rounds} rounds of (the mode's timed steps in the round / their time), first "
-          f"{args.skip_steps} step(s) of each epoch left out;\nruns: the mode's runs per round x epochs per run; "
-          "epoch s: train_student's own epoch wall time (metrics.jsonl 'seconds', includes worker start-up);\n"
-          "setup s: the rest of the call (model, teacher, store + canary before the first epoch; checkpoints);\n"
-          "med ms: median duration of a timed step (median over rounds), a second estimator robust to bursts")
-    print(f"{'mode':8s} {'steps/s':>8s} {'ms/step':>8s} {'rounds min..max':>16s} {'med ms':>7s} {'runs':>6s} "
-          f"{'steps/epoch':>11s} {'epoch s':>8s} {'setup s':>8s}")
-    for mode in names:
-        rs, sps = runs[mode], rounds[mode]
-        epoch_s = med([statistics.mean(x["epoch_seconds"]) for x in rs])
-        s = {"steps_per_s": med(sps), "ms_per_step": 1e3 / med(sps), "min": min(sps), "max": max(sps),
-             "runs_per_round": len(rs) // args.rounds, "epochs_per_run": rs[0]["epochs"],
-             "steps_per_epoch": rs[0]["steps"] // rs[0]["epochs"], "epoch_seconds": epoch_s,
-             "setup_s": med([x["setup_s"] for x in rs]), "median_step_ms": 1e3 / med(rounds_med[mode])}
-        summ[mode] = s
-        runs_txt = f"{s['runs_per_round']}x{s['epochs_per_run']}"
-        print(f"{mode:8s} {s['steps_per_s']:8.2f} {s['ms_per_step']:8.1f} {s['min']:7.2f}..{s['max']:<7.2f} "
-              f"{s['median_step_ms']:7.1f} {runs_txt:>6s} {s['steps_per_epoch']:11d} {epoch_s:8.1f} {s['setup_s']:8.1f}")
-    if len({summ[m]["steps_per_epoch"] for m in names}) != 1:
-        print("note: the modes took different numbers of steps per epoch (they should not)")
-    if "offline" in runs and "online" in runs:
-        # same views, same student init, constant LR, K = all classes: the online run's epoch and the offline
-        # run's first epoch train on the same targets up to the store's fp16 log-probs. Checks the views line up.
-        a, b = runs["offline"][0]["epoch_losses"][0], runs["online"][0]["epoch_losses"][0]
-        summ["loss_check"] = {"offline_epoch0": a, "online_epoch0": b, "rel_diff": abs(a - b) / abs(b) if b else None}
-        print(f"check: first-epoch mean loss offline {a:.5f}, online {b:.5f} (same views, same targets up to the "
-              f"store's fp16: relative difference {summ['loss_check']['rel_diff']:.1e})")
-
-    def ratio(a, b, table=rounds):
-        if a in table and b in table:
-            return ratio_stats(table[a], table[b])
-        return None
-
-    summ["offline/no-kd"] = ratio("offline", "no-kd")
-    summ["offline/online"] = ratio("offline", "online")
-    summ["no-kd/online"] = ratio("no-kd", "online")
-    summ["offline/no-kd median-step"] = ratio("offline", "no-kd", rounds_med)
-    summ["offline/online median-step"] = ratio("offline", "online", rounds_med)
-    print("\nratios of steps/s, per round, median [min, max]:")
-    if summ["offline/no-kd"]:
-        print(f"  offline / no-KD  = {fmt_ratio(summ['offline/no-kd'])}   (1.0 = the store costs nothing; target >= 0.97)")
-    if summ["offline/online"]:
-        print(f"  offline / online = {fmt_ratio(summ['offline/online'], 2)}   (speed-up of offline over online KD)")
-    if summ["no-kd/online"]:
-        print(f"  no-KD / online   = {fmt_ratio(summ['no-kd/online'], 2)}")
-    alt = [f"offline / {b} = {fmt_ratio(summ[f'offline/{k} median-step'], d)}"
-           for k, b, d in (("no-kd", "no-KD", 3), ("online", "online", 2)) if summ[f"offline/{k} median-step"]]
-    if alt:
-        print("  from median step durations instead: " + ", ".join(alt))
-    if "offline" in summ and "online" in summ:
-        # one epoch of views costs the store gen_s / epochs once; online pays the teacher every epoch it trains
-        steps = summ["offline"]["steps_per_epoch"]
-        extra = steps / summ["online"]["steps_per_s"] - steps / summ["offline"]["steps_per_s"]
-        per_epoch = gen_s / args.epochs
-        summ["gen_seconds_per_epoch_of_views"] = per_epoch
-        summ["online_extra_seconds_per_epoch"] = extra
-        print(f"\none-off store cost: {per_epoch:.1f} s per epoch of views (gen-logits, teacher at "
-              f"{args.teacher_input_size} px); online KD pays {extra:.1f} s more per epoch than offline, every time "
-              "it trains")
-    finish(res, env, t_start, args.out, summ)
+        gen_s = make_store(args, data, weights, spec, store, res)
+        warm_up(args, data, store, weights, tmp)
+        modes = {m: (lambda r, i, m=m: run_mode(args, m, data, store, weights, tmp, f"r{r}_{i}")) for m in args.mode_list}
+        res["runs"] = runs = run_rounds(modes, args.rounds, lambda r: round_order(args.mode_list, r, args.repeats),
+                                        key="steps_per_s", unit="steps/s", digits=2)
+    finish(res, env, t_start, args.out, summarise(args, runs, gen_s, res))
     return 0
 
 

@@ -26,7 +26,6 @@ Medians over rounds, ratios per round with [min, max]. No timing is asserted.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import statistics
 import sys
@@ -36,9 +35,10 @@ from pathlib import Path
 
 import torch
 
-from benchlib import environment, fmt_ratio, make_photo_folder, ratio_stats, shares, write_json
+from benchlib import (aug_spec, bench_parser, environment, fmt_ratio, make_photo_folder, ratio_stats,
+                      recipe, shares, write_json)
 
-RECIPE = dict(img_size=224, auto_augment="rand-m9-mstd0.5-inc1", mixup=0.8, cutmix=1.0)
+RECIPE = recipe(erasing=False, img_size=224)  # TinyViT's, without random erasing
 BLOCK = 64
 
 
@@ -98,22 +98,62 @@ def loader_pass(views, items, workers: int) -> dict:
                                          prefetch_factor=4)
     n, busy = 0, [0.0] * workers
     for b in loader:
-        n += len(b["row"])
-        busy[int(b["worker"])] += float(b["busy_s"])
+        n += len(b)
+        busy[b.worker] += b.busy_s
     wall = time.perf_counter() - t0
     return {"views": n, "wall_s": wall, "views_per_s": n / wall, "worker_busy": [x / wall for x in busy]}
 
 
+def part_a(views, n: int, rounds: int) -> dict:
+    """A, in this process with one torch thread (as a DataLoader worker runs)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return per_view_parts(views, list(range(n)), rounds)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def part_b(views, items, rounds: int) -> dict:
+    """B: whole loader passes with 1 and 2 workers, alternating."""
+    b = {1: [], 2: []}
+    for r in range(rounds):
+        for w in ((1, 2) if r % 2 == 0 else (2, 1)):
+            b[w].append(loader_pass(views, items, w))
+        print(f"  B round {r + 1}/{rounds}: 1 worker {b[1][-1]['views_per_s']:.0f}, "
+              f"2 workers {b[2][-1]['views_per_s']:.0f} views/s", flush=True)
+    return b
+
+
+def report(a: dict, b: dict, batches: int, rounds: int) -> dict:
+    med = statistics.median
+    print(f"\nA. per view, one process, one torch thread; median over {rounds} rounds [min, max], microseconds:")
+    print(f"{'part':8s} {'us/view':>8s} {'[min, max]':>14s}  share of draw+render")
+    for p in ("decode", "draw", "render", "mix"):
+        xs = a[p]
+        share = ratio_stats(xs, [d + r for d, r in zip(a["draw"], a["render"])]) if p in ("draw", "render") else None
+        span = f"[{min(xs):.0f}, {max(xs):.0f}]"
+        print(f"{p:8s} {med(xs):8.0f} {span:>14s}  {fmt_ratio(share) if share else ''}")
+    dr = ratio_stats(a["draw"], a["render"])
+    print(f"draw / render = {fmt_ratio(dr)} (per round)")
+    print(f"\nB. DataLoader(ViewStream), {batches} batches of 64 per pass, worker start-up included:")
+    for w in (1, 2):
+        xs = [x["views_per_s"] for x in b[w]]
+        busy = [med([x["worker_busy"][i] for x in b[w]]) for i in range(w)]
+        print(f"  {w} worker(s): {med(xs):6.0f} views/s [{min(xs):.0f}, {max(xs):.0f}], worker busy {shares(busy)}")
+    sc = ratio_stats([x["views_per_s"] for x in b[2]], [x["views_per_s"] for x in b[1]])
+    print(f"  2 workers / 1 worker = {fmt_ratio(sc)}")
+    return {"draw/render": dr, "2w/1w": sc}
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = bench_parser(__doc__)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--images", type=int, default=512, help="500x375 JPEGs (default 512)")
     ap.add_argument("--data-dir", help="where the JPEGs are made and kept (default: a temporary directory)")
     ap.add_argument("--out", help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
 
-    from tinydistill.augment import AugSpec
     from tinydistill.sources import open_source
     from tinydistill.stream import epoch_order, train_items
     from tinydistill.views import Views
@@ -127,45 +167,12 @@ def main(argv=None) -> int:
         print(f"data: {args.images} JPEGs 500x375, mean {info['mean_kb']:.1f} KB; TinyViT recipe at 224 px, "
               f"{args.rounds} rounds")
         source = open_source(root)
-        spec = AugSpec(**RECIPE)
+        spec = aug_spec(RECIPE)
         views = Views(source, spec, 0)
-
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            a = per_view_parts(views, list(range(len(source))), args.rounds)
-        finally:
-            torch.set_num_threads(threads)
-        res["A_us_per_view"] = a
-
-        order = epoch_order(len(source), spec.mix_group, spec.mixing, 0, 0, 0, 0)
-        items = train_items(order, 0, 64, 1, 0)
-        b = {1: [], 2: []}
-        for r in range(args.rounds):
-            for w in ((1, 2) if r % 2 == 0 else (2, 1)):
-                b[w].append(loader_pass(views, items, w))
-            print(f"  B round {r + 1}/{args.rounds}: 1 worker {b[1][-1]['views_per_s']:.0f}, "
-                  f"2 workers {b[2][-1]['views_per_s']:.0f} views/s", flush=True)
-        res["B_loader"] = b
-
-    med = statistics.median
-    print(f"\nA. per view, one process, one torch thread; median over {args.rounds} rounds [min, max], microseconds:")
-    print(f"{'part':8s} {'us/view':>8s} {'[min, max]':>14s}  share of draw+render")
-    for p in ("decode", "draw", "render", "mix"):
-        xs = a[p]
-        share = ratio_stats(xs, [d + r for d, r in zip(a["draw"], a["render"])]) if p in ("draw", "render") else None
-        span = f"[{min(xs):.0f}, {max(xs):.0f}]"
-        print(f"{p:8s} {med(xs):8.0f} {span:>14s}  {fmt_ratio(share) if share else ''}")
-    dr = ratio_stats(a["draw"], a["render"])
-    print(f"draw / render = {fmt_ratio(dr)} (per round)")
-    print(f"\nB. DataLoader(ViewStream), {len(items)} batches of 64 per pass, worker start-up included:")
-    for w in (1, 2):
-        xs = [x["views_per_s"] for x in b[w]]
-        busy = [med([x["worker_busy"][i] for x in b[w]]) for i in range(w)]
-        print(f"  {w} worker(s): {med(xs):6.0f} views/s [{min(xs):.0f}, {max(xs):.0f}], worker busy {shares(busy)}")
-    sc = ratio_stats([x["views_per_s"] for x in b[2]], [x["views_per_s"] for x in b[1]])
-    print(f"  2 workers / 1 worker = {fmt_ratio(sc)}")
-    res["summary"] = {"draw/render": dr, "2w/1w": sc}
+        res["A_us_per_view"] = a = part_a(views, len(source), args.rounds)
+        items = train_items(epoch_order(len(source), spec.mix_group, spec.mixing, 0, 0, 0, 0), 0, 64, 1, 0)
+        res["B_loader"] = b = part_b(views, items, args.rounds)
+    res["summary"] = report(a, b, len(items), args.rounds)
     write_json(args.out, res)
     return 0
 

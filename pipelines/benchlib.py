@@ -1,4 +1,7 @@
-"""Helpers the benchmark scripts share: synthetic JPEGs, medians and ratios, JSON output."""
+"""The benchmark scripts' one harness: the environment record, medians, ratios and their
+formatting, clocks (``sync``, ``StepClock``, ``measure_rate``), TinyViT's recipe, the teacher's
+forward-only ceiling (the project's own ``Teacher.topk``), synthetic photos, random-init models,
+the rounds loop and the ``python -m tinydistill`` runner."""
 
 from __future__ import annotations
 
@@ -52,22 +55,29 @@ def write_json(path, res) -> None:
         print(f"wrote {path}")
 
 
-def finish(res: dict, env: dict, t_start: float, out, summary: dict) -> None:
+def finish(res: dict, env: dict, t_start: float, out, summary: dict, minutes: bool = True) -> None:
     """A benchmark's last step: summary, elapsed time and load average into ``res``, a line
-    saying how loaded the machine was, and the JSON written to ``out``."""
+    saying how loaded the machine was (``minutes=False``: that and the total in seconds on two
+    lines), and the JSON written to ``out``."""
     import time
 
     res["summary"] = summary
     res["elapsed_s"] = time.perf_counter() - t_start
     res["loadavg_at_end"] = loadavg()
-    print(f"\nload average (1 min) at start {env['loadavg_at_start']}, at end {res['loadavg_at_end']}; "
-          f"total {res['elapsed_s'] / 60:.1f} min")
+    if minutes:
+        print(f"\nload average (1 min) at start {env['loadavg_at_start']}, at end {res['loadavg_at_end']}; "
+              f"total {res['elapsed_s'] / 60:.1f} min")
+    else:
+        print(f"load average (1 min) at start {env['loadavg_at_start']}, at end {res['loadavg_at_end']}")
+        print(f"total {res['elapsed_s']:.0f} s")
     write_json(out, res)
 
 
-def fmt_ratio(s: dict | None, digits: int = 3) -> str:
-    """``median [min, max]`` of a :func:`ratio_stats` result."""
-    return f"{s['median']:.{digits}f} [{s['min']:.{digits}f}, {s['max']:.{digits}f}]" if s else "-"
+def fmt_ratio(s: dict | None, digits: int = 3, span_digits: int | None = None) -> str:
+    """``median [min, max]`` of a :func:`ratio_stats` result (min and max to ``span_digits``,
+    default ``digits``)."""
+    d = digits if span_digits is None else span_digits
+    return f"{s['median']:.{digits}f} [{s['min']:.{d}f}, {s['max']:.{d}f}]" if s else "-"
 
 
 def environment(**extra) -> dict:
@@ -85,8 +95,9 @@ def environment(**extra) -> dict:
     env = {"date": datetime.date.today().isoformat(), "python": platform.python_version(),
            "tinydistill": os.path.dirname(tinydistill.__file__), "tinydistill_commit": _commit(tinydistill.__file__),
            "torch": torch.__version__, "timm": timm.__version__, "pillow": PIL.__version__,
-           "zarr": zarr.__version__, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-           "platform": platform.platform(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+           "zarr": zarr.__version__, "numpy": np.__version__, "cpus": os.cpu_count(),
+           "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
            "loadavg_at_start": loadavg(), **extra}
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)
@@ -109,6 +120,295 @@ def _commit(module_file: str) -> str | None:
         return head + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return None
+
+
+# ---- clocks ------------------------------------------------------------------------------------
+
+def cpu_seconds() -> float:
+    """CPU time of this process (all threads) plus its reaped children (DataLoader workers)."""
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def sync(device) -> None:
+    """Wait for the device's queued work (CUDA; a no-op elsewhere): put around timed GPU work."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class StepClock:
+    """``on_step`` callback for ``gen_logits`` (after every teacher batch) and ``train_student``
+    (after every step): the time of every call, per epoch (``times``), the views of every call,
+    and the torch thread count at the first call (what the teacher or student ran with)."""
+
+    def __init__(self):
+        self.times: dict[int, list[float]] = {}
+        self.views: list[int] = []
+        self.threads: int | None = None
+
+    def __call__(self, info: dict) -> None:
+        import time
+
+        import torch
+
+        now = time.perf_counter()
+        if self.threads is None:
+            self.threads = torch.get_num_threads()
+        self.times.setdefault(int(info.get("epoch", 0)), []).append(now)
+        self.views.append(int(info.get("views", 0)))
+
+    def steady_views_per_s(self) -> float | None:
+        """Views after the first call / time from the first call to the last (None with < 2 calls)."""
+        t = [x for e in sorted(self.times) for x in self.times[e]]
+        return sum(self.views[1:]) / (t[-1] - t[0]) if len(t) > 1 and t[-1] > t[0] else None
+
+
+def measure_rate(fn, device, min_s: float = 0.0, warm: int = 0, chunk: int = 1) -> dict:
+    """Items per second of ``fn()`` (one unit of work; it returns how many items it did): ``warm``
+    untimed calls first (the first one timed alone: ``first_call_s``), then chunks of ``chunk``
+    calls, the device synced after each, until ``min_s`` seconds have passed (at least one
+    chunk). Also the CPU seconds of this process and its reaped children."""
+    import time
+
+    first_s = None
+    if warm:
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        first_s = time.perf_counter() - t0
+        for _ in range(warm - 1):
+            fn()
+    sync(device)
+    c0, t0, calls, n = cpu_seconds(), time.perf_counter(), 0, 0
+    while True:
+        for _ in range(chunk):
+            n += fn()
+        calls += chunk
+        sync(device)
+        if time.perf_counter() - t0 >= min_s:
+            break
+    wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+    return {"views": n, "calls": calls, "wall_s": wall, "cpu_s": cpu, "views_per_s": n / wall,
+            "first_call_s": first_s}
+
+
+# ---- TinyViT's recipe and the teacher's forward-only ceiling -------------------------------------
+
+# Augmentation recipes as AugSpec fields (timm's names); what is not named is AugSpec's default
+# (RandomResizedCrop 0.08-1, flip 0.5, colour jitter 0.4 (off under RandAugment), bicubic, mixup /
+# cutmix switch 0.5, pixel-filled erasing, mix groups of 256).
+RECIPES = {
+    # TinyViT's: RandAugment m9, mixup 0.8 / cutmix 1.0, random erasing 0.25
+    "tinyvit": dict(auto_augment="rand-m9-mstd0.5-inc1", mixup=0.8, cutmix=1.0, re_prob=0.25),
+    "light": dict(color_jitter=0.4, interpolation="bicubic"),  # RandomResizedCrop + flip + jitter only
+}
+
+
+def recipe(name: str = "tinyvit", erasing: bool = True, **fields) -> dict:
+    """A recipe of :data:`RECIPES` as AugSpec keyword arguments, ``fields`` first (e.g. img_size)
+    and overriding; ``erasing=False`` leaves random erasing at its default (off)."""
+    r = {**fields, **{k: v for k, v in RECIPES[name].items() if k not in fields}}
+    if not erasing:
+        r.pop("re_prob", None)
+    return r
+
+
+def aug_spec(fields: dict):
+    """A :func:`recipe` as a ``tinydistill.augment.AugSpec``."""
+    from tinydistill.augment import AugSpec
+
+    return AugSpec(**fields)
+
+
+def cli_options(fields: dict) -> list[str]:
+    """AugSpec fields as command-line options: ``{"img_size": 224}`` -> ``["--img-size", "224"]``."""
+    return [x for k, v in fields.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+
+
+def placed_teacher(name: str, weights: str | None, device, amp: str | None = "none", input_size: int | None = None,
+                   class_names=None, compile: bool = False):
+    """The project's own teacher as gen-logits builds it: ``load_teacher(name, weights)``, its
+    input size overridden when given, ``.place(device, amp, compile)``."""
+    from tinydistill.teachers import load_teacher
+
+    teacher = load_teacher(name, weights, class_names=class_names)
+    if input_size:
+        teacher.input_size = int(input_size)
+    return teacher.place(device, amp, compile=compile)
+
+
+def forward_ceiling(teacher, batches: list, k: int, threads: int | None = None, min_s: float = 0.0, warm: int = 0,
+                    chunk: int | None = None, copy_back: bool = True) -> dict:
+    """The teacher's forward-only ceiling: views/s of the project's ``Teacher.topk(batch, k)`` over
+    ``batches`` held in memory (cycled), the top-K copied back to host numpy as gen-logits does
+    (unless ``copy_back=False``), with :func:`measure_rate` (``chunk`` default: one pass over the
+    batches). ``threads``: torch intra-op threads on the CPU for the measurement (restored after).
+    What gen-logits would reach if rendering the views were free."""
+    import gc
+    import itertools
+
+    import torch
+
+    cycle = itertools.cycle(batches)
+
+    def one() -> int:
+        images = next(cycle)
+        logp, idx = teacher.topk(images, k)
+        if copy_back:
+            logp.cpu().numpy(), idx.cpu().numpy()
+        return len(images)
+
+    before = torch.get_num_threads()
+    if threads and teacher.device.type == "cpu":
+        torch.set_num_threads(threads)
+    gc.collect()
+    try:
+        return measure_rate(one, teacher.device, min_s, warm, chunk or len(batches))
+    finally:
+        torch.set_num_threads(before)
+
+
+# ---- benchmark scaffolding ----------------------------------------------------------------------
+
+def bench_parser(doc: str, presets: dict | None = None, **kw):
+    """The argument parser of a benchmark: its docstring's first line as description, the rest
+    shown as written; with ``presets``, a ``--preset`` option (default cpu) picking one."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 **kw)
+    if presets:
+        ap.add_argument("--preset", choices=sorted(presets), default="cpu",
+                        help="defaults for the options below (default cpu)")
+    return ap
+
+
+def in_process_options(ap) -> None:
+    """Options of the in-process benchmarks (bench_gen_logits, bench_train): data, recipe,
+    device and rounds; their presets fill what is left unset."""
+    ap.add_argument("--data", help="digits[:train|:val], synthetic-jpeg (generated in a temp dir), or any SRC")
+    ap.add_argument("--images", type=int, help="how many JPEGs for --data synthetic-jpeg")
+    ap.add_argument("--img-size", type=int, help="size views are rendered at (AugSpec.img_size)")
+    ap.add_argument("--recipe", choices=sorted(RECIPES), default="tinyvit",
+                    help="augmentation: TinyViT's (RandAugment, erasing, mixup/cutmix) or light (crop, flip, jitter)")
+    ap.add_argument("--mix-group", type=int)
+    ap.add_argument("--batch-size", type=int)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", choices=["cpu", "cuda"])
+    ap.add_argument("--amp", choices=["none", "bf16", "fp16"])
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads in this process (default: torch's)")
+    ap.add_argument("--rounds", type=int)
+    ap.add_argument("--out", help="also write the figures and raw rounds to this JSON file")
+
+
+def apply_preset(args, preset: dict):
+    """Fill the options left unset (None) from ``preset``; returns ``args``."""
+    for k, v in preset.items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    return args
+
+
+def skipped_without_cuda(device: str, res: dict, out, what: str = "--device cuda", where: str = "on this machine") -> bool:
+    """True (after saying so, into ``res`` and ``out`` too) when ``device`` is CUDA and there is none."""
+    import torch
+
+    if not str(device).startswith("cuda") or torch.cuda.is_available():
+        return False
+    msg = f"skipped: {what} asked for, but torch.cuda.is_available() is False {where}; nothing was measured"
+    print(msg)
+    res["skipped"] = msg
+    write_json(out, res)
+    return True
+
+
+def begin(name: str, args, skip_what: str) -> tuple[dict, dict, object, float]:
+    """An in-process benchmark's start (bench_gen_logits, bench_train): ``--threads`` applied,
+    the environment and the options printed; returns (env, res, the recipe's AugSpec, start
+    time). Exits 0 when CUDA is asked for and absent (after saying so, in ``--out`` too)."""
+    import time
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = {k: v for k, v in vars(args).items() if k != "out"}
+    env = environment()
+    print(f"{name}: {env}")
+    print(f"config: {config}\n")
+    res: dict = {"env": env, "config": config}
+    if skipped_without_cuda(args.device, res, args.out, skip_what):
+        raise SystemExit(0)
+    spec = aug_spec(recipe(args.recipe, img_size=args.img_size, mix_group=args.mix_group))
+    return env, res, spec, time.perf_counter()
+
+
+def workspace(prefix: str, args):
+    """A temporary directory (removed afterwards) and the data: ``(tmp, data)``, where ``data``
+    is ``--data``, or for ``synthetic-jpeg`` a folder of ``--images`` JPEGs made in ``tmp``."""
+    import contextlib
+    import tempfile
+
+    @contextlib.contextmanager
+    def cm():
+        with tempfile.TemporaryDirectory(prefix=prefix) as d:
+            yield Path(d), synthetic_or(args.data, args.images, Path(d))
+
+    return cm()
+
+
+def synthetic_or(data: str, images: int, tmp: Path) -> str:
+    """``data``, or for ``synthetic-jpeg`` an ImageFolder of ``images`` synthetic 320x256 JPEGs made in ``tmp``."""
+    import time
+
+    if data != "synthetic-jpeg":
+        return data
+    t0 = time.perf_counter()
+    make_jpeg_folder(tmp / "jpeg", images)
+    print(f"data: {images} synthetic 320x256 JPEGs in {time.perf_counter() - t0:.1f} s")
+    return str(tmp / "jpeg")
+
+
+def gen_config(data: str, teacher: str, weights: str, out: str, spec, rows: int, **fields):
+    """A ``GenConfig`` into a fresh store (overwrite, no progress bar) with chunks = shards of
+    ``rows`` rows; ``fields``: the rest (k, epochs, batch_size, workers, device, ...)."""
+    from tinydistill.generate import GenConfig
+
+    return GenConfig(data=data, teacher=teacher, out=out, teacher_weights=weights, spec=spec, overwrite=True,
+                     chunk_rows=rows, shard_rows=rows, progress=False, **fields)
+
+
+def alternate(names: list[str], r: int) -> list[str]:
+    """Round ``r``'s order: ``names``, reversed every other round (a linear drift falls on all alike)."""
+    return list(names) if r % 2 == 0 else list(names)[::-1]
+
+
+def run_rounds(variants: dict, rounds: int, order=None, key: str = "views_per_s", unit: str = "views/s",
+               digits: int = 0, each: bool = False) -> dict[str, list[dict]]:
+    """Every round runs ``variants[name](r, slot)`` (a dict of figures) for each name of
+    ``order(r)`` (default :func:`alternate`), records round, slot and load average, and prints
+    the round's ``key`` figures (with ``each``, every run as it ends too)."""
+    import time
+
+    runs: dict[str, list[dict]] = {n: [] for n in variants}
+    for r in range(rounds):
+        line = []
+        for i, name in enumerate(order(r) if order else alternate(list(variants), r)):
+            t0 = time.perf_counter()
+            rec = variants[name](r, i)
+            rec.update(round=r, slot=i, loadavg=loadavg())
+            runs[name].append(rec)
+            line.append(f"{name} {rec[key]:.{digits}f}")
+            if each:
+                print(f"  round {r + 1}/{rounds} {name}: {rec[key]:.{digits}f} {unit} "
+                      f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        print(f"round {r + 1}/{rounds}: " + ", ".join(line) + f" {unit}", flush=True)
+    return runs
 
 
 # ---- ImageNet-like photos ----------------------------------------------------------------------
@@ -234,53 +534,14 @@ def save_random_model(name: str, num_classes: int, path, seed: int = 0) -> int:
 
 
 def run_cli(args: list[str], label: str = "", every_s: float = 30.0, cwd: str | None = None) -> tuple[str, float]:
-    """Run ``python -m tinydistill ARGS``; returns (stdout, wall seconds).
+    """Run ``python -m tinydistill ARGS`` (:func:`run_cli_timed`); returns (stdout, wall seconds).
 
     It runs in ``cwd`` (default: the temp directory, not the checkout, so ``-m`` imports the
     same tinydistill this process imports: a ``PYTHONPATH`` snapshot wins over the checkout).
-
-    The command's progress bar and log go to a pipe: its latest line is echoed at most every
-    ``every_s`` seconds (so long runs show progress without flooding a log), and the last lines
-    are shown if the command fails.
-    """
-    import subprocess
-    import sys
-    import threading
-    import time
-    from collections import deque
-
-    import tempfile
-
-    t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "tinydistill", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, bufsize=1, cwd=cwd or tempfile.gettempdir())
-    tail: deque[str] = deque(maxlen=40)
-
-    def pump():
-        last, buf = time.perf_counter(), ""
-        while True:
-            c = proc.stderr.read(1)
-            if not c:
-                break
-            if c in "\r\n":
-                if buf.strip():
-                    tail.append(buf)
-                    if time.perf_counter() - last >= every_s:
-                        print(f"    {label} | {buf.strip()[:150]}", flush=True)
-                        last = time.perf_counter()
-                buf = ""
-            else:
-                buf += c
-
-    th = threading.Thread(target=pump, daemon=True)
-    th.start()
-    out = proc.stdout.read()
-    proc.wait()
-    th.join()
-    wall = time.perf_counter() - t0
-    if proc.returncode:
-        raise RuntimeError(f"tinydistill {' '.join(args)} exited {proc.returncode}:\n" + "\n".join(tail))
-    return out, wall
+    Its latest progress line is echoed at most every ``every_s`` seconds; a failure raises
+    :class:`CliError` (a RuntimeError) with the last lines of its stderr."""
+    r = run_cli_timed(args, label=label, every_s=every_s, cwd=cwd)
+    return r["stdout"], r["wall_s"]
 
 
 def last_json(stdout: str) -> dict:

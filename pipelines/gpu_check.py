@@ -17,7 +17,8 @@ later stages that need it are skipped; the script then exits 1):
                    CLI defaults apply (chunk sizes are not in it); --smoke also shrinks the view
                    size and swaps in a tiny teacher; on cpu, --amp none. Passed as --config.
   teacher forward  the project's Teacher.topk (load_teacher(...).place(device, amp)), eager and
-                   compiled (place(..., compile=True)), on device tensors shaped like
+                   compiled (place(..., compile=True)), timed by benchlib.forward_ceiling on device
+                   tensors shaped like
                    gen-logits' batches ([64, 3, 224, 224] views in [0, 1]), K=100, timed with
                    cuda syncs: the ceiling gen-logits would reach if views were free.
   student step     timm create_model + create_optimizer_v2 AdamW + a soft-target CE step loop
@@ -50,7 +51,6 @@ so the script cannot rot between GPU runs.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -62,8 +62,8 @@ import time
 import traceback
 from pathlib import Path
 
-from benchlib import (CliError, MachineSampler, environment, last_json, loadavg, make_photo_folder, run_cli_timed,
-                      save_random_model, write_json)
+from benchlib import (CliError, MachineSampler, bench_parser, environment, forward_ceiling, last_json, loadavg, make_photo_folder,
+                      measure_rate, placed_teacher, run_cli_timed, save_random_model, sync, write_json)
 
 ROOT = Path(__file__).resolve().parent.parent
 PRESETS = {  # sizes only: --smoke runs every stage of the full check, smaller
@@ -238,48 +238,26 @@ def write_recipe(c: Check) -> None:
     c.res["recipe"] = {"from": str(c.args.recipe), "file": c.recipe, "changed": changed}
 
 
-def _sync(dev) -> None:
-    import torch
-
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
-def _rate(fn, per_call: int, dev, min_s: float, warm: int = 3) -> dict:
-    """Calls of ``fn`` per second x ``per_call``, after ``warm`` calls (the first timed alone),
-    in chunks of 5 calls between syncs until ``min_s`` seconds have passed."""
-    t0 = time.perf_counter()
-    fn()
-    _sync(dev)
-    first_s = time.perf_counter() - t0
-    for _ in range(warm - 1):
-        fn()
-    _sync(dev)
-    t0, calls = time.perf_counter(), 0
-    while time.perf_counter() - t0 < min_s:
-        for _ in range(5):
-            fn()
-        calls += 5
-        _sync(dev)
-    wall = time.perf_counter() - t0
-    return {"per_s": calls * per_call / wall, "calls": calls, "batch": per_call, "wall_s": round(wall, 2),
-            "first_call_s": round(first_s, 2)}
+def _rate(r: dict, batch: int) -> dict:
+    """A :func:`benchlib.measure_rate` result as this check records it: items/s, calls, batch, wall and first call."""
+    return {"per_s": r["views_per_s"], "calls": r["calls"], "batch": batch, "wall_s": round(r["wall_s"], 2),
+            "first_call_s": round(r["first_call_s"], 2)}
 
 
 def teacher_forward(c: Check) -> None:
     import torch
 
-    from tinydistill.teachers import load_teacher
-
     g, dev = c.recipe_values("gen-logits"), torch.device(c.args.device)
     size = c.args.img_size or g.get("img_size", 224)
-    teacher = load_teacher(c.args.teacher, c.weights)
+    teacher = placed_teacher(c.args.teacher, c.weights, dev, c.amp("gen-logits"))
     x = torch.rand(g["batch_size"], 3, size, size, device=dev)
     out = {"batch": g["batch_size"], "view_size": size, "teacher_input": teacher.input_size, "k": g["k"],
            "amp": c.amp("gen-logits")}
     for mode in ("eager", "compiled"):
-        teacher.place(dev, c.amp("gen-logits"), compile=mode == "compiled")  # eager first, then compiled in place
-        out[mode] = _rate(lambda: teacher.topk(x, g["k"]), g["batch_size"], dev, c.args.min_s)
+        if mode == "compiled":  # eager first, then compiled in place
+            teacher.place(dev, c.amp("gen-logits"), compile=True)
+        r = forward_ceiling(teacher, [x], g["k"], min_s=c.args.min_s, warm=3, chunk=5, copy_back=False)
+        out[mode] = _rate(r, g["batch_size"])
         print(f"   {mode}: {out[mode]['per_s']:.0f} views/s (first call {out[mode]['first_call_s']} s)")
     c.res["teacher_forward"] = out
     del teacher, x
@@ -291,6 +269,8 @@ def student_step(c: Check) -> None:
     import torch
     from timm.optim import create_optimizer_v2
 
+    from tinydistill.dist import amp_dtype
+
     t, dev = c.recipe_values("train-student"), torch.device(c.args.device)
     size, classes, batch = c.args.img_size or t.get("img_size", 224), c.args.teacher_classes, t["batch_size"]
     torch.manual_seed(0)
@@ -299,7 +279,7 @@ def student_step(c: Check) -> None:
     opt = create_optimizer_v2(model, opt=t["opt"], lr=t["lr"], weight_decay=t["weight_decay"])
     x = torch.rand(batch, 3, size, size, device=dev)
     target = torch.softmax(torch.randn(batch, classes, device=dev), dim=-1)
-    dt = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(c.amp("train-student"))
+    dt = amp_dtype(c.amp("train-student"))
 
     def step():
         with torch.autocast(dev.type, dtype=dt, enabled=dt is not None):
@@ -308,8 +288,9 @@ def student_step(c: Check) -> None:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        return batch
 
-    r = _rate(step, batch, dev, c.args.min_s)
+    r = _rate(measure_rate(step, dev, c.args.min_s, warm=3, chunk=5), batch)
     print(f"   {c.args.student}: {r['per_s']:.0f} img/s (batch {batch}, {classes} classes, {size} px, "
           f"amp {c.amp('train-student')})")
     c.res["student_step"] = {**r, "student": c.args.student, "classes": classes, "view_size": size,
@@ -400,10 +381,10 @@ def ops_per_view(c: Check) -> None:
     raw = core.encode(0, rows)
     encode_s = time.perf_counter() - t0
     core.render_encoded(raw, dev)  # warm-up: decoder, kernels
-    _sync(dev)
+    sync(dev)
     t0 = time.perf_counter()
     core.render_encoded(raw, dev)
-    _sync(dev)
+    sync(dev)
     render_s = time.perf_counter() - t0
     n, _ = count_aten_ops(core.render_encoded, raw, dev)
     c.res["ops"] = {"rows": len(rows), "top_level_aten_ops": n, "ops_per_view": n / len(rows),
@@ -505,8 +486,7 @@ def finish(c: Check) -> int:
 # ---- main --------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap = bench_parser(__doc__, epilog=__doc__)
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu")
     ap.add_argument("--smoke", action="store_true", help="small sizes, every stage (e.g. on 2 CPU cores)")
     ap.add_argument("--out", default="runs/gpu_check.json", help="JSON results (default runs/gpu_check.json)")

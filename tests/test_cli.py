@@ -9,7 +9,7 @@ from click.testing import CliRunner
 import tinydistill
 from tinydistill.cli import main
 
-from conftest import fill
+from helpers import fill
 
 
 def run(*args):

@@ -2,7 +2,6 @@
 main process renders several batches at once in its render thread (tinydistill.render_device).
 Every test compares it with the workers rendering the pixels themselves, or checks how it fails."""
 
-import dataclasses
 import io
 import json
 import threading
@@ -14,11 +13,12 @@ from PIL import Image
 
 import tinydistill as td
 import tinydistill.stream as stream_mod
-from conftest import random_teacher
+from helpers import random_teacher
 from tinydistill.augment import AugSpec
 from tinydistill.errors import TinydistillError
 from tinydistill.generate import GenConfig, gen_logits
-from tinydistill.render_device import DeviceRenderer, RenderError, merge_encoded
+from tinydistill.batch import Encoded
+from tinydistill.render_device import DeviceRenderer, RenderError
 from tinydistill.sources import open_source
 from tinydistill.stream import ViewStream, epoch_order, train_items
 from tinydistill.train import TrainConfig, train_student
@@ -113,8 +113,8 @@ def test_verify_and_store_view_replay_the_encoded_store(stores, data, weights):
     items = train_items(np.arange(64, 96), 1, 32, 1, 0)
     batch = next(iter(torch.utils.data.DataLoader(ViewStream(core, items, encoded=False), batch_size=None)))
     for j in (0, 7, 31):
-        view = st.view(1, int(batch["row"][j]), data)
-        assert torch.equal(view.image, batch["image"][j]) and view.partner == int(batch["partner"][j])
+        view = st.view(1, int(batch.row[j]), data)
+        assert torch.equal(view.image, batch.image[j]) and view.partner == int(batch.partner[j])
 
 
 def _encoded_loader(data, workers=2, batches=6):
@@ -126,30 +126,30 @@ def _encoded_loader(data, workers=2, batches=6):
 def test_units_of_several_batches_give_each_batch_its_own_pixels(data):
     core, items, loader = _encoded_loader(data)
     first = next(iter(loader))
-    assert first["pixels"].dtype == torch.uint8 and "image" not in first  # decoded, not rendered
+    assert isinstance(first, Encoded) and first.pixels.dtype == torch.uint8  # decoded, not rendered
     ref = list(torch.utils.data.DataLoader(ViewStream(core, items, encoded=False), batch_size=None))
     for unit in (1, 100, 10_000):  # one batch, two batches, all six per unit
         r = DeviceRenderer(core, "cpu", unit=unit)
         got = list(r(loader))
         assert len(got) == len(ref) == 6 and r.units == {1: 6, 100: 2, 10_000: 1}[unit]
         for a, b in zip(ref, got):
-            for k in ("row", "partner", "label", "partner_label", "valid", "seed", "epoch"):
-                assert torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])), k
-            assert torch.equal(a["image"], b["image"]) and torch.allclose(a["lam"].double(), b["lam"].double())
+            for k in ("row", "partner", "label", "partner_label", "valid", "seed", "epoch", "lam", "image"):
+                assert torch.equal(getattr(a, k), getattr(b, k)), k
 
 
 def test_merge_keeps_slots_pixels_and_erasing_apart(data):
     core = Views(open_source(data), SPEC, 5)
     a, b = core.encode(0, range(0, 40)), core.encode(1, range(100, 130))
-    m = merge_encoded([a, b])
-    assert len(m["row"]) == 70 and len(m["params"]) == len(a["params"]) + len(b["params"])
-    assert m["epoch"].tolist() == [0] * 40 + [1] * 30
-    tail = max(p.src_size[0] for p in m["params"])  # zero bytes the crop windows may read past the end
-    assert (m["slot"][40:] >= len(a["params"])).all() and len(m["pixels"]) == len(a["pixels"]) + len(b["pixels"]) + tail
-    assert m["erase_slot"].max() < len(m["params"]) and len(m["erase_idx"]) == len(m["erase_val"])
-    both = core.render_encoded(m, "cpu")["image"]
-    assert torch.equal(both[:40], core.render_encoded(a, "cpu")["image"])
-    assert torch.equal(both[40:], core.render_encoded(b, "cpu")["image"])
+    m = Encoded.merge([a, b])
+    assert len(m) == 70 and len(m.params) == len(a.params) + len(b.params)
+    assert m.epoch.tolist() == [0] * 40 + [1] * 30
+    tail = max(p.src_size[0] for p in m.params)  # zero bytes the crop windows may read past the end
+    assert (m.slot[40:] >= len(a.params)).all() and len(m.pixels) == len(a.pixels) + len(b.pixels) + tail
+    assert m.erase_slot.max() < len(m.params) and len(m.erase_idx) == len(m.erase_val)
+    both = core.render_encoded(m, "cpu")
+    assert torch.equal(both.image[:40], core.render_encoded(a, "cpu").image)
+    assert torch.equal(both.image[40:], core.render_encoded(b, "cpu").image)
+    assert both.epoch.tolist() == m.epoch.tolist() and torch.equal(both.row, torch.from_numpy(m.row))
 
 
 def test_render_thread_error_is_one_line_naming_the_views(data, monkeypatch):
@@ -261,11 +261,11 @@ def test_collectives_wait_longer_than_a_store_takes_to_create(monkeypatch):
 def test_worker_decodes_non_gpu_formats_and_ships_jpegs_for_a_gpu(data):
     src = open_source(data)
     cpu = Views(src, SPEC, 5).encode(0, range(10))
-    assert cpu["jpeg"] == [] and (cpu["pix_off"] >= 0).all()  # on the CPU everything is decoded in the worker
+    assert cpu.jpeg == [] and (cpu.pix_off >= 0).all()  # on the CPU everything is decoded in the worker
     gpu = Views(src, SPEC, 5, device="cuda").encode(0, range(10))  # encoding needs no GPU
-    is_png = np.array([k.endswith(".png") for k in gpu["keys"]])
-    assert ((gpu["pix_off"] >= 0) == is_png).all() and len(gpu["jpeg"]) == (~is_png).sum() > 0
-    assert all(Image.open(io.BytesIO(b)).format == "JPEG" for b in gpu["jpeg"])
+    is_png = np.array([k.endswith(".png") for k in gpu.keys])
+    assert ((gpu.pix_off >= 0) == is_png).all() and len(gpu.jpeg) == (~is_png).sum() > 0
+    assert all(Image.open(io.BytesIO(b)).format == "JPEG" for b in gpu.jpeg)
 
 
 def test_verify_samples_distinct_views(stores, data, weights):

@@ -13,7 +13,7 @@ import torch
 import zarr
 
 import tinydistill as td
-from conftest import random_teacher
+from helpers import random_teacher
 
 ARGS = ["--data", "digits", "--teacher", "test_resnet", "--teacher-input-size", "32", "--epochs", "2",
         "--img-size", "32", "--mix-group", "64", "--chunk-rows", "128", "--shard-rows", "128",

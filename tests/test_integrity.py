@@ -13,7 +13,7 @@ import pytest
 import tinydistill as td
 from tinydistill.errors import CorruptStoreError, IncompleteError
 
-from conftest import fill, unit_data
+from helpers import fill, unit_data
 
 HERE = Path(__file__).parent
 
@@ -34,7 +34,7 @@ def test_four_spawned_writers_lose_nothing(tmp_path):
                          chunk_rows=64, shard_rows=128)
     ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(4)
-    from _writers import write_units
+    from helpers import write_units
     procs = [ctx.Process(target=write_units, args=(path, r, 4, barrier)) for r in range(4)]
     for p in procs:
         p.start()
@@ -53,7 +53,7 @@ import sys, time, pathlib, zarr
 sys.path.insert(0, {here!r})
 import tinydistill as td
 from tinydistill.store import LogitStore
-from conftest import unit_data
+from helpers import unit_data
 point, flag = {point!r}, pathlib.Path({flag!r})
 st = td.open_store({path!r}, mode="r+")
 def stall():

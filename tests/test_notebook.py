@@ -10,7 +10,7 @@ import pytest
 import tinydistill as td
 from tinydistill.errors import NotAStoreError, UnknownKeyError
 
-from conftest import fill
+from helpers import fill
 
 ROOT = Path(__file__).resolve().parents[1]
 

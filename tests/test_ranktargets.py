@@ -1,11 +1,17 @@
 """Targets joined in a rank's main process: exact, and each store chunk read once per epoch."""
 
 import numpy as np
-import torch
 
-from conftest import fill
+from helpers import fill, unit_data
+from tinydistill.batch import Batch
 from tinydistill.ranktargets import RankTargets
 from tinydistill.stream import ChunkTargets, epoch_order, train_items
+
+
+def _batch(epoch, rows):
+    n = len(rows)
+    return Batch.of(epoch=[epoch] * n, row=rows, seed=rows, label=np.zeros(n), partner=rows,
+                    partner_label=np.zeros(n), lam=np.ones(n), valid=np.ones(n, bool))
 
 
 def test_join_is_exact_and_reads_each_chunk_once(small_store):
@@ -14,13 +20,11 @@ def test_join_is_exact_and_reads_each_chunk_once(small_store):
     items = train_items(order, 1, 32, world=1, rank=0)
     rt = RankTargets(small_store, items)
     for it in items:
-        batch = {"epoch": torch.full((len(it.rows),), it.epoch), "row": torch.from_numpy(it.rows),
-                 "valid": torch.ones(len(it.rows), dtype=torch.bool)}
-        got = rt.join(batch)
+        got = rt.join(_batch(it.epoch, it.rows))
         lp, ix = small_store.topk(1, it.rows, order="stored")
-        np.testing.assert_array_equal(got["logp"].numpy(), lp)
-        np.testing.assert_array_equal(got["index"].numpy(), ix)
-        assert got["valid"].all()
+        np.testing.assert_array_equal(got.logp.numpy(), lp)
+        np.testing.assert_array_equal(got.index.numpy(), ix)
+        assert got.valid.all()
     rt.close()
     chunks = -(-small_store.num_rows // small_store.chunk_rows)
     assert rt.reads == chunks  # once per rank, whatever the DataLoader's worker count
@@ -33,10 +37,8 @@ def test_join_is_exact_and_reads_each_chunk_once(small_store):
 
 
 def test_unwritten_rows_are_invalid(small_store):
-    small_store.write_shard(0, 0, *__import__("conftest").unit_data(small_store, 0, 0),
-                            skipped=np.arange(256) == 5)
+    small_store.write_shard(0, 0, *unit_data(small_store, 0, 0), skipped=np.arange(256) == 5)
     rt = RankTargets(small_store, train_items(np.arange(256), 0, 16, 1, 0))
-    got = rt.join({"epoch": torch.zeros(16, dtype=torch.int64), "row": torch.arange(16),
-                   "valid": torch.ones(16, dtype=torch.bool)})
-    assert got["valid"].tolist() == [i != 5 for i in range(16)]
+    got = rt.join(_batch(0, np.arange(16)))
+    assert got.valid.tolist() == [i != 5 for i in range(16)]
     rt.close()

@@ -16,7 +16,7 @@ import zarr
 import tinydistill as td
 from tinydistill.store import SEED_SKIPPED, SEED_UNSET, decode_keys
 
-from conftest import fill, unit_data
+from helpers import fill, unit_data
 
 ts = pytest.importorskip("tensorstore")
 xr = pytest.importorskip("xarray")

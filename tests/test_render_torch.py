@@ -12,7 +12,7 @@ from PIL import Image
 from tinydistill import render_pil
 from tinydistill import render_torch as rt
 from tinydistill.augment import AugSpec
-from tinydistill.params import OpParams, Policy, _level_args
+from tinydistill.params import _GEOMETRIC, OpParams, Policy, _level_args
 
 S = 64  # output size: small keeps the suite fast; ops behave the same at any size
 POLICIES = ["rand-m9-mstd0.5-inc1", "augmix-m5-w3", "original"]
@@ -70,7 +70,7 @@ def _forced(name, op, magnitude, negate, resample):
     args = _level_args(op, magnitude, _Coin(negate))
     if name == "GaussianBlurRand":
         name, args = "GaussianBlur", (0.1 + args[0],)
-    geometric = name in rt._GEOMETRIC
+    geometric = name in _GEOMETRIC
     return OpParams(name=name, magnitude=magnitude, args=tuple(args), resample=resample if geometric else None,
                     fill=tuple(op.kwargs["fillcolor"]) if geometric else None)
 
@@ -83,7 +83,7 @@ def _op_records(photos, crop):
     for name, op in sorted(ops.items()):
         for mag in (0.0, 4.0, 10.0):
             for negate in (False, True):
-                for resample in (("bilinear", "bicubic") if name in rt._GEOMETRIC else (None,)):
+                for resample in (("bilinear", "bicubic") if name in _GEOMETRIC else (None,)):
                     i = len(recs) % len(base)
                     p = dataclasses.replace(base[i], ops=[_forced(name, op, mag, negate, resample)])
                     if crop == "exact":  # crop size == output size: no resampling at all
@@ -125,12 +125,10 @@ def test_crop_resize_matches_pil(photos):
     imgs += imgs[:2]
     ref = _pil(imgs, recs)
     t = rt.decode(imgs, "cpu")
-    x = rt.crop_resize(t, recs, S) / 255  # default: PIL's separable filter in integers
+    x = rt.crop_resize(t, recs, S) / 255  # PIL's separable filter in integers
     assert psnr(x, ref) >= 50 and float((x == ref).float().mean()) > 0.9
     assert float((x - ref).abs().max()) <= 2 / 255
     assert torch.equal(x[-2], ref[-2])  # nearest: exact
-    assert psnr(rt.crop_resize(t, recs, S, "roi_align") / 255, ref) >= 35
-    assert psnr(rt.crop_resize(t, recs, S, "interpolate") / 255, ref) >= 45
 
 
 @pytest.mark.parametrize("aa", POLICIES + [None])
@@ -183,11 +181,9 @@ def test_same_pixels_alone_or_in_any_batch(photos):
 def test_chunked_crops_give_the_same_pixels(photos, monkeypatch):
     imgs, recs = _draw(AugSpec(img_size=S, interpolation="random"), photos, 10)
     t = rt.decode(imgs, "cpu")
-    for method in ("pil", "roi_align"):
-        whole = rt.crop_resize(t, recs, S, method)
-        monkeypatch.setattr(rt, "CANVAS_BUDGET", 1)  # one crop per chunk
-        assert torch.equal(rt.crop_resize(t, recs, S, method), whole)
-        monkeypatch.undo()
+    whole = rt.crop_resize(t, recs, S)
+    monkeypatch.setattr(rt.resample, "CANVAS_BUDGET", 1)  # one crop per chunk
+    assert torch.equal(rt.crop_resize(t, recs, S), whole)
 
 
 def test_record_for_another_image_size_is_refused(photos):

@@ -15,7 +15,7 @@ import pytest
 import zarr
 
 import tinydistill as td
-from conftest import random_teacher
+from helpers import random_teacher
 
 GEN = ["--teacher", "test_resnet", "--teacher-input-size", "32", "--epochs", "1",
        "--img-size", "32", "--mix-group", "64", "--chunk-rows", "128", "--shard-rows", "256",

@@ -7,7 +7,7 @@ import tinydistill as td
 from tinydistill.errors import FormatVersionError, IncompleteError, NotAStoreError, StoreError
 from tinydistill._util import keys_fingerprint, spec_hash
 
-from conftest import fake_topk, fill, unit_data
+from helpers import fake_topk, fill, unit_data
 
 
 def test_round_trip_topk_desc_and_stored(small_store):

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 import tinydistill as td
-from conftest import random_teacher
+from helpers import random_teacher
 import tinydistill.train as train_mod
 from tinydistill.augment import AugSpec
 from tinydistill.generate import GenConfig, gen_logits

@@ -50,7 +50,7 @@ def test_k_equals_c_normalises():
 
 
 def test_store_dense_matches_function(small_store):
-    from conftest import fill
+    from helpers import fill
     import tinydistill as td
     fill(small_store, epochs=[0])
     st = td.open_store(small_store.path)

@@ -230,7 +230,7 @@ def unlabeled(tmp_path_factory):
     import webdataset as wds
     from PIL import Image
 
-    from conftest import random_teacher
+    from helpers import random_teacher
     from tinydistill.augment import AugSpec
     from tinydistill.config import GenConfig
     from tinydistill.generate import gen_logits
@@ -364,22 +364,22 @@ def test_non_finite_loss_stops_at_the_next_read_naming_its_step(unlabeled, tmp_p
 def test_rng_state_covers_every_generator_and_loads_weights_only(tmp_path, monkeypatch):
     import random
 
-    import tinydistill.train as train_mod
+    from tinydistill import checkpoint
 
     def draws():
         return torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)]
 
-    train_mod._seed_rng(7)
+    checkpoint.seed_rng(7)
     a0 = draws()
-    train_mod._seed_rng(7)
+    checkpoint.seed_rng(7)
     assert draws() == a0
-    train_mod._seed_rng(8)  # seed + rank: another rank draws other masks
+    checkpoint.seed_rng(8)  # seed + rank: another rank draws other masks
     assert all(x != y for x, y in zip(draws(), a0))
-    state = train_mod._rng_state()
+    state = checkpoint.rng_state()
     assert state["cuda"] == [] or torch.cuda.is_initialized()  # CPU: CUDA untouched, nothing to save
     torch.save({"rng": state}, tmp_path / "ck.pth")
     after = draws()
-    train_mod._set_rng_state(torch.load(tmp_path / "ck.pth", weights_only=True)["rng"])
+    checkpoint.set_rng_state(torch.load(tmp_path / "ck.pth", weights_only=True)["rng"])
     assert draws() == after
     # CUDA generators (what drop-path draws from on a GPU): saved once CUDA is initialised, restored per device
     fake = [torch.tensor([1, 2], dtype=torch.uint8), torch.tensor([3, 4], dtype=torch.uint8)]
@@ -389,9 +389,9 @@ def test_rng_state_covers_every_generator_and_loads_weights_only(tmp_path, monke
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, i: restored.__setitem__(i, s.tolist()))
-    state = train_mod._rng_state()
+    state = checkpoint.rng_state()
     torch.save({"rng": state}, tmp_path / "ck2.pth")
-    train_mod._set_rng_state(torch.load(tmp_path / "ck2.pth", weights_only=True)["rng"])
+    checkpoint.set_rng_state(torch.load(tmp_path / "ck2.pth", weights_only=True)["rng"])
     assert restored == {0: [1, 2], 1: [3, 4]}
 
 

@@ -13,6 +13,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 import tinydistill as td
+from helpers import per_view
 from tinydistill.augment import AugSpec, SpecError
 from tinydistill.params import Policy
 from tinydistill.render_pil import _posterize, render_base
@@ -33,11 +34,7 @@ def digits():
 
 
 def _by_view(batches):
-    out = {}
-    for b in batches:
-        for i in range(len(b["row"])):
-            out[int(b["epoch"][i]), int(b["row"][i])] = (b["image"][i], int(b["partner"][i]), float(b["lam"][i]))
-    return out
+    return {(v["epoch"], v["row"]): (v["image"], v["partner"], v["lam"]) for b in batches for v in per_view(b)}
 
 
 def _items(rows_by_epoch, batch):
@@ -46,7 +43,7 @@ def _items(rows_by_epoch, batch):
 
 def test_views_identical_across_workers_batches_and_items(digits):
     ref = {(e, r): (v["image"], v["partner"], v["lam"])
-           for (e, r), v in zip(PROBE, render_views(digits, SPEC, 7, PROBE))}
+           for (e, r), v in zip(PROBE, per_view(render_views(digits, SPEC, 7, PROBE)))}
     rng = np.random.default_rng(0)
     for workers, batch, cut in [(0, 16, 128), (1, 5, 64), (3, 64, 300), (2, 7, 1)]:
         items = []
@@ -67,19 +64,19 @@ def test_stream_yields_items_in_order_whatever_the_workers(digits):
     for workers in (0, 1, 3):
         batches = list(DataLoader(ViewStream(Views(digits, AugSpec(img_size=8, mix_group=4), 0), items),
                                   batch_size=None, num_workers=workers))
-        runs.append([b["row"].tolist() for b in batches])
-        assert {b["worker"] for b in batches} == set(range(max(workers, 1)))  # every worker rendered
+        runs.append([b.row.tolist() for b in batches])
+        assert {b.worker for b in batches} == set(range(max(workers, 1)))  # every worker rendered
     assert runs[0] == runs[1] == runs[2] == [list(range(i, i + 10)) for i in range(0, 200, 10)]
 
 
 def test_records_and_pixels_same_in_a_fresh_process_and_render_twice_same_pixels(digits):
     views = Views(digits, SPEC, 7)
-    recs = [views.render(e, [r], with_params=True)[0]["params"].to_dict() for e, r in PROBE]
+    recs = [views.render(e, [r], with_params=True).params[0].to_dict() for e, r in PROBE]
     code = (
         "import json; from tinydistill.augment import AugSpec; from tinydistill.sources import open_source;"
         "from tinydistill.views import Views, render_views; from tinydistill.replay import views_digest;"
         f"spec = AugSpec.from_dict({SPEC.to_dict()!r}); src = open_source('digits'); v = Views(src, spec, 7);"
-        f"print(json.dumps([v.render(e, [r], with_params=True)[0]['params'].to_dict() for e, r in {PROBE!r}]));"
+        f"print(json.dumps([v.render(e, [r], with_params=True).params[0].to_dict() for e, r in {PROBE!r}]));"
         f"print(views_digest(render_views(src, spec, 7, {PROBE!r})))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -88,7 +85,7 @@ def test_records_and_pixels_same_in_a_fresh_process_and_render_twice_same_pixels
     assert digest == views_digest(render_views(digits, SPEC, 7, PROBE))
     # a record rendered twice gives the same pixels; the record alone decides them
     img = next(iter(digits.read([300])))[1]
-    p = views.render(0, [300], with_params=True)[0]["params"]
+    p = views.render(0, [300], with_params=True).params[0]
     assert torch.equal(render_base(img, p, 24), render_base(img, p, 24))
     q = dataclasses.replace(p, hflip=not p.hflip)
     assert not torch.equal(render_base(img, p, 24), render_base(img, q, 24))
@@ -106,7 +103,7 @@ def test_global_rng_neither_leaks_in_nor_out(digits):
 
 
 def test_mix_pairs_and_lambdas(digits):
-    views = render_views(digits, SPEC, 7, [(0, r) for r in range(64)])
+    views = per_view(render_views(digits, SPEC, 7, [(0, r) for r in range(64)]))
     partner = {v["row"]: v["partner"] for v in views}
     mixed = [v for v in views if v["lam"] < 1.0]
     assert len(mixed) > 40  # mix_prob=1: nearly every view is mixed
@@ -116,14 +113,14 @@ def test_mix_pairs_and_lambdas(digits):
     # pairing is symmetric (a <-> b) within each epoch, and differs between epochs
     pairs = {r: p for r, p in partner.items() if p != r}
     assert all(pairs.get(p, r) == r for r, p in pairs.items())
-    other = render_views(digits, SPEC, 7, [(1, r) for r in range(64)])
+    other = per_view(render_views(digits, SPEC, 7, [(1, r) for r in range(64)]))
     assert [v["partner"] for v in other] != [v["partner"] for v in views]
     # lambda comes from the view's own seed: the same whoever else is in the batch
-    again = render_views(digits, SPEC, 7, [(0, 5)])[0]
+    again = per_view(render_views(digits, SPEC, 7, [(0, 5)]))[0]
     assert again["lam"] == views[5]["lam"] and again["partner"] == views[5]["partner"]
     # a mixed image really is a blend (mixup) or a paste (cutmix) of the two base views
     nomix = AugSpec.from_dict({**SPEC.to_dict(), "mixup": 0.0, "cutmix": 0.0})
-    base = {v["row"]: v["image"] for v in render_views(digits, nomix, 7, [(0, r) for r in range(32)])}
+    base = {v["row"]: v["image"] for v in per_view(render_views(digits, nomix, 7, [(0, r) for r in range(32)]))}
     for v in views[:32]:
         if v["lam"] < 1:
             a, b = base[v["row"]], base[v["partner"]]
@@ -262,7 +259,7 @@ def test_bad_image_names_source_and_key(folder):
     spec = AugSpec(img_size=8, mix_group=4)
     with pytest.raises(BadSampleError, match=r"imgs: dog/05.png: cannot read image"):
         render_views(src, spec, 0, [(0, bad_row)])
-    v = render_views(src, spec, 0, [(0, bad_row), (0, (bad_row + 1) % 60)], skip_bad=True)
+    v = per_view(render_views(src, spec, 0, [(0, bad_row), (0, (bad_row + 1) % 60)], skip_bad=True))
     assert v[0]["valid"] is False and v[0]["image"].abs().sum() == 0 and v[1]["valid"] is True
 
 
@@ -315,7 +312,7 @@ def test_canary_and_store_view(digits, tmp_path, monkeypatch):
     st = create_view_store(tmp_path / "v.zarr", digits, SPEC, base_seed=7, epochs=3, k=3, chunk_rows=64, shard_rows=128)
     assert check_replay(td.open_store(st.path), digits).hash == SPEC.for_device("cpu").hash
     v = td.open_store(st.path).view(1, 31, "digits")
-    ref = render_views(digits, SPEC, 7, [(1, 31)])[0]
+    ref = per_view(render_views(digits, SPEC, 7, [(1, 31)]))[0]
     assert torch.equal(v.image, ref["image"]) and v.key == digits.keys[31] and v.lam == ref["lam"]
     assert v.to_pil().size == (24, 24)
     assert v.params.row == 31 and v.params.src_size == (8, 8) and v.params.partner == v.partner

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import click
+
 from ._util import canonical_json, spec_hash
 from .options import option
 from .errors import TinydistillError
@@ -46,7 +48,7 @@ class AugSpec:
     mix_group: int = option(256, "Rows per mix-pairing group (power of two, divides the store's chunk rows).")
     renderer: str | None = option(None, "Renderer of views: pil (CPU workers) or torch (batched on --device; on a GPU "
                                         "workers only read bytes) [default: torch on cuda, pil on cpu].",
-                                  flag="--render", type=__import__("click").Choice(RENDERERS))
+                                  flag="--render", type=click.Choice(RENDERERS))
 
     def __post_init__(self):
         for name in ("scale", "ratio"):

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
 
 from . import __version__
-from .augment import RENDERERS, AugSpec
-from .config import GenConfig, TrainConfig
+from .augment import AugSpec
+from .config import GenConfig, TrainConfig, VerifyConfig
 from .options import RecipeError, cli_names, click_options, flags_in, from_options, load_recipe
 from .errors import TinydistillError
 
@@ -44,23 +45,6 @@ def main():
     """Offline soft-label distillation: store a teacher's top-K outputs once, train students from the store."""
 
 
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
-def _completeness_line(done: list[float]) -> str:
-    if len(done) <= 12:
-        return "  ".join(f"e{e}: {100 * f:.0f}%" for e, f in enumerate(done))
-    full = sum(f == 1 for f in done)
-    empty = sum(f == 0 for f in done)
-    partial = [f"e{e}: {100 * f:.0f}%" for e, f in enumerate(done) if 0 < f < 1]
-    return f"{full} epochs complete, {empty} empty" + (f", partial: {' '.join(partial[:10])}" if partial else "")
-
-
 @main.command()
 @click.argument("store")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
@@ -81,7 +65,7 @@ def inspect(store, as_json, plot, max_views, check, n_params, data, epoch):
     STORE is a local path or an fsspec URL (s3://, gs://, file://, memory://).
     """
     from .store import open_store
-    from .summary import check_plot_path, plot_summary, summarize
+    from .summary import check_plot_path, plot_summary, summarize, summary_lines
 
     if plot:
         check_plot_path(plot)  # a bad extension fails before the store is read
@@ -101,40 +85,8 @@ def inspect(store, as_json, plot, max_views, check, n_params, data, epoch):
             out["check"] = "ok"
         click.echo(json.dumps(out))
     else:
-        t = info["teacher"]
-        teacher = ", ".join(f"{k}={v}" for k, v in t.items() if k in ("name", "weights_digest", "input_size")) or "not recorded"
-        lines = [
-            ("store", f"{info['path']}  (format {info['format_version']}, created {info['created']})"),
-            ("shape", f"{info['epochs']} epochs x {info['num_rows']} rows x K={info['k']}, "
-                      f"{info['num_classes']} classes, index {info['index_dtype']}"),
-            ("teacher", teacher),
-            ("spec hash", str(info["spec_hash"])[:16]),
-            ("complete", _completeness_line(summary["completed"])),
-            ("on disk", f"{_fmt_bytes(info['bytes_on_disk'])}"
-                        + (f", {info['bytes_per_view']:.1f} bytes/view" if info["bytes_per_view"] else "")
-                        + "  (" + ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in sorted(info["bytes_by_array"].items())) + ")"),
-        ]
-        if stats["views_sampled"]:
-            lines += [
-                ("top-1 prob", f"mean {stats['mean_top1_prob']:.4f}  ({stats['views_sampled']} views sampled"
-                               + (f", {stats['views_skipped']} skipped as unreadable)" if stats["views_skipped"] else ")")),
-                ("top-K mass", f"mean {stats['mean_topk_mass']:.4f}"),
-                ("agreement", "no labels" if stats["top1_agreement"] is None
-                 else f"teacher top-1 = label on {100 * stats['top1_agreement']:.2f}% of views"),
-            ]
-            if stats.get("least_sure_classes"):
-                lines.append(("least sure", ", ".join(f"{c['class']} ({c['mean_true_class_prob']:.2f})"
-                                                      for c in stats["least_sure_classes"][:5])
-                              + "  (mean probability of the true class)"))
-        else:
-            lines.append(("statistics", "no complete views yet"))
-        if check:
-            lines.append(("check", "every complete shard reads back intact"))
-        if plot:
-            lines.append(("plot", plot))
-        w = max(len(k) for k, _ in lines)
-        for k, v in lines:
-            click.echo(f"{k:<{w}}  {v}")
+        for line in summary_lines(summary, check=check, plot=plot):
+            click.echo(line)
     if n_params:
         _print_params(st, data, epoch, n_params, as_json)
 
@@ -211,7 +163,7 @@ def gen_logits_cmd(**opts):
     """
     from .generate import gen_logits, summary_line
 
-    rank = int(__import__("os").environ.get("RANK", 0))
+    rank = int(os.environ.get("RANK", 0))
     _setup_logging(rank == 0)
     summary = gen_logits(from_options(GenConfig, opts, spec=spec_from_options(opts)))
     if summary["rank"] == 0:
@@ -220,22 +172,9 @@ def gen_logits_cmd(**opts):
 
 @main.command()
 @click.argument("store")
-@click.option("--data", required=True, help="SRC the store was made from.")
-@click.option("--teacher", required=True, help="The teacher the store was made with.")
-@click.option("--teacher-weights", type=click.Path(dir_okay=False))
-@click.option("--samples", type=click.IntRange(min=1), default=64, show_default=True, help="Random views to replay.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Which random views.")
-@click.option("--device", default=None, help="[default: cuda when available]")
-@click.option("--amp", type=click.Choice(["bf16", "fp16", "none"]), default=None, help="[default: the store's]")
-@click.option("--max-logp-diff", type=float, default=0.0, show_default=True,
-              help="Largest allowed |delta log-prob| (after fp16 rounding). 0 = exact: same hardware and dtype.")
-@click.option("--min-id-agreement", type=float, default=1.0, show_default=True,
-              help="Smallest allowed fraction of views with the same top-K class ids.")
-@click.option("--render", type=click.Choice(RENDERERS), help="Renderer of views [default: the store's].")
-@click.option("--allow-renderer-change", is_flag=True,
-              help="Replay with another --render than the store's; the canary then reports the pixel difference.")
-def verify(store, data, teacher, teacher_weights, samples, seed, device, amp, max_logp_diff, min_id_agreement,
-           render, allow_renderer_change):
+@config_option
+@click_options(VerifyConfig)
+def verify(store, **opts):
     """Replay random stored views, re-run the teacher and compare with the store.
 
     Exits 1 when the agreement is below --min-id-agreement or the largest difference is above
@@ -245,15 +184,16 @@ def verify(store, data, teacher, teacher_weights, samples, seed, device, amp, ma
     from .verify import verify_store
 
     _setup_logging()
-    r = verify_store(store, data, teacher, teacher_weights, samples=samples, seed=seed,
-                     device=device or _default_device(), amp=amp, render=render,
-                     allow_renderer_change=allow_renderer_change)
+    c = from_options(VerifyConfig, opts)
+    r = verify_store(store, c.data, c.teacher, c.teacher_weights, samples=c.samples, seed=c.seed,
+                     device=c.device or _default_device(), amp=c.amp, render=c.render,
+                     allow_renderer_change=c.allow_renderer_change)
     click.echo(json.dumps(r))
-    if r["topk_id_agreement"] < min_id_agreement or r["max_abs_logp_diff"] > max_logp_diff:
+    if r["topk_id_agreement"] < c.min_id_agreement or r["max_abs_logp_diff"] > c.max_logp_diff:
         raise click.ClickException(
             f"{store}: top-K ids agree on {100 * r['topk_id_agreement']:.2f}% of {r['views_checked']} views "
-            f"(need {100 * min_id_agreement:.2f}%), largest |delta log-prob| {r['max_abs_logp_diff']:.3g} "
-            f"(allowed {max_logp_diff:g})")
+            f"(need {100 * c.min_id_agreement:.2f}%), largest |delta log-prob| {r['max_abs_logp_diff']:.3g} "
+            f"(allowed {c.max_logp_diff:g})")
 
 
 # ---- train-student -------------------------------------------------------------------------------
@@ -277,7 +217,7 @@ def train_student_cmd(**opts):
     if (opts["logits"] or opts["like"]) and on_cli:
         raise TrainError("augmentation options are for `no_kd`/`online_teacher` without `like`: "
                          "a store replays its own views")
-    rank = int(__import__("os").environ.get("RANK", 0))
+    rank = int(os.environ.get("RANK", 0))
     _setup_logging(rank == 0)
     cfg = from_options(TrainConfig, opts, spec=spec_from_options(opts), expect_spec=bool(opts["logits"] and in_recipe))
     summary = train_student(cfg)

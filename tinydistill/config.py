@@ -15,9 +15,7 @@ import click
 from .augment import RENDERERS, AugSpec
 from .errors import TinydistillError
 from .options import option
-
-DEFAULT_CHUNK_ROWS = 4096  # rows per store chunk
-DEFAULT_SHARD_CHUNKS = 16  # shard = 16 chunks = 65,536 rows by default
+from .store.format import DEFAULT_CHUNK_ROWS  # the store layout's default
 
 
 def parse_epochs(text: str) -> tuple[int, int]:
@@ -138,3 +136,24 @@ class TrainConfig:
                                type=click.IntRange(min=1))
     spec: AugSpec = option(factory=AugSpec, cli=False)  # views for no_kd / online (a store brings its own)
     expect_spec: bool = option(False, cli=False)  # offline: ``spec`` came from a recipe and must equal the store's
+
+
+@dataclass
+class VerifyConfig:
+    """Options of ``verify`` (the store itself is its argument)."""
+
+    data: str = option(help="SRC the store was made from.")
+    teacher: str = option(help="The teacher the store was made with.")
+    teacher_weights: str | None = option(None, "Local checkpoint or .safetensors state_dict.",
+                                         type=click.Path(dir_okay=False))
+    samples: int = option(64, "Random views to replay (distinct; all of them when the store holds fewer).",
+                          type=click.IntRange(min=1))
+    seed: int = option(0, "Which random views.")
+    device: str | None = option(None, "[default: cuda when available]")
+    amp: str | None = option(None, "[default: the store's]", type=click.Choice(["bf16", "fp16", "none"]))
+    max_logp_diff: float = option(0.0, "Largest allowed |delta log-prob| (after fp16 rounding). 0 = exact: "
+                                       "same hardware and dtype.")
+    min_id_agreement: float = option(1.0, "Smallest allowed fraction of views with the same top-K class ids.")
+    render: str | None = option(None, "Renderer of views [default: the store's].", type=click.Choice(RENDERERS))
+    allow_renderer_change: bool = option(False, "Replay with another --render than the store's; the canary then "
+                                                "reports the pixel difference.")

@@ -40,12 +40,13 @@ class SideStream:
         ev.record(self.side)
         return ev
 
-    def hand_over(self, batch: dict, ready) -> None:
+    def hand_over(self, batch, ready) -> None:
+        """Let the consumer's stream use ``batch`` (a :class:`~tinydistill.batch.Batch`)."""
         if not self.cuda:
             return
         cur = torch.cuda.current_stream(self.device)
         cur.wait_event(ready)
-        for v in batch.values():
+        for v in vars(batch).values():
             if torch.is_tensor(v) and v.is_cuda:
                 v.record_stream(cur)
 

@@ -57,6 +57,11 @@ def setup(device: str, workers: int = 0) -> tuple[int, int, torch.device]:
     return rank, world, torch.device(device)
 
 
+def amp_dtype(amp: str | None) -> torch.dtype | None:
+    """The autocast dtype of an ``--amp`` value (None: no autocast)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp or "none")
+
+
 def default_device() -> str:
     """cuda when a GPU is visible, else cpu."""
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -99,7 +104,6 @@ def gather_parts(obj, dst: int) -> list | None:
     """Every rank's ``obj`` on rank ``dst``, in rank order (None on the others); ``[obj]``
     without torch.distributed. Goes through a gloo group, so objects never touch GPU memory
     (every rank must call it, in the same order)."""
-    global _cpu_group
     if not active():
         return [obj]
     out = [None] * dist.get_world_size() if dist.get_rank() == dst else None

@@ -5,6 +5,10 @@ class TinydistillError(Exception):
     """Base class: anything the user can fix (bad path, mismatched store, bad option)."""
 
 
+class TrainError(TinydistillError):
+    """A training set-up that cannot run (mismatched store, bad option, missing checkpoint)."""
+
+
 class StoreError(TinydistillError):
     """The path is not a usable logit store."""
 
@@ -30,3 +34,10 @@ class UnknownKeyError(StoreError, KeyError):
 
     def __str__(self) -> str:  # KeyError would print the message quoted
         return str(self.args[0]) if self.args else ""
+
+
+def one_line(e: BaseException) -> str:
+    """``"Type: first line of the message"`` (the type alone when there is no message): how
+    an underlying error is quoted inside a one-line message."""
+    msg = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {msg[0]}" if msg and msg[0] else type(e).__name__

@@ -17,7 +17,7 @@ import queue
 import sys
 import threading
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -30,6 +30,7 @@ from .errors import NotAStoreError, StoreError, TinydistillError
 from .sources import open_source
 from .replay import check_replay, run_mismatch, view_store_attrs
 from .store import DEFAULT_CHUNK_ROWS, DEFAULT_SHARD_CHUNKS, LogitStore, create_store, open_store
+from .batch import Batch
 from .cuda import HostCopy
 from .render_device import DeviceRenderer
 from .stream import GenPlan, Meter, ViewStream, gen_plan
@@ -105,6 +106,23 @@ def _prepare_store(cfg: GenConfig, teacher, source, rank: int, device) -> LogitS
 
 # ---- the run -------------------------------------------------------------------------------------
 
+@dataclass
+class Outputs:
+    """The teacher's outputs for some rows of one epoch (or a whole shard, once assembled)."""
+
+    epoch: int
+    rows: np.ndarray  # int64 [n]
+    logp: np.ndarray  # float32 [n, K]
+    index: np.ndarray  # int64 [n, K]
+    seed: np.ndarray  # uint64 [n]
+    skipped: np.ndarray  # bool [n]: unreadable image, or non-finite outputs (--skip-bad)
+
+    @classmethod
+    def cat(cls, parts: list["Outputs"]) -> "Outputs":
+        return cls(parts[0].epoch, *(np.concatenate([getattr(p, f) for p in parts])
+                                     for f in ("rows", "logp", "index", "seed", "skipped")))
+
+
 class _ShardWriter:
     """Writes finished shards from a background thread; at most ``depth`` waiting."""
 
@@ -117,20 +135,22 @@ class _ShardWriter:
 
     def _run(self):
         while True:
-            item = self.q.get()
-            if item is None:
+            shard = self.q.get()
+            if shard is None:
                 return
             if self.error is None:
                 try:
-                    self.store.write_shard(*item[:5], skipped=item[5])
+                    o = shard
+                    self.store.write_shard(o.epoch, int(o.rows[0]) // self.store.shard_rows, o.logp, o.index, o.seed,
+                                           skipped=o.skipped)
                     self.written += 1
                 except BaseException as e:  # surfaced to the main thread on the next put/close
                     self.error = e
 
-    def put(self, item):
+    def put(self, shard: Outputs):
         if self.error:
             raise self.error
-        self.q.put(item)
+        self.q.put(shard)
 
     def close(self):
         self.q.put(None)
@@ -150,10 +170,10 @@ class _Rounds:
         self.next = 0  # the first round not yet exchanged
         self.round_of = {u: i for i, rnd in enumerate(plan.rounds) for u in rnd}
 
-    def add(self, epoch: int, rows, logp, idx, seed, skipped) -> None:
-        shard = int(rows[0]) // self.store.shard_rows  # items never straddle shards
-        self.parts.setdefault((epoch, shard), []).append((rows, logp, idx, seed, skipped))
-        self.got[self.round_of[(epoch, shard)]] += len(rows)
+    def add(self, out: Outputs) -> None:
+        shard = int(out.rows[0]) // self.store.shard_rows  # items never straddle shards
+        self.parts.setdefault((out.epoch, shard), []).append(out)
+        self.got[self.round_of[(out.epoch, shard)]] += len(out.rows)
         self.flush()
 
     def flush(self, final: bool = False) -> None:
@@ -169,19 +189,15 @@ class _Rounds:
                     self.writer.put(self._assemble(unit, [p for ps in parts for p in ps]))
             self.next += 1
 
-    def _assemble(self, unit: tuple[int, int], parts: list):
+    def _assemble(self, unit: tuple[int, int], parts: list[Outputs]) -> Outputs:
+        """The whole shard, in row order."""
         epoch, shard = unit
         a, b = self.store.shard_bounds(shard)
-        rows = np.concatenate([p[0] for p in parts]) - a
-        if len(rows) != b - a or not np.array_equal(np.sort(rows), np.arange(b - a)):
-            raise StoreError(f"{self.store.path}: shard {shard} of epoch {epoch} got {len(rows)} rows for {b - a}")
-        out = []
-        for i in range(1, 5):
-            arr = np.concatenate([p[i] for p in parts])
-            full = np.empty((b - a,) + arr.shape[1:], arr.dtype)
-            full[rows] = arr
-            out.append(full)
-        return (epoch, shard, *out)
+        got = Outputs.cat(parts)
+        if len(got.rows) != b - a or not np.array_equal(np.sort(got.rows), np.arange(a, b)):
+            raise StoreError(f"{self.store.path}: shard {shard} of epoch {epoch} got {len(got.rows)} rows for {b - a}")
+        order = np.argsort(got.rows)
+        return Outputs(epoch, *(getattr(got, f)[order] for f in ("rows", "logp", "index", "seed", "skipped")))
 
 
 @dist.keeps_threads
@@ -228,19 +244,13 @@ def gen_logits(cfg: GenConfig, on_step: Callable[[dict], None] | None = None) ->
     try:
         pending = None
         for batch in meter(renderer(loader) if renderer else loader):
-            logp, idx = teacher.topk(batch["image"], cfg.k, pad_to=pad_to)
+            logp, idx = teacher.topk(batch.image, cfg.k, pad_to=pad_to)
             # the copies back are queued now and waited for one batch later: the device keeps working
-            done, pending = pending, (batch, HostCopy(logp, idx))
+            done, pending = pending, _InFlight(batch, HostCopy(logp, idx))
             if done is not None:
-                _store_batch(cfg, rounds, counts, *done)
-                bar.update(len(done[0]["row"]))
-                if on_step is not None:
-                    on_step({"views": len(done[0]["row"]), "seconds": time.time() - t_start})
+                _store_batch(cfg, rounds, counts, done, bar, on_step, t_start)
         if pending is not None:
-            _store_batch(cfg, rounds, counts, *pending)
-            bar.update(len(pending[0]["row"]))
-            if on_step is not None:
-                on_step({"views": len(pending[0]["row"]), "seconds": time.time() - t_start})
+            _store_batch(cfg, rounds, counts, pending, bar, on_step, t_start)
         rounds.flush(final=True)
         writer.close()
     finally:
@@ -266,12 +276,21 @@ def gen_logits(cfg: GenConfig, on_step: Callable[[dict], None] | None = None) ->
     }
 
 
-def _store_batch(cfg: GenConfig, rounds: "_Rounds", counts: dict, batch: dict, copy: HostCopy) -> None:
+@dataclass
+class _InFlight:
+    """A teacher batch whose outputs are on their way back to the host."""
+
+    batch: Batch
+    outputs: HostCopy
+
+
+def _store_batch(cfg: GenConfig, rounds: "_Rounds", counts: dict, done: _InFlight, bar, on_step, t_start) -> None:
     """Hand one teacher batch to its shard. Views whose teacher outputs are not finite (an
     fp16 teacher overflowing) are stored as skipped with ``--skip-bad`` and refused without."""
-    logp, idx = (t.numpy() for t in copy.get())
-    rows, valid = batch["row"].numpy(), batch["valid"].numpy()
-    epoch = int(batch["epoch"][0])
+    batch = done.batch
+    logp, idx = (t.numpy() for t in done.outputs.get())
+    rows, valid = batch.row.numpy(), batch.valid.numpy()
+    epoch = int(batch.epoch[0])
     bad = valid & ~np.isfinite(logp).all(1)
     if bad.any():
         if not cfg.skip_bad:
@@ -281,9 +300,12 @@ def _store_batch(cfg: GenConfig, rounds: "_Rounds", counts: dict, batch: dict, c
                 f"or `skip_bad` to store them as skipped")
         counts["nonfinite"] += int(bad.sum())
         valid = valid & ~bad
-    rounds.add(epoch, rows, logp, idx, batch["seed"].numpy().astype(np.uint64), ~valid)
+    rounds.add(Outputs(epoch, rows, logp, idx, batch.seed.numpy().astype(np.uint64), ~valid))
     counts["views"] += len(rows)
     counts["skipped"] += int((~valid).sum())
+    bar.update(len(rows))
+    if on_step is not None:
+        on_step({"views": len(rows), "seconds": time.time() - t_start})
 
 
 def _progress(total: int, enabled: bool, desc: str):

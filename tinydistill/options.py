@@ -11,11 +11,14 @@ shows as flags (--no-kd). A new option is one line in one place.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import re
+import types
 import typing
 from pathlib import Path
 from typing import Any, Callable
 
+from .errors import one_line
 
 SECTIONS = ("gen_logits", "train_student", "verify", "quickstart")
 
@@ -42,7 +45,7 @@ def flag_of(f: dataclasses.Field) -> str:
 def _click_type(hint):
     """click type from a type hint: int, float, str, bool, Optional[...], tuple[float, float]."""
     args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and len(args) == 1:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:
         hint = args[0]
     if typing.get_origin(hint) is tuple:
         return tuple(typing.get_args(hint))
@@ -57,7 +60,7 @@ def click_options(cls, *, exclude: tuple[str, ...] = (), defaults: bool = True):
     """
     import click
 
-    hints = typing.get_type_hints(cls, globalns=vars(__import__(cls.__module__, fromlist=["_"])))
+    hints = typing.get_type_hints(cls, globalns=vars(importlib.import_module(cls.__module__)))
 
     def deco(fn):
         for f in reversed(dataclasses.fields(cls)):
@@ -123,7 +126,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except OSError as e:
         raise RecipeError(f"{path}: cannot read ({e.strerror})") from None
     except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise RecipeError(f"{path}: not valid YAML ({one_line(e)})") from None
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: expected a mapping of option names to values")
     return raw

@@ -229,6 +229,19 @@ class Policy:
 _GEOMETRIC = {"Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY", "TranslateXRel", "TranslateYRel"}
 
 
+def blended_augmix_weights(mix: dict) -> list[float]:
+    """The blend factor of each chain of a blended AugMix record (timm's
+    ``AugMixAugment._apply_blended``): chain k's output is blended into the running image with
+    weight ``w[k]``. Computed from the float32 weights times ``m``, in timm's order."""
+    ws = np.float32(mix["weights"]) * np.float32(mix["m"])
+    cump, rws = 1.0, []
+    for w in ws[::-1]:
+        a = w / cump
+        cump *= 1 - a
+        rws.append(a)
+    return [float(v) for v in rws[::-1]]
+
+
 def _level_args(op, magnitude: float, coin: random.Random) -> tuple:
     """timm's level function of ``op``; its random sign comes from ``coin``, not the global RNG."""
     if op.level_fn is None:

@@ -15,6 +15,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .batch import Batch
 from .stream import ChunkTargets, Item
 
 
@@ -40,12 +41,11 @@ class RankTargets:
                 self.chunks.cache[(int(epoch), c)] = fut.result()  # re-raises a read error here
         return self.chunks.get(epoch, rows)
 
-    def join(self, batch: dict) -> dict:
-        """``logp``/``index`` of a batch's (epoch, row)s; views never written stay invalid."""
-        epoch, rows = (np.asarray(v.cpu() if torch.is_tensor(v) else v) for v in (batch["epoch"], batch["row"]))
-        logp, index = self.get(int(epoch.flat[0]), rows.astype(np.int64))
-        batch["logp"], batch["index"] = torch.from_numpy(logp), torch.from_numpy(index)
-        batch["valid"] = torch.as_tensor(batch["valid"]) & ~torch.isnan(batch["logp"][:, 0])
+    def join(self, batch: Batch) -> Batch:
+        """The batch with its stored ``logp``/``index``; views never written become invalid."""
+        logp, index = self.get(int(batch.epoch[0]), batch.row.numpy())
+        batch.logp, batch.index = torch.from_numpy(logp), torch.from_numpy(index)
+        batch.valid = batch.valid & ~torch.isnan(batch.logp[:, 0])
         return batch
 
     def close(self) -> None:

@@ -16,52 +16,16 @@ import threading
 import time
 from typing import Iterator
 
-import numpy as np
 import torch
 
+from .batch import Batch, Encoded
 from .cuda import SideStream
-from .errors import TinydistillError
+from .errors import TinydistillError, one_line
 
 RENDER_UNIT = 1024  # views rendered together: >= 1,024 keeps host dispatch per view small
 
-# encoded fields with one entry per row (concatenated when batches merge)
-ROW_FIELDS = ("row", "seed", "label", "partner", "partner_label", "lam", "valid")
-# fields a rendered batch passes through from its encoded batch
-PASS_FIELDS = ("logp", "index", "worker", "busy_s")
-
-
 class RenderError(TinydistillError):
     """Rendering a unit of views failed for a reason other than an unreadable image."""
-
-
-def merge_encoded(parts: list[dict]) -> dict:
-    """Several encoded batches (of any epochs) as one: per-row fields concatenated, image slots
-    renumbered, pixel buffers and erase plans joined. ``epoch`` becomes a per-row array."""
-    if len(parts) == 1 and np.ndim(parts[0]["epoch"]) == 1:
-        return parts[0]
-    out: dict = {k: np.concatenate([np.asarray(p[k]) for p in parts]) for k in ROW_FIELDS}
-    out["epoch"] = np.concatenate([np.broadcast_to(np.asarray(p["epoch"], np.int64), (len(p["row"]),))
-                                   for p in parts])
-    slot, pslot, pix_off, erase_slot = [], [], [], []
-    n_slots = n_pix = 0
-    for p in parts:
-        s, ps = np.asarray(p["slot"]), np.asarray(p["pslot"])
-        slot.append(np.where(s >= 0, s + n_slots, -1))
-        pslot.append(np.where(ps >= 0, ps + n_slots, -1))
-        off = np.asarray(p["pix_off"])
-        pix_off.append(np.where(off >= 0, off + n_pix, -1))
-        erase_slot.append(np.asarray(p["erase_slot"]) + n_slots)
-        n_slots += len(p["params"])
-        n_pix += len(p["pixels"])
-    out["slot"], out["pslot"] = np.concatenate(slot), np.concatenate(pslot)
-    out["pix_off"], out["erase_slot"] = np.concatenate(pix_off), np.concatenate(erase_slot)
-    tail = max((q.src_size[0] for p in parts for q in p["params"]), default=0)  # see views._tail
-    out["pixels"] = np.concatenate([np.asarray(p["pixels"]) for p in parts] + [np.zeros(tail, np.uint8)])
-    out["erase_idx"] = np.concatenate([np.asarray(p["erase_idx"]) for p in parts])
-    out["erase_val"] = np.concatenate([np.asarray(p["erase_val"]) for p in parts])
-    for k in ("jpeg", "params", "keys"):
-        out[k] = [x for p in parts for x in p[k]]
-    return out
 
 
 class DeviceRenderer:
@@ -80,7 +44,7 @@ class DeviceRenderer:
         self.busy = 0.0
         self.units = 0
 
-    def __call__(self, loader) -> Iterator[dict]:
+    def __call__(self, loader) -> Iterator[Batch]:
         streams = SideStream(self.device)
         q: queue.Queue = queue.Queue(maxsize=self.depth)
         stop = threading.Event()
@@ -104,7 +68,7 @@ class DeviceRenderer:
                     if stop.is_set():
                         return
                     pending.append(raw)
-                    rows += len(raw["row"])
+                    rows += len(raw)
                     if rows >= self.unit:
                         if not put(self._render_unit(pending, streams)):
                             return
@@ -135,9 +99,9 @@ class DeviceRenderer:
                 shutdown()  # a thread waiting on a worker's batch gets an error and ends
             thread.join(timeout=30)
 
-    def _render_unit(self, parts: list[dict], streams: SideStream):
+    def _render_unit(self, parts: list[Encoded], streams: SideStream):
         t0 = time.perf_counter()
-        raw = merge_encoded(parts)
+        raw = Encoded.merge(parts)
         streams.before_unit()
         try:
             with streams.rendering():
@@ -146,20 +110,15 @@ class DeviceRenderer:
         except TinydistillError:
             raise
         except Exception as e:
-            ep, rows = np.asarray(raw["epoch"]), np.asarray(raw["row"])
-            msg = str(e).splitlines()[0] if str(e) else ""
-            raise RenderError(f"{self.core.source.name}: rendering views of epoch(s) {sorted(set(ep.tolist()))} "
-                              f"rows {rows.min()}..{rows.max()} on {self.device} failed "
-                              f"({type(e).__name__}: {msg})") from e
+            raise RenderError(f"{self.core.source.name}: rendering views of epoch(s) {sorted(set(raw.epoch.tolist()))} "
+                              f"rows {raw.row.min()}..{raw.row.max()} on {self.device} failed "
+                              f"({one_line(e)})") from e
         batches, lo = [], 0
         for p in parts:
-            n = len(p["row"])
-            b = {k: v[lo:lo + n] for k, v in out.items()}
-            for k in PASS_FIELDS:
-                if k in p:
-                    b[k] = p[k]
+            b = out.slice(lo, lo + len(p))
+            b.worker, b.busy_s = p.worker, p.busy_s
             batches.append(b)
-            lo += n
+            lo += len(p)
         self.busy += time.perf_counter() - t0
         self.units += 1
         return batches, ready

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .params import OpParams, ViewParams
+from .params import OpParams, ViewParams, blended_augmix_weights
 
 NAME = "pil"
 
@@ -54,18 +54,12 @@ def _augmix(img, mix: dict):
     from PIL import Image
 
     if mix["blended"]:
-        ws = np.float32(mix["weights"]) * np.float32(mix["m"])
-        cump, rws = 1.0, []
-        for w in ws[::-1]:
-            a = w / cump
-            cump *= 1 - a
-            rws.append(a)
         orig, out = img.copy(), img
-        for w, chain in zip(rws[::-1], mix["chains"]):
+        for w, chain in zip(blended_augmix_weights(mix), mix["chains"]):
             aug = orig
             for op in chain:
                 aug = apply_op(aug, op)
-            out = Image.blend(out, aug, float(w))
+            out = Image.blend(out, aug, w)
         return out
     mixed = np.zeros_like(np.asarray(img), dtype=np.float32)
     for w, chain in zip(mix["weights"], mix["chains"]):

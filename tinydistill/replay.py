@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Sequence
 
 import numpy as np
 
@@ -19,6 +18,7 @@ from ._util import spec_hash
 from .augment import AugSpec
 from .errors import TinydistillError
 from .sources import Source
+from .batch import Batch
 from .views import VIEW_FORMAT, ReplayError, render_views
 
 
@@ -28,12 +28,13 @@ def canary_views(num_rows: int, epochs: int) -> list[tuple[int, int]]:
     return sorted(set(cand))
 
 
-def views_digest(views: Sequence[dict]) -> str:
+def views_digest(views: Batch) -> str:
     """sha256 over the exact pixels (float32 bytes), mix partners and lambdas of views."""
     h = hashlib.sha256()
-    for v in views:
-        h.update(np.ascontiguousarray(v["image"].numpy(), dtype=np.float32).tobytes())
-        h.update(f"{v['epoch']},{v['row']},{v['partner']},{v['lam']!r},{v['valid']}".encode())
+    for i in range(len(views)):
+        h.update(np.ascontiguousarray(views.image[i].numpy(), dtype=np.float32).tobytes())
+        h.update(f"{int(views.epoch[i])},{int(views.row[i])},{int(views.partner[i])},{float(views.lam[i])!r},"
+                 f"{bool(views.valid[i])}".encode())
     return h.hexdigest()
 
 
@@ -42,7 +43,7 @@ def make_canary(source: Source, spec: AugSpec, base_seed: int, epochs: int, devi
     and the pixels themselves as float16 (to measure how far another renderer or device is)."""
     views = canary_views(len(source), epochs)
     rendered = render_views(source, spec, base_seed, views, skip_bad=True, device=device)
-    pixels = np.stack([v["image"].numpy() for v in rendered]).astype(np.float16)
+    pixels = rendered.image.numpy().astype(np.float16)
     return {"views": [list(v) for v in views], "digest": views_digest(rendered)}, pixels
 
 
@@ -131,7 +132,7 @@ def check_replay(store, source: Source, renderer: str | None = None, allow_rende
     ref = store.canary_pixels()
     if ref is None:
         raise ReplayError(f"{store.path}: has no canary pixels to compare another renderer or device with")
-    got = np.stack([v["image"].numpy() for v in rendered])
+    got = rendered.image.numpy()
     db = psnr(got, ref)
     what = (f"the {renderer} renderer on {here}" if other else f"the {spec.renderer} renderer on {here} "
             f"(the store was rendered on {made_on})")

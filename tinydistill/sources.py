@@ -15,7 +15,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ._util import keys_fingerprint
-from .errors import TinydistillError
+from .errors import TinydistillError, one_line
 
 ORDER_SEED = 0  # the permutation that gives an ImageFolder its store order
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "pgm", "tif", "tiff")
@@ -54,7 +54,7 @@ class Source:
             try:
                 yield int(r), self._load(int(r))
             except Exception as e:  # corrupt file, truncated JPEG, vanished path ...
-                yield int(r), BadSampleError(f"{self.name}: {self.keys[r]}: cannot read image ({_one_line(e)})")
+                yield int(r), BadSampleError(f"{self.name}: {self.keys[r]}: cannot read image ({one_line(e)})")
 
     def read_encoded(self, rows: Sequence[int]) -> Iterator[tuple[int, "object", tuple[int, int] | None]]:
         """Yield (row, encoded bytes or uint8 array or BadSampleError, (width, height)) for
@@ -68,7 +68,7 @@ class Source:
                 else:
                     yield int(r), data, _header_size(data)
             except Exception as e:
-                yield int(r), BadSampleError(f"{self.name}: {self.keys[r]}: cannot read image ({_one_line(e)})"), None
+                yield int(r), BadSampleError(f"{self.name}: {self.keys[r]}: cannot read image ({one_line(e)})"), None
 
     def _encoded(self, row: int):
         """Encoded bytes of one image (default: the decoded pixels as a uint8 array)."""
@@ -79,11 +79,6 @@ class Source:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, rows={len(self)}, classes={self.num_classes})"
-
-
-def _one_line(e: BaseException) -> str:
-    msg = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {msg[0]}" if msg else type(e).__name__
 
 
 def _header_size(data: bytes) -> tuple[int, int]:
@@ -163,7 +158,7 @@ class ImageFolderSource(Source):
             classes, class_to_idx = find_classes(root)
             samples = make_dataset(root, class_to_idx, extensions=tuple("." + e for e in IMAGE_EXTS), allow_empty=True)
         except (FileNotFoundError, OSError) as e:
-            raise SourceError(f"{root}: not an ImageFolder directory ({_one_line(e)})") from e
+            raise SourceError(f"{root}: not an ImageFolder directory ({one_line(e)})") from e
         if not samples:
             raise SourceError(f"{root}: no images in its class folders")
         order = np.random.default_rng(ORDER_SEED).permutation(len(samples))
@@ -246,7 +241,7 @@ class WebDatasetSource(Source):
         except TinydistillError:
             raise
         except Exception as e:
-            raise SourceError(f"{self.name}: cannot read shards {urls[0]}... ({_one_line(e)})") from e
+            raise SourceError(f"{self.name}: cannot read shards {urls[0]}... ({one_line(e)})") from e
 
     def _members(self, rows):
         """(row, {image extension: bytes}) for ascending rows: one read per run of neighbouring
@@ -269,7 +264,7 @@ class WebDatasetSource(Source):
             except TinydistillError:
                 raise
             except Exception as e:  # server down, credentials refused, shard deleted ...
-                raise SourceError(f"{url}: cannot read shard ({_one_line(e)})") from None
+                raise SourceError(f"{url}: cannot read shard ({one_line(e)})") from None
             got = dict(zip(ok.tolist(), blobs))
             for r in mine.tolist():
                 yield r, ({"image": got[r]} if r in got else {})
@@ -299,7 +294,7 @@ class WebDatasetSource(Source):
             try:
                 item = _decode(self._image_bytes(row, sample))
             except Exception as e:
-                item = BadSampleError(f"{self.name}: {self.keys[row]}: cannot read image ({_one_line(e)})")
+                item = BadSampleError(f"{self.name}: {self.keys[row]}: cannot read image ({one_line(e)})")
             yield row, item
 
     def read_encoded(self, rows):
@@ -308,7 +303,7 @@ class WebDatasetSource(Source):
                 data = self._image_bytes(row, sample)
                 yield row, data, _header_size(data)
             except Exception as e:
-                yield row, BadSampleError(f"{self.name}: {self.keys[row]}: cannot read image ({_one_line(e)})"), None
+                yield row, BadSampleError(f"{self.name}: {self.keys[row]}: cannot read image ({one_line(e)})"), None
 
 
 def _shard_name(url: str) -> str:

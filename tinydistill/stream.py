@@ -1,5 +1,4 @@
-"""The view stream: which rows each rank and DataLoader worker renders, in which batches,
-with which stored targets.
+"""The view stream: which rows each rank and DataLoader worker renders, in which batches.
 
 Work is cut into *items*: rows of one epoch that one DataLoader worker renders together and
 cuts into consecutive batches. Items are small and independent of how the store is laid out,
@@ -16,8 +15,8 @@ so every worker of every rank has work whatever the data size:
 
 :class:`ViewStream` hands a rank's items to its DataLoader workers round-robin (item i to
 worker i % workers), which the DataLoader returns in item order: the batches a model sees do
-not depend on the worker count. Stored targets are joined in the worker, reading each store
-chunk it needs once per epoch (:class:`ChunkTargets`).
+not depend on the worker count. Stored targets are joined in each rank's main process
+(:class:`ChunkTargets`, through :mod:`tinydistill.ranktargets`), not in the workers.
 """
 
 from __future__ import annotations
@@ -28,9 +27,9 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
-import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from .batch import Batch, Encoded
 from .params import pair_order
 from .views import Views
 
@@ -186,16 +185,15 @@ class ChunkTargets:
 # ---- the stream -------------------------------------------------------------------------------
 
 class ViewStream(IterableDataset):
-    """IterableDataset of collated batches of views over a rank's items.
-
-    Use ``DataLoader(stream, batch_size=None, num_workers=W)``. Batches are dicts of
-    ``epoch``, ``row``, ``seed``, ``image`` [B, 3, S, S], ``label``, ``partner``,
-    ``partner_label``, ``lam``, ``valid``, with ``logp``/``index`` when ``targets`` (a store)
-    is given, and ``worker`` / ``busy_s`` (which worker made it, and the seconds it worked on it).
+    """IterableDataset of a rank's batches of views: :class:`~tinydistill.batch.Batch` with
+    pixels rendered by the workers, or, for the torch renderer, :class:`~tinydistill.batch.Encoded`
+    batches that a :class:`~tinydistill.render_device.DeviceRenderer` renders in the main
+    process. Either carries ``worker`` / ``busy_s`` (which worker made it, and the seconds it
+    worked on it). Use ``DataLoader(stream, batch_size=None, num_workers=W)``.
     """
 
-    def __init__(self, core: Views, items: Sequence[Item], targets=None, encoded: bool | None = None):
-        self.core, self.items, self.targets = core, list(items), targets
+    def __init__(self, core: Views, items: Sequence[Item], encoded: bool | None = None):
+        self.core, self.items = core, list(items)
         # encoded batches (Views.encode: bytes + records) for a DeviceRenderer in the main
         # process; the renderer alone decides (ENCODED_RENDERERS), on every device
         self.encoded = core.spec.renderer in ENCODED_RENDERERS if encoded is None else bool(encoded)
@@ -207,15 +205,11 @@ class ViewStream(IterableDataset):
     def num_views(self) -> int:
         return sum(len(it.rows) for it in self.items)
 
-    def __iter__(self) -> Iterator[dict]:
-        from torch.utils.data import default_collate
-
+    def __iter__(self) -> Iterator[Batch | Encoded]:
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        mine = self.items[wid::nw]
-        targets = ChunkTargets(self.targets, mine) if self.targets is not None else None
         t0 = time.perf_counter()
-        for it in mine:
+        for it in self.items[wid::nw]:
             step = it.render or len(it.rows)
             for start in range(0, len(it.rows), step):
                 rows = it.rows[start:start + step]
@@ -224,13 +218,8 @@ class ViewStream(IterableDataset):
                     if self.encoded:  # bytes and records only: pixels are made on the device
                         batch = self.core.encode(it.epoch, rows[lo:lo + it.batch])
                     else:
-                        batch = default_collate(rendered[lo:lo + it.batch])
-                    if targets is not None:
-                        logp, index = targets.get(it.epoch, rows[lo:lo + it.batch])
-                        batch["logp"], batch["index"] = torch.from_numpy(logp), torch.from_numpy(index)
-                        batch["valid"] &= ~np.isnan(logp[:, 0]) if self.encoded else ~torch.isnan(batch["logp"][:, 0])
-                    batch["worker"] = wid
-                    batch["busy_s"] = time.perf_counter() - t0
+                        batch = rendered.slice(lo, lo + it.batch)
+                    batch.worker, batch.busy_s = wid, time.perf_counter() - t0
                     yield batch
                     t0 = time.perf_counter()
 
@@ -249,7 +238,7 @@ class Meter:
         self.wait = 0.0
         self.t0 = time.perf_counter()
 
-    def __call__(self, loader) -> Iterator[dict]:
+    def __call__(self, loader) -> Iterator[Batch]:
         it = iter(loader)
         while True:
             t = time.perf_counter()
@@ -258,9 +247,8 @@ class Meter:
             except StopIteration:
                 return
             self.wait += time.perf_counter() - t
-            w = int(batch["worker"])
-            self.worker_views[w] += len(batch["row"])
-            self.busy[w] += float(batch["busy_s"])
+            self.worker_views[batch.worker] += len(batch)
+            self.busy[batch.worker] += batch.busy_s
             yield batch
 
     def report(self) -> dict:

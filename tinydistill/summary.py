@@ -106,6 +106,61 @@ def summarize(store: LogitStore, max_views: int = 200_000, seed: int = 0) -> dic
     return {"info": info, "completed": store.completed().tolist(), "stats": stats, "_arrays": arrays}
 
 
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _completeness_line(done: list[float]) -> str:
+    if len(done) <= 12:
+        return "  ".join(f"e{e}: {100 * f:.0f}%" for e, f in enumerate(done))
+    full = sum(f == 1 for f in done)
+    empty = sum(f == 0 for f in done)
+    partial = [f"e{e}: {100 * f:.0f}%" for e, f in enumerate(done) if 0 < f < 1]
+    return f"{full} epochs complete, {empty} empty" + (f", partial: {' '.join(partial[:10])}" if partial else "")
+
+
+def summary_lines(summary: dict, check: bool = False, plot: str | None = None) -> list[str]:
+    """``tinydistill inspect``'s text: one aligned "name  value" line per fact of :func:`summarize`."""
+    info, stats = summary["info"], summary["stats"]
+    t = info["teacher"]
+    teacher = ", ".join(f"{k}={v}" for k, v in t.items() if k in ("name", "weights_digest", "input_size")) or "not recorded"
+    lines = [
+        ("store", f"{info['path']}  (format {info['format_version']}, created {info['created']})"),
+        ("shape", f"{info['epochs']} epochs x {info['num_rows']} rows x K={info['k']}, "
+                  f"{info['num_classes']} classes, index {info['index_dtype']}"),
+        ("teacher", teacher),
+        ("spec hash", str(info["spec_hash"])[:16]),
+        ("complete", _completeness_line(summary["completed"])),
+        ("on disk", f"{_fmt_bytes(info['bytes_on_disk'])}"
+                    + (f", {info['bytes_per_view']:.1f} bytes/view" if info["bytes_per_view"] else "")
+                    + "  (" + ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in sorted(info["bytes_by_array"].items())) + ")"),
+    ]
+    if stats["views_sampled"]:
+        lines += [
+            ("top-1 prob", f"mean {stats['mean_top1_prob']:.4f}  ({stats['views_sampled']} views sampled"
+                           + (f", {stats['views_skipped']} skipped as unreadable)" if stats["views_skipped"] else ")")),
+            ("top-K mass", f"mean {stats['mean_topk_mass']:.4f}"),
+            ("agreement", "no labels" if stats["top1_agreement"] is None
+             else f"teacher top-1 = label on {100 * stats['top1_agreement']:.2f}% of views"),
+        ]
+        if stats.get("least_sure_classes"):
+            lines.append(("least sure", ", ".join(f"{c['class']} ({c['mean_true_class_prob']:.2f})"
+                                                  for c in stats["least_sure_classes"][:5])
+                          + "  (mean probability of the true class)"))
+    else:
+        lines.append(("statistics", "no complete views yet"))
+    if check:
+        lines.append(("check", "every complete shard reads back intact"))
+    if plot:
+        lines.append(("plot", plot))
+    w = max(len(k) for k, _ in lines)
+    return [f"{k:<{w}}  {v}" for k, v in lines]
+
+
 def plot_summary(summary: dict, class_names: list[str], path: str) -> None:
     """Three panels: top-1 probability, top-K mass, and per-class confidence on the true class
     (every class when there are at most 40, else the 20 the teacher is least sure of, named).

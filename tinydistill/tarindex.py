@@ -27,7 +27,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from .errors import TinydistillError
+from .errors import TinydistillError, one_line
 
 FORMAT = 1
 INDEX_SUFFIX = ".idx.json"  # beside the shard: shard-000.tar -> shard-000.tar.idx.json
@@ -84,7 +84,7 @@ def stat(url: str, storage_options: dict | None = None) -> tuple[int, str]:
     except TinydistillError:
         raise
     except Exception as e:
-        raise ShardError(f"{url}: cannot read shard ({_one_line(e)})") from None
+        raise ShardError(f"{url}: cannot read shard ({one_line(e)})") from None
     return int(info.get("size") or 0), _remote_version(info)
 
 
@@ -96,11 +96,6 @@ def _remote_version(info: dict) -> str:
         if info.get(k):
             return f"mtime:{info[k]}"
     return ""
-
-
-def _one_line(e: BaseException) -> str:
-    msg = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {msg[0]}" if msg else type(e).__name__
 
 
 # ---- scanning -------------------------------------------------------------------------------
@@ -119,7 +114,7 @@ def scan(url: str, storage_options: dict | None = None) -> list:
     except TinydistillError:
         raise
     except Exception as e:
-        raise ShardError(f"{url}: cannot index shard ({_one_line(e)})") from None
+        raise ShardError(f"{url}: cannot index shard ({one_line(e)})") from None
 
 
 def _group(tar: tarfile.TarFile, url: str, stream: bool) -> list:

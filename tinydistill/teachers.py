@@ -15,7 +15,8 @@ from typing import Sequence
 
 import torch
 
-from .errors import TinydistillError
+from .dist import amp_dtype
+from .errors import TinydistillError, one_line
 
 ALIASES = {
     "clip-vit-l14": "vit_large_patch14_clip_224.openai_ft_in12k_in1k",
@@ -76,7 +77,7 @@ class Teacher:
                     self.interpolation)
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        dt = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.amp)
+        dt = amp_dtype(self.amp)
         with torch.autocast(self.device.type, dtype=dt, enabled=dt is not None):
             logits = self.model(x)
         logp, idx = torch.log_softmax(logits[:n].float(), dim=-1).topk(k, dim=-1)
@@ -119,7 +120,7 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             sd = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise TeacherError(f"{path}: cannot load teacher weights ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+        raise TeacherError(f"{path}: cannot load teacher weights ({one_line(e)})") from e
     for key in ("state_dict", "model", "model_ema"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
@@ -167,7 +168,7 @@ def _load_timm(name: str, model_name: str, weights: str | None) -> Teacher:
             try:
                 model.load_state_dict(sd, strict=True)
             except RuntimeError as e:
-                raise TeacherError(f"{weights}: does not fit {model_name} ({str(e).splitlines()[0]}"
+                raise TeacherError(f"{weights}: does not fit {model_name} ({one_line(e)}"
                                    f" {str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else ''})") from e
             digest = file_digest(weights)
         else:
@@ -180,7 +181,7 @@ def _load_timm(name: str, model_name: str, weights: str | None) -> Teacher:
     except TeacherError:
         raise
     except Exception as e:
-        raise TeacherError(f"{name}: cannot build {model_name} ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+        raise TeacherError(f"{name}: cannot build {model_name} ({one_line(e)})") from e
     model.eval()
     cfg = resolve_data_config({}, model=model)
     names = None
@@ -223,7 +224,7 @@ def _load_open_clip(name: str, spec: str, weights: str | None, class_names: Sequ
         clip, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=weights or pretrained or None)
         tokenizer = open_clip.get_tokenizer(arch)
     except Exception as e:
-        raise TeacherError(f"{name}: cannot build open_clip {spec} ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+        raise TeacherError(f"{name}: cannot build open_clip {spec} ({one_line(e)})") from e
     clip.eval()
     with torch.inference_mode():
         feats = []

@@ -14,8 +14,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
-import random
 import sys
 import time
 from dataclasses import asdict
@@ -26,21 +24,18 @@ import numpy as np
 import torch
 
 from .config import TrainConfig, parse_kv  # noqa: F401  (TrainConfig is this stage's config)
-from .errors import TinydistillError
-from . import dist
+from .errors import TrainError, one_line
+from . import checkpoint, dist
 from .losses import DistillLoss, Objective, mixed_labels
 from .sources import open_source
 from .nodecache import node_local
+from .batch import Batch
 from .ranktargets import RankTargets
 from .render_device import DeviceRenderer
 from .stream import Meter, ViewStream, epoch_order, train_items
 from .views import Views, prepare
 
 log = logging.getLogger("tinydistill")
-
-
-class TrainError(TinydistillError):
-    """A training set-up that cannot run (mismatched store, bad option, missing checkpoint)."""
 
 
 # ---- set-up ---------------------------------------------------------------------------------------
@@ -120,7 +115,7 @@ def create_student(cfg: TrainConfig, num_classes: int, input_size: int):
             return timm.create_model(arch, **kw)
     except (TypeError, ValueError, AssertionError, RuntimeError) as e:
         raise TrainError(f"{cfg.student}: cannot build with {cfg.model_kwargs or 'default arguments'} "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+                         f"({one_line(e)})") from e
 
 
 def _val_loader(cfg: TrainConfig, input_size: int, mean, std, crop_pct: float, world: int, rank: int):
@@ -164,41 +159,6 @@ def evaluate(model, loader, device, amp_dtype) -> dict[str, float]:
     return {"top1": 100 * c1 / max(n, 1), "top5": 100 * c5 / max(n, 1)}
 
 
-def _save(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # never a half-written checkpoint under the real name
-
-
-def _seed_rng(seed: int) -> None:
-    """Seed every generator the training loop draws from: torch's CPU and CUDA generators (drop-path,
-    the DataLoader's worker seeds), numpy's and Python's (timm internals)."""
-    torch.manual_seed(seed)  # CPU and every CUDA device
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
-
-
-def _rng_state() -> dict:
-    """Every generator the loop draws from (see :func:`_seed_rng`), as tensors and plain Python
-    values, so checkpoints load with weights_only=True. The CUDA states are saved only once CUDA
-    is initialised (on the CPU there are none)."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
-    return {"torch": torch.get_rng_state(), "cuda": cuda, "numpy": [name, keys.tolist(), pos, has_gauss, gauss],
-            "python": random.getstate()}
-
-
-def _set_rng_state(s: dict) -> None:
-    torch.set_rng_state(s["torch"])
-    cuda = s.get("cuda") or []
-    if cuda and torch.cuda.is_available():
-        for i, state in enumerate(cuda[:torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(state, i)
-    name, keys, pos, has_gauss, gauss = s["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
-    random.setstate(tuple(s["python"][:1]) + (tuple(s["python"][1]),) + tuple(s["python"][2:]))
-
-
 # ---- labels and dropped rows ----------------------------------------------------------------------
 
 def require_labels(source, needed_by: str) -> None:
@@ -226,37 +186,19 @@ def _labels_needed_by(cfg: TrainConfig, two_heads: bool) -> str:
     return f"the distilled student {cfg.student} (its class head learns the labels)" if two_heads else "the loss"
 
 
-def _dropped(batch: dict) -> tuple[torch.Tensor | None, int, int]:
+def _dropped(batch: Batch) -> tuple[torch.Tensor | None, int, int]:
     """(ids of the rows to keep, or None when all are kept; rows whose stored targets are NaN;
     other rows dropped) of a batch, from its CPU tensors alone (``valid``, ``logp``): no device
     sync. A store holds NaN targets for the views gen-logits skipped: unreadable images, or
     non-finite outputs of the teacher (an fp16 teacher that overflowed); the store does not say
     which. The other rows dropped are those whose image cannot be read now (``valid`` False)."""
-    valid = torch.as_tensor(batch["valid"]).bool()
-    nan = torch.isnan(torch.as_tensor(batch["logp"])).any(1) if "logp" in batch else torch.zeros_like(valid)
+    valid = batch.valid.bool()
+    nan = torch.isnan(batch.logp).any(1) if batch.logp is not None else torch.zeros_like(valid)
     keep = valid & ~nan
     if bool(keep.all()):
         return None, 0, 0
     n_nan = int(nan.sum())
     return keep.nonzero().squeeze(1), n_nan, int((~keep).sum()) - n_nan
-
-
-def _take(batch: dict, keep: torch.Tensor) -> dict:
-    """The rows ``keep`` (CPU ids) of every per-row tensor of a batch; device tensors are indexed
-    with a copy of the ids sent ahead (index_select), never with a mask (that would sync)."""
-    n, out, on = len(batch["valid"]), {}, {}
-    for k, v in batch.items():
-        if torch.is_tensor(v) and v.dim() and len(v) == n:
-            if v.device.type != "cpu":
-                if v.device not in on:
-                    on[v.device] = keep.to(v.device, non_blocking=True)
-                v = v.index_select(0, on[v.device])
-            else:
-                v = v[keep]
-        elif isinstance(v, np.ndarray) and v.ndim and len(v) == n:
-            v = v[keep.numpy()]
-        out[k] = v
-    return out
 
 
 # ---- targets --------------------------------------------------------------------------------------
@@ -267,8 +209,8 @@ class StoreTargets:
     def __init__(self, device):
         self.device = device
 
-    def __call__(self, batch: dict, images: torch.Tensor):
-        return batch["logp"].to(self.device, non_blocking=True), batch["index"].to(self.device, non_blocking=True)
+    def __call__(self, batch: Batch, images: torch.Tensor):
+        return batch.logp.to(self.device, non_blocking=True), batch.index.to(self.device, non_blocking=True)
 
 
 class OnlineTargets:
@@ -277,46 +219,14 @@ class OnlineTargets:
     def __init__(self, teacher, k: int):
         self.teacher, self.k = teacher, k
 
-    def __call__(self, batch: dict, images: torch.Tensor):
+    def __call__(self, batch: Batch, images: torch.Tensor):
         logp, index = self.teacher.topk(images, self.k)
         return logp.clone(), index.clone()  # out of inference mode: usable in the loss
 
 
-def label_targets(batch: dict, images: torch.Tensor):
+def label_targets(batch: Batch, images: torch.Tensor):
     """No KD: the loss uses the (mixed, smoothed) labels alone."""
     return None, None
-
-
-# ---- checkpoints ----------------------------------------------------------------------------------
-
-def _resume(path: Path, cfg: TrainConfig, parts: dict, rank: int = 0, world: int = 1) -> tuple[int, int, float]:
-    """Load ``parts`` (model, optimizer, ...) from a checkpoint and this rank's RNG states;
-    returns (next epoch, step, best). ``cfg`` is resolved (its ``amp`` is set)."""
-    if not path.exists():
-        raise TrainError(f"{path}: no checkpoint to resume from")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise TrainError(f"{path}: cannot load checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from e
-    if ck["config"]["student"] != cfg.student or ck["config"]["epochs"] != cfg.epochs:
-        raise TrainError(f"{path}: checkpoint is of {ck['config']['student']} for {ck['config']['epochs']} "
-                         f"epochs; this run is {cfg.student} for {cfg.epochs}")
-    amp = ck.get("amp") or ck["config"].get("amp")  # older checkpoints: the resolved config's
-    if amp != cfg.amp:  # the GradScaler's state (fp16) exists or not with it: refuse, not a traceback
-        raise TrainError(f"{path}: checkpoint was trained with `amp` {amp}, this run asks for `amp` {cfg.amp}; "
-                         f"resume with `amp` {amp} (or train into a new `out` without `resume`)")
-    for name, obj in parts.items():
-        if obj is not None and ck.get(name) is not None:
-            obj.load_state_dict(ck[name])
-    states = ck.get("rng_ranks") or [ck["rng"]]  # every rank's RNG states (older checkpoints: rank 0's)
-    if len(states) == world:
-        _set_rng_state(states[rank])
-    else:  # another world size: the data order changes too; keep the ranks' draws apart
-        log.warning("%s: saved by %d rank(s), resumed by %d: random draws (drop-path) are not replayed exactly",
-                    path, len(states), world)
-        _seed_rng(cfg.seed + rank + world * (ck["step"] + 1))
-    log.info("resumed %s at epoch %d, step %d", path, ck["epoch"] + 1, ck["step"])
-    return ck["epoch"] + 1, ck["step"], ck.get("best", -1.0)
 
 
 # ---- the loop ------------------------------------------------------------------------------------
@@ -362,20 +272,45 @@ class StepLosses:
         return self.last
 
 
-@dist.keeps_threads
-def train_student(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> dict[str, Any]:
-    """Train ``cfg.student``; returns the last epoch's metrics. ``on_step`` (optional) is
-    called after every optimizer step with ``{"epoch", "step", "views"}``, plus ``"loss"`` (that
-    step's) at the steps where the losses are read back from the device: every ``log_interval``
-    steps and the last step of each epoch. There the step has finished on the device; elsewhere
-    it may only be queued (the loop does not wait for the GPU between reads)."""
+@dataclasses.dataclass
+class _Run:
+    """What a training run holds between epochs (built by :func:`_build`)."""
+
+    cfg: TrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    out: Path
+    source: Any
+    store: Any  # the logit store (offline KD), or None
+    core: Views
+    num_classes: int
+    input_size: int
+    model: torch.nn.Module
+    ddp: torch.nn.Module  # the model, wrapped by DDP under torchrun
+    parts: dict  # what a checkpoint holds: model, optimizer, scheduler, scaler, ema
+    targets: Callable  # batch, images -> (logp, index) or (None, None)
+    objective: Objective
+    use_labels: bool
+    distilled: bool
+    mean: tuple
+    std: tuple
+    val: Any  # the validation loader, or None
+    step: int = 0
+    best: float = -1.0
+
+    @property
+    def view_seed(self) -> int:
+        return self.core.base_seed
+
+
+def _build(cfg: TrainConfig) -> tuple[_Run, int]:
+    """Source, store, student, optimizer and the rest from a resolved config; (run, first epoch)."""
     from timm.data import resolve_data_config
     from timm.optim import create_optimizer_v2
     from timm.scheduler import CosineLRScheduler
     from timm.utils import ModelEmaV3
-    from tqdm import tqdm
 
-    cfg = resolve(cfg)
     rank, world, device = dist.setup(cfg.device, cfg.workers)
     out = Path(cfg.out)
     try:
@@ -393,19 +328,18 @@ def train_student(cfg: TrainConfig, on_step: Callable[[dict], None] | None = Non
 
     torch.manual_seed(cfg.seed)
     model = create_student(cfg, num_classes, input_size)  # the same initial weights on every rank
-    _seed_rng(cfg.seed + rank)  # training draws (drop-path masks) differ across ranks, as in timm
+    checkpoint.seed_rng(cfg.seed + rank)  # training draws (drop-path masks) differ across ranks, as in timm
     data_cfg = resolve_data_config({}, model=model)
-    mean, std = data_cfg["mean"], data_cfg["std"]
     distilled = hasattr(model, "set_distilled_training")
     model.to(device)
-    ema = ModelEmaV3(model, decay=cfg.ema, device=device) if cfg.ema else None
     optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, math.ceil(len(source) / (cfg.batch_size * world)))
-    scheduler = CosineLRScheduler(optimizer, t_initial=cfg.epochs * steps_per_epoch, lr_min=cfg.min_lr,
-                                  warmup_lr_init=cfg.warmup_lr, warmup_t=int(cfg.warmup_epochs * steps_per_epoch),
-                                  t_in_epochs=False)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    parts = {"model": model, "optimizer": optimizer,
+             "scheduler": CosineLRScheduler(optimizer, t_initial=cfg.epochs * steps_per_epoch, lr_min=cfg.min_lr,
+                                            warmup_lr_init=cfg.warmup_lr, t_in_epochs=False,
+                                            warmup_t=int(cfg.warmup_epochs * steps_per_epoch)),
+             "scaler": torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16"),
+             "ema": ModelEmaV3(model, decay=cfg.ema, device=device) if cfg.ema else None}
     if teacher is not None:
         targets = OnlineTargets(teacher.place(device, cfg.amp), cfg.k or num_classes)
     else:
@@ -415,140 +349,186 @@ def train_student(cfg: TrainConfig, on_step: Callable[[dict], None] | None = Non
     use_labels = objective.needs_labels(two_heads=distilled)  # pure distillation trains on unlabeled data
     if use_labels:
         require_labels(source, _labels_needed_by(cfg, distilled))
-    core = Views(source, spec, view_seed, skip_bad=store is not None, device=device)
-
-    parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler, "ema": ema}
-    start_epoch, step, best = _resume(out / "last.pth", cfg, parts, rank, world) if cfg.resume else (0, 0, -1.0)
+    start, step, best = (checkpoint.resume(out / "last.pth", cfg, parts, rank, world) if cfg.resume
+                         else (0, 0, -1.0))
     ddp = model
     if world > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    mean, std = data_cfg["mean"], data_cfg["std"]
     val = None
     if cfg.val_data:
         val, _ = _val_loader(cfg, input_size, mean, std, cfg.val_crop_pct or data_cfg.get("crop_pct", 0.875), world, rank)
+    core = Views(source, spec, view_seed, skip_bad=store is not None, device=device)
+    return _Run(cfg, rank, world, device, out, source, store, core, num_classes, input_size, model, ddp, parts,
+                targets, objective, use_labels, distilled, mean, std, val, step, best), start
 
-    metrics_f = open(out / "metrics.jsonl", "a") if rank == 0 else None
-    steps_f = open(out / "steps.jsonl", "a") if rank == 0 else None
-    tb = _tensorboard(out) if rank == 0 else None
-    if rank == 0:
-        (out / "config.json").write_text(json.dumps(_cfg_dict(cfg), indent=1, default=str))
-    summary = {}
+
+def _step(run: _Run, batch: Batch) -> torch.Tensor:
+    """One optimizer step on a batch; returns its loss, on the device (nothing waits for it)."""
+    cfg, dev, p = run.cfg, run.device, run.parts
+    amp = dist.amp_dtype(cfg.amp)
+    images = batch.image.to(dev, non_blocking=True)
+    labels = None  # not built when the loss needs none (unlabeled data: label -1)
+    if run.use_labels:
+        labels = mixed_labels(batch.label.to(dev, non_blocking=True), batch.partner_label.to(dev, non_blocking=True),
+                              batch.lam.to(dev, non_blocking=True), run.num_classes,
+                              smoothing=cfg.smoothing if cfg.no_kd else 0.0)
+    logp, index = run.targets(batch, images)
+    with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
+        outputs = run.ddp(prepare(images, run.input_size, run.mean, run.std))
+    if len(batch):
+        loss = run.objective(outputs, labels, logp, index)
+    else:  # DDP: zero gradients, so this rank's all-reduce goes along with the others'
+        loss = sum(o.float().sum() for o in (outputs if isinstance(outputs, tuple) else (outputs,))) * 0.0
+    p["optimizer"].zero_grad(set_to_none=True)
+    p["scaler"].scale(loss).backward()
+    if cfg.clip_grad:
+        p["scaler"].unscale_(p["optimizer"])
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.clip_grad)
+    p["scaler"].step(p["optimizer"])
+    p["scaler"].update()
+    run.step += 1
+    p["scheduler"].step_update(num_updates=run.step)
+    if p["ema"] is not None:
+        p["ema"].update(run.model, step=run.step)
+    return loss
+
+
+def _epoch(run: _Run, epoch: int, logs: "_Logs", on_step) -> dict:
+    """One epoch over a fresh order of all rows; returns its metrics row."""
+    from tqdm import tqdm
+
+    cfg, t0 = run.cfg, time.time()
+    # every epoch a fresh order of all rows, the same in every mode (stream.epoch_order)
+    view_epoch = epoch % run.store.epochs if run.store is not None else epoch
+    spec = run.core.spec
+    order = epoch_order(len(run.source), spec.mix_group, spec.mixing, run.view_seed, view_epoch, cfg.seed, epoch)
+    items = train_items(order, view_epoch, cfg.batch_size, run.world, run.rank)
+    stream = ViewStream(run.core, items)  # the torch renderer: workers ship bytes + records
+    # each chunk once per rank; from object storage through a node-local mirror (once per node)
+    joined = RankTargets(node_local(run.store, view_epoch), items) if run.store is not None else None
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.workers,
+                                         pin_memory=run.device.type == "cuda",
+                                         prefetch_factor=4 if cfg.workers else None)
+    renderer = DeviceRenderer(run.core, run.device) if stream.encoded else None
+    meter = Meter(cfg.workers, renderer)
+    run.model.train()
+    if run.distilled:
+        run.model.set_distilled_training(True)
+    bar = tqdm(total=len(stream), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", file=sys.stderr,
+               disable=not (cfg.progress and run.rank == 0), dynamic_ncols=True)
+    losses, views, seen, nan_views, bad_views = StepLosses(epoch, logs.steps_f, run.world), 0, 0, 0, 0
     try:
-        for epoch in range(start_epoch, cfg.epochs):
-            t0 = time.time()
-            # every epoch a fresh order of all rows, the same in every mode (stream.epoch_order)
-            view_epoch = epoch % store.epochs if store is not None else epoch
-            order = epoch_order(len(source), spec.mix_group, spec.mixing, view_seed, view_epoch, cfg.seed, epoch)
-            # the torch renderer: workers ship bytes + records, the pixels are made on `device`
-            items = train_items(order, view_epoch, cfg.batch_size, world, rank)
-            stream = ViewStream(core, items)
-            # each chunk once per rank; from object storage through a node-local mirror (once per node)
-            joined = RankTargets(node_local(store, view_epoch), items) if store is not None else None
-            loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.workers,
-                                                 pin_memory=device.type == "cuda",
-                                                 prefetch_factor=4 if cfg.workers else None)
-            renderer = DeviceRenderer(core, device) if stream.encoded else None
-            meter = Meter(cfg.workers, renderer)
-            model.train()
-            if distilled:
-                model.set_distilled_training(True)
-            bar = tqdm(total=len(stream), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", file=sys.stderr,
-                       disable=not (cfg.progress and rank == 0), dynamic_ncols=True)
-            losses, views, lr = StepLosses(epoch, steps_f, world), 0, optimizer.param_groups[0]["lr"]
-            nan_views = bad_views = batches_seen = 0
-            for batch in meter(renderer(loader) if renderer else loader):
-                batch = joined.join(batch) if joined is not None else batch
-                batches_seen += 1
-                # rows with unreadable images or NaN targets: dropped on the CPU masks, no device sync
-                keep, n_nan, n_bad = _dropped(batch)
-                if keep is not None:
-                    nan_views, bad_views = nan_views + n_nan, bad_views + n_bad
-                    if not len(keep) and world == 1:  # nothing to learn from: no step
-                        bar.update(1)
-                        continue
-                    batch = _take(batch, keep)  # under DDP an empty batch still steps, with the other ranks
-                n = len(batch["valid"])
-                images = batch["image"].to(device, non_blocking=True)
-                labels = None  # not built when the loss needs none (unlabeled data: label -1)
-                if use_labels:
-                    labels = mixed_labels(batch["label"].to(device, non_blocking=True),
-                                          batch["partner_label"].to(device, non_blocking=True),
-                                          batch["lam"].to(device, non_blocking=True), num_classes,
-                                          smoothing=cfg.smoothing if cfg.no_kd else 0.0)
-                logp, index = targets(batch, images)
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    outputs = ddp(prepare(images, input_size, mean, std))
-                if n:
-                    loss = objective(outputs, labels, logp, index)
-                else:  # DDP: zero gradients, so this rank's all-reduce goes along with the others'
-                    loss = sum(o.float().sum() for o in (outputs if isinstance(outputs, tuple) else (outputs,))) * 0.0
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if cfg.clip_grad:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-                scaler.step(optimizer)
-                scaler.update()
-                step += 1
-                scheduler.step_update(num_updates=step)
-                if ema is not None:
-                    ema.update(model, step=step)
-                lr = optimizer.param_groups[0]["lr"]
-                losses.add(loss, step, lr)  # no host sync: read back every `log_interval` steps
-                views += n
-                bar.update(1)
-                info = {"epoch": epoch, "step": step, "views": n}
-                if len(losses) >= cfg.log_interval or batches_seen >= len(stream):
-                    info["loss"] = losses.read()
-                    bar.set_postfix(loss=f"{info['loss']:.4f}", lr=f"{lr:.2e}")
-                if on_step is not None:
-                    on_step(info)
-            losses.read()  # the epoch's last steps (when the stream yielded more batches than it said)
-            bar.close()
-            del loader
-            if joined is not None:
-                joined.close()
-            views, nan_views, bad_views = (int(v) for v in dist.all_reduce([views, nan_views, bad_views]))
-            row = {"epoch": epoch, "step": step, "train_loss": losses.sum / max(losses.count, 1), "lr": lr,
-                   "views": views, "dropped_views": nan_views + bad_views, "nan_target_views": nan_views,
-                   "unreadable_views": bad_views, "seconds": round(time.time() - t0, 2), "load": meter.report()}
-            if rank == 0 and nan_views + bad_views:
-                log.warning("%s: epoch %d: %d views dropped from training: %d with NaN targets (views gen-logits "
-                            "skipped: unreadable images or non-finite teacher outputs, e.g. an fp16 teacher that "
-                            "overflowed), %d with images unreadable now",
-                            cfg.logits or cfg.data, epoch, nan_views + bad_views, nan_views, bad_views)
-            if val is not None:
-                if distilled:
-                    model.set_distilled_training(False)
-                row.update({f"val_{k}": v for k, v in evaluate(model, val, device, amp_dtype).items()})
-                if ema is not None:
-                    row.update({f"ema_val_{k}": v for k, v in evaluate(ema.module, val, device, amp_dtype).items()})
-            score = max(row.get("val_top1", -1.0), row.get("ema_val_top1", -1.0))
-            rngs = dist.gather_parts(_rng_state(), 0)  # every rank's generators (all ranks call it)
-            if rank == 0:
-                metrics_f.write(json.dumps(row) + "\n")
-                metrics_f.flush()
-                steps_f.flush()
-                if tb is not None:
-                    for k, v in row.items():
-                        if isinstance(v, (int, float)) and k != "epoch":
-                            tb.add_scalar(k, v, epoch)
-                ck = {name: obj.state_dict() if obj is not None else None for name, obj in parts.items()}
-                ck.update(epoch=epoch, step=step, best=max(best, score), rng=rngs[0], rng_ranks=rngs, amp=cfg.amp,
-                          config=_cfg_dict(cfg), num_classes=num_classes, input_size=input_size)
-                _save(out / "last.pth", ck)
-                if score > best:
-                    _save(out / "best.pth", ck)
-            best = max(best, score)
-            log.info("epoch %d: %s", epoch, json.dumps(row))
-            summary = row
-            dist.barrier()
+        for batch in meter(renderer(loader) if renderer else loader):
+            batch = joined.join(batch) if joined is not None else batch
+            seen += 1
+            keep, n_nan, n_bad = _dropped(batch)  # unreadable images, NaN targets: CPU masks, no device sync
+            if keep is not None:
+                nan_views, bad_views = nan_views + n_nan, bad_views + n_bad
+                if not len(keep) and run.world == 1:  # nothing to learn from: no step
+                    bar.update(1)
+                    continue
+                batch = batch.select(keep)  # under DDP an empty batch still steps, with the other ranks
+            loss = _step(run, batch)
+            lr = run.parts["optimizer"].param_groups[0]["lr"]
+            losses.add(loss, run.step, lr)  # no host sync: read every `log_interval` steps
+            views += len(batch)
+            bar.update(1)
+            info = {"epoch": epoch, "step": run.step, "views": len(batch)}
+            if len(losses) >= cfg.log_interval or seen >= len(stream):
+                info["loss"] = losses.read()
+                bar.set_postfix(loss=f"{info['loss']:.4f}", lr=f"{lr:.2e}")
+            if on_step is not None:
+                on_step(info)
+        losses.read()  # the epoch's last steps (when the stream yielded more batches than it said)
     finally:
-        for f in (metrics_f, steps_f):
+        bar.close()
+        if joined is not None:
+            joined.close()
+    views, nan_views, bad_views = (int(v) for v in dist.all_reduce([views, nan_views, bad_views]))
+    if run.rank == 0 and nan_views + bad_views:
+        log.warning("%s: epoch %d: %d views dropped from training: %d with NaN targets (views gen-logits skipped: "
+                    "unreadable images or non-finite teacher outputs, e.g. an fp16 teacher that overflowed), "
+                    "%d with images unreadable now", cfg.logits or cfg.data, epoch, nan_views + bad_views,
+                    nan_views, bad_views)
+    return {"epoch": epoch, "step": run.step, "train_loss": losses.sum / max(losses.count, 1),
+            "lr": run.parts["optimizer"].param_groups[0]["lr"], "views": views,
+            "dropped_views": nan_views + bad_views, "nan_target_views": nan_views, "unreadable_views": bad_views,
+            "seconds": round(time.time() - t0, 2), "load": meter.report()}
+
+
+def _end_epoch(run: _Run, row: dict, logs: "_Logs") -> None:
+    """Validate, log the epoch's row, and save the checkpoints (every rank takes part)."""
+    amp = dist.amp_dtype(run.cfg.amp)
+    if run.val is not None:
+        if run.distilled:
+            run.model.set_distilled_training(False)
+        row.update({f"val_{k}": v for k, v in evaluate(run.model, run.val, run.device, amp).items()})
+        if run.parts["ema"] is not None:
+            ema = run.parts["ema"].module
+            row.update({f"ema_val_{k}": v for k, v in evaluate(ema, run.val, run.device, amp).items()})
+    score = max(row.get("val_top1", -1.0), row.get("ema_val_top1", -1.0))
+    rngs = dist.gather_parts(checkpoint.rng_state(), 0)  # every rank's generators (all ranks call it)
+    if run.rank == 0:
+        logs.write(row)
+        ck = {name: obj.state_dict() if obj is not None else None for name, obj in run.parts.items()}
+        ck.update(epoch=row["epoch"], step=run.step, best=max(run.best, score), rng=rngs[0], rng_ranks=rngs,
+                  amp=run.cfg.amp, config=_cfg_dict(run.cfg), num_classes=run.num_classes, input_size=run.input_size)
+        checkpoint.save(run.out / "last.pth", ck)
+        if score > run.best:
+            checkpoint.save(run.out / "best.pth", ck)
+    run.best = max(run.best, score)
+    log.info("epoch %d: %s", row["epoch"], json.dumps(row))
+    dist.barrier()
+
+
+class _Logs:
+    """Rank 0's records: metrics.jsonl (a row per epoch), steps.jsonl (a line per step),
+    TensorBoard when installed, and config.json."""
+
+    def __init__(self, run: _Run):
+        lead = run.rank == 0
+        self.metrics_f = open(run.out / "metrics.jsonl", "a") if lead else None
+        self.steps_f = open(run.out / "steps.jsonl", "a") if lead else None
+        self.tb = _tensorboard(run.out) if lead else None
+        if lead:
+            (run.out / "config.json").write_text(json.dumps(_cfg_dict(run.cfg), indent=1, default=str))
+
+    def write(self, row: dict) -> None:
+        self.metrics_f.write(json.dumps(row) + "\n")
+        self.metrics_f.flush()
+        self.steps_f.flush()
+        if self.tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "epoch":
+                    self.tb.add_scalar(k, v, row["epoch"])
+
+    def close(self) -> None:
+        for f in (self.metrics_f, self.steps_f):
             if f:
                 f.close()
-        if tb is not None:
-            tb.close()
-    return {"out": str(out), "epochs": cfg.epochs, "best_val_top1": best if best >= 0 else None,
+        if self.tb is not None:
+            self.tb.close()
+
+
+@dist.keeps_threads
+def train_student(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> dict[str, Any]:
+    """Train ``cfg.student``; returns the last epoch's metrics. ``on_step`` (optional) is
+    called after every optimizer step with ``{"epoch", "step", "views"}``, plus ``"loss"`` (that
+    step's) at the steps where the losses are read back from the device: every ``log_interval``
+    steps and the last step of each epoch. There the step has finished on the device; elsewhere
+    it may only be queued (the loop does not wait for the GPU between reads)."""
+    cfg = resolve(cfg)
+    run, start = _build(cfg)
+    logs = _Logs(run)
+    summary: dict = {}
+    try:
+        for epoch in range(start, cfg.epochs):
+            summary = _epoch(run, epoch, logs, on_step)
+            _end_epoch(run, summary, logs)
+    finally:
+        logs.close()
+    return {"out": str(run.out), "epochs": cfg.epochs, "best_val_top1": run.best if run.best >= 0 else None,
             "mode": "no_kd" if cfg.no_kd else ("online" if cfg.online_teacher else "offline"), **summary}
 
 

@@ -62,7 +62,7 @@ def verify_store(path: str, data: str, teacher_name: str, weights: str | None = 
         a, b = store.shard_bounds(s)
         rows = range(a + bi * batch_size, min(a + (bi + 1) * batch_size, b))
         rendered = core.render(e, rows)
-        lp, ix = teacher.topk(torch.stack([v["image"] for v in rendered]), store.k,
+        lp, ix = teacher.topk(rendered.image, store.k,
                               pad_to=batch_size if compiled else None)
         lp, ix = lp.cpu().numpy(), ix.cpu().numpy()
         order = np.argsort(ix, axis=1)
@@ -70,7 +70,7 @@ def verify_store(path: str, data: str, teacher_name: str, weights: str | None = 
         lp = stored_logp(np.take_along_axis(lp, order, 1)).astype(np.float32)  # as the store rounds them
         s_lp, s_ix = store.topk(e, np.array(list(rows)), order="stored")
         for j, r in enumerate(rows):
-            if (e, r) not in want or not rendered[j]["valid"]:
+            if (e, r) not in want or not bool(rendered.valid[j]):
                 continue
             got_rows += 1
             new_ix, new_lp = ix[j], lp[j]

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from .augment import AugSpec
-from .errors import TinydistillError
+from .batch import ROW_FIELDS, Batch, Encoded
+from .errors import TinydistillError, one_line
 from .params import Policy, ViewParams, mix_pairs
 from .seeds import encode_seed
 from .sources import BadSampleError, Source
@@ -120,34 +121,36 @@ class Views:
             out[int(r)] = self._pairs[key][int(r)]
         return out
 
+    def _needed(self, epoch: int, rows: Sequence[int]) -> tuple[list[int], dict[int, int], list[int]]:
+        """(rows as ints, every needed row's mix partner, the rows whose images are needed:
+        the rows and their partners, each once, ascending)."""
+        rows = [int(r) for r in rows]
+        partner = self.partners(epoch, rows)
+        need = sorted(set(rows) | set(partner.values()))
+        partner.update(self.partners(epoch, [q for q in need if q not in partner]))
+        return rows, partner, need
+
     def params(self, epoch: int, row: int, src_size: tuple[int, int]) -> ViewParams:
         """The record of view (epoch, row) for a decoded image of ``src_size`` = (w, h)."""
         partner = self.partners(epoch, [row])[int(row)]
         return self.policy.draw(self.base_seed, epoch, row, self.seed(epoch, row), src_size, partner)
 
-    def render(self, epoch: int, rows: Sequence[int], with_params: bool = False) -> list[dict]:
-        """Views of ``rows`` of one epoch, in the order given, each image decoded once.
+    def render(self, epoch: int, rows: Sequence[int], with_params: bool = False) -> Batch:
+        """The views of ``rows`` of one epoch, in the order given, each image decoded once, as
+        a :class:`~tinydistill.batch.Batch` with its pixels on the CPU (``valid`` False for a
+        skipped unreadable image, whose pixels are zeros), and the records with
+        ``with_params``. The spec's renderer makes the pixels (the torch renderer batched, on
+        this core's device)."""
+        if self.spec.renderer != "torch":
+            return self._render_pil(epoch, rows, with_params)
+        raw = self.encode(epoch, rows)
+        out = self.render_encoded(raw, self.device)
+        out.image = out.image.cpu()
+        if with_params:
+            out.params = [raw.params[s] if s >= 0 else None for s in raw.slot.tolist()]
+        return out
 
-        Each is a dict: ``epoch``, ``row``, ``seed``, ``image`` (float32 [3, S, S]), ``label``,
-        ``partner``, ``partner_label``, ``lam``, ``valid`` (False for a skipped unreadable
-        image, whose ``image`` is zeros), and ``params`` with ``with_params``. The spec's
-        renderer makes the pixels (the torch renderer here runs on the CPU, batched).
-        """
-        if self.spec.renderer == "torch":
-            raw = self.encode(epoch, rows)
-            b = self.render_encoded(raw, self.device)
-            b["image"] = b["image"].cpu()
-            out = [{k: (v[i] if torch.is_tensor(v) else v) for k, v in b.items()} for i in range(len(raw["row"]))]
-            for i, v in enumerate(out):
-                for k in ("epoch", "row", "seed", "label", "partner", "partner_label"):
-                    v[k] = int(v[k])
-                v["lam"], v["valid"] = float(v["lam"]), bool(v["valid"])
-                if with_params:
-                    v["params"] = raw["params"][raw["slot"][i]] if raw["slot"][i] >= 0 else None
-            return out
-        return self._render_pil(epoch, rows, with_params)
-
-    def encode(self, epoch: int, rows: Sequence[int]) -> dict:
+    def encode(self, epoch: int, rows: Sequence[int]) -> Encoded:
         """What a worker ships when the pixels are made in the main process (the torch
         renderer, :mod:`tinydistill.render_device`): each image the rows need, once, with its
         record, and per row which image it is and which it mixes with.
@@ -160,10 +163,7 @@ class Views:
         """
         from . import render_torch
 
-        rows = [int(r) for r in rows]
-        partner = self.partners(epoch, rows)
-        need = sorted(set(rows) | set(partner.values()))
-        partner.update(self.partners(epoch, [q for q in need if q not in partner]))
+        rows, partner, need = self._needed(epoch, rows)
         gpu_jpeg = torch.device(self.device).type == "cuda"
         size = self.spec.img_size
         params, keys, jpeg, arrays, pix_off, slot_of = [], [], [], [], [], {}
@@ -206,66 +206,59 @@ class Views:
             prow.append(p.partner if mixed else r)
             lam.append(p.lam if mixed else 1.0)
         cat = lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt)  # noqa: E731
-        return {"epoch": int(epoch), "row": np.array(rows, np.int64),
-                "seed": np.array([self.seed(epoch, r) for r in rows], np.uint64).astype(np.int64),
-                "label": labels[rows].astype(np.int64), "partner": np.array(prow, np.int64),
-                "partner_label": labels[prow].astype(np.int64), "lam": np.array(lam, np.float64),
-                "valid": slot >= 0, "slot": slot, "pslot": np.array(pslot, np.int64),
-                "params": params, "keys": keys, "jpeg": jpeg, "pixels": cat(arrays + _tail(params), np.uint8),
-                "pix_off": np.array(pix_off, np.int64), "erase_slot": cat(e_slot, np.int64),
-                "erase_idx": cat(e_idx, np.int64), "erase_val": cat(e_val, np.float32)}
+        return Encoded(
+            epoch=int(epoch), row=np.array(rows, np.int64),
+            seed=np.array([self.seed(epoch, r) for r in rows], np.uint64).astype(np.int64),
+            label=labels[rows].astype(np.int64), partner=np.array(prow, np.int64),
+            partner_label=labels[prow].astype(np.int64), lam=np.array(lam, np.float64), valid=slot >= 0,
+            slot=slot, pslot=np.array(pslot, np.int64), params=params, keys=keys, jpeg=jpeg,
+            pixels=torch.from_numpy(cat(arrays + _tail(params), np.uint8)),  # a tensor: shared memory
+            pix_off=np.array(pix_off, np.int64), erase_slot=cat(e_slot, np.int64),
+            erase_idx=cat(e_idx, np.int64), erase_val=cat(e_val, np.float32))
 
-    def render_encoded(self, raw: dict, device) -> dict:
-        """Encoded views (:meth:`encode`, or several merged by
-        :func:`tinydistill.render_device.merge_encoded`) rendered by the torch renderer on
-        ``device``: the fields of a collated batch of :meth:`render` views, tensors on
-        ``device``. A fixed number of device ops per call, plus the decoder's per image."""
+    def render_encoded(self, raw: Encoded, device) -> Batch:
+        """Encoded views (:meth:`encode`, or several merged by :meth:`Encoded.merge`) rendered
+        by the torch renderer on ``device``: a :class:`Batch` with its pixels on ``device``. A
+        fixed number of device ops per call, plus the decoder's per image."""
         from . import render_torch
 
         device = torch.device(device)
         size = self.spec.img_size
-        n = len(raw["row"])
-        batch = {k: torch.as_tensor(np.asarray(raw[k])) for k in ("row", "seed", "label", "partner", "partner_label",
-                                                                   "lam", "valid")}
-        ep = np.asarray(raw["epoch"], np.int64)
-        batch["epoch"] = torch.from_numpy(np.array(np.broadcast_to(ep, (n,))))
-        params = raw["params"]
-        slot, pslot = np.asarray(raw["slot"]), np.asarray(raw["pslot"])
-        rows = np.flatnonzero(slot >= 0)
+        n = len(raw)
+        out = Batch.of(epoch=raw.epochs(), **{k: getattr(raw, k) for k in ROW_FIELDS[1:]},
+                       worker=raw.worker, busy_s=raw.busy_s)
+        rows = np.flatnonzero(raw.slot >= 0)
         if not len(rows):
-            batch["image"] = torch.zeros((n, 3, size, size), device=device)
-            return batch
-        css = 3 * size * size
-        erase = (np.asarray(raw["erase_slot"]) * css + np.asarray(raw["erase_idx"]), np.asarray(raw["erase_val"]))
-        base = render_torch.render_base(self._frames(raw, device), params, size, erase=erase)
-        own_slot = slot[rows]
-        has = pslot[rows] >= 0
-        rec = [params[s] for s in own_slot.tolist()]
+            out.image = torch.zeros((n, 3, size, size), device=device)
+            return out
+        erase = (raw.erase_slot * (3 * size * size) + raw.erase_idx, raw.erase_val)
+        base = render_torch.render_base(self._frames(raw, device), raw.params, size, erase=erase)
+        own, has = raw.slot[rows], raw.pslot[rows] >= 0
+        rec = [raw.params[s] for s in own.tolist()]
         rec = [p if h or p.mix == "none" else _unmixed(p) for p, h in zip(rec, has.tolist())]
-        sel = torch.from_numpy(np.concatenate([own_slot, np.where(has, pslot[rows], own_slot)])).to(device)
+        sel = torch.from_numpy(np.concatenate([own, np.where(has, raw.pslot[rows], own)])).to(device)
         both = base.index_select(0, sel)
         img = render_torch.mix(both[:len(rows)], both[len(rows):], rec)
         if len(rows) < n:
             img = torch.zeros((n, 3, size, size), device=device).index_copy_(0, torch.from_numpy(rows).to(device), img)
-        batch["image"] = img
-        return batch
+        out.image = img
+        return out
 
-    def _frames(self, raw: dict, device):
-        """The batch's images on ``device`` as one packed buffer: worker-decoded pixels moved
+    def _frames(self, raw: Encoded, device):
+        """The unit's images on ``device`` as one packed buffer: worker-decoded pixels moved
         in one copy, JPEGs decoded by the device's decoder; a JPEG that fails or decodes to
         another size than its header names its key."""
         from . import render_torch
 
-        params, off = raw["params"], np.asarray(raw["pix_off"])
-        widths = np.array([p.src_size[0] for p in params], np.int64)
-        heights = np.array([p.src_size[1] for p in params], np.int64)
-        parts = [torch.as_tensor(np.asarray(raw["pixels"])).to(device, non_blocking=True)]
-        off = off.copy()
-        if raw["jpeg"]:
+        widths = np.array([p.src_size[0] for p in raw.params], np.int64)
+        heights = np.array([p.src_size[1] for p in raw.params], np.int64)
+        parts = [raw.pixels.to(device, non_blocking=True)]
+        off = raw.pix_off.copy()
+        if raw.jpeg:
             at = np.flatnonzero(off < 0)
-            keys = [raw["keys"][i] for i in at]
-            images = self._decode(raw["jpeg"], keys, device)
-            n_pix = len(raw["pixels"])
+            keys = [raw.keys[i] for i in at]
+            images = self._decode(raw.jpeg, keys, device)
+            n_pix = len(raw.pixels)
             for i, im, key in zip(at, images, keys):
                 if (im.shape[0], im.shape[2], im.shape[1]) != (3, widths[i], heights[i]):
                     raise BadSampleError(f"{self.source.name}: {key}: decoded size {im.shape[2]}x{im.shape[1]} "
@@ -290,17 +283,13 @@ class Views:
             try:
                 out.append(render_torch.decode([d], device)[0])
             except Exception as e:
-                raise BadSampleError(f"{self.source.name}: {key}: cannot decode image ({type(e).__name__}: "
-                                     f"{str(e).splitlines()[0] if str(e) else ''})") from e
+                raise BadSampleError(f"{self.source.name}: {key}: cannot decode image ({one_line(e)})") from e
         return out
 
-    def _render_pil(self, epoch: int, rows: Sequence[int], with_params: bool) -> list[dict]:
+    def _render_pil(self, epoch: int, rows: Sequence[int], with_params: bool) -> Batch:
         from . import render_pil
 
-        rows = [int(r) for r in rows]
-        partner = self.partners(epoch, rows)
-        need = sorted(set(rows) | set(partner.values()))
-        partner.update(self.partners(epoch, [q for q in need if q not in partner]))
+        rows, partner, need = self._needed(epoch, rows)
         size = self.spec.img_size
         base: dict[int, tuple] = {}
         for r, img in self.source.read(need):
@@ -312,35 +301,33 @@ class Views:
             p = self.policy.draw(self.base_seed, epoch, r, self.seed(epoch, r), img.size, partner[r])
             base[r] = (render_pil.render_base(img, p, size), p)
         labels = self.source.labels
-        out = []
+        images, partners, lams, valid, records = [], [], [], [], []
         for r in rows:
             x, p = base[r]
-            seed = self.seed(epoch, r)
-            if x is None:
-                out.append(dict(epoch=epoch, row=r, seed=seed, image=torch.zeros(3, size, size), label=int(labels[r]),
-                                partner=r, partner_label=int(labels[r]), lam=1.0, valid=False))
-                if with_params:
-                    out[-1]["params"] = None
-                continue
-            if p.mix != "none" and base[p.partner][0] is not None:
-                x = render_pil.mix(x, base[p.partner][0], p)
-                q, lam = p.partner, p.lam
+            if x is None:  # skipped unreadable image: zeros, unmixed, invalid
+                x, q, lam = torch.zeros(3, size, size), r, 1.0
+            elif p.mix != "none" and base[p.partner][0] is not None:
+                x, q, lam = render_pil.mix(x, base[p.partner][0], p), p.partner, p.lam
             else:
                 q, lam = r, 1.0
-            out.append(dict(epoch=epoch, row=r, seed=seed, image=x, label=int(labels[r]), partner=q,
-                            partner_label=int(labels[q]), lam=float(lam), valid=True))
-            if with_params:
-                out[-1]["params"] = p
-        return out
+            images.append(x)
+            partners.append(q)
+            lams.append(float(lam))
+            valid.append(p is not None)
+            records.append(p)
+        return Batch.of(epoch=[int(epoch)] * len(rows), row=rows, seed=[self.seed(epoch, r) for r in rows],
+                        label=labels[rows], partner=partners, partner_label=labels[partners], lam=lams,
+                        valid=valid, image=torch.stack(images) if images else torch.zeros((0, 3, size, size)),
+                        params=records if with_params else None)
 
     def view(self, epoch: int, row: int) -> View:
         """One view with its record, for people looking at it."""
         if not 0 <= int(row) < self.num_rows:
             raise IndexError(f"row {row} out of range [0, {self.num_rows})")
-        v = self.render(epoch, [row], with_params=True)[0]
-        return View(epoch=int(epoch), row=int(row), key=self.source.keys[int(row)], seed=v["seed"], image=v["image"],
-                    label=v["label"], partner=v["partner"], partner_label=v["partner_label"], lam=v["lam"],
-                    params=v["params"])
+        b = self.render(epoch, [row], with_params=True)
+        return View(epoch=int(epoch), row=int(row), key=self.source.keys[int(row)], seed=int(b.seed[0]),
+                    image=b.image[0], label=int(b.label[0]), partner=int(b.partner[0]),
+                    partner_label=int(b.partner_label[0]), lam=float(b.lam[0]), params=b.params[0])
 
 
 def _tail(params) -> list[np.ndarray]:
@@ -376,7 +363,7 @@ def _decode_here(source: Source, row: int, data) -> "np.ndarray | BadSampleError
                 img = f.convert("RGB")
         return np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1))
     except Exception as e:
-        return BadSampleError(f"{source.name}: {source.keys[row]}: cannot read image ({type(e).__name__}: {e})")
+        return BadSampleError(f"{source.name}: {source.keys[row]}: cannot read image ({one_line(e)})")
 
 
 def _unmixed(p: ViewParams) -> ViewParams:
@@ -386,19 +373,20 @@ def _unmixed(p: ViewParams) -> ViewParams:
 
 
 def render_views(source: Source, spec: AugSpec, base_seed: int, views: Sequence[tuple[int, int]],
-                 skip_bad: bool = False, device="cpu") -> list[dict]:
-    """Render specific (epoch, row) views, in the order asked (images on the CPU)."""
+                 skip_bad: bool = False, device="cpu") -> Batch:
+    """Specific (epoch, row) views as one :class:`Batch`, in the order asked (pixels on the CPU)."""
     core = Views(source, spec, base_seed, skip_bad=skip_bad, device=device)
     by_epoch: dict[int, list[int]] = {}
     for e, r in views:
         if not 0 <= int(r) < len(source):
             raise IndexError(f"row {r} out of range [0, {len(source)})")
         by_epoch.setdefault(int(e), []).append(int(r))
-    out = {}
+    parts, at = [], {}
     for e, rows in by_epoch.items():
-        for v in core.render(e, sorted(set(rows))):
-            out[e, v["row"]] = v
-    return [out[int(e), int(r)] for e, r in views]
+        rows = sorted(set(rows))
+        at.update({(e, r): len(at) + i for i, r in enumerate(rows)})
+        parts.append(core.render(e, rows))
+    return Batch.cat(parts).select(torch.tensor([at[int(e), int(r)] for e, r in views], dtype=torch.int64))
 
 
 def prepare(images: torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float],

@@ -1,0 +1,163 @@
+"""The two batch types the stages pass around, each field written once.
+
+:class:`Batch` is a batch of views as a model takes it: per-row tensors, the pixels once
+rendered, the stored targets once joined, and which DataLoader worker made it. The view core
+makes it (:meth:`tinydistill.views.Views.render`), the stream cuts and yields it, the device
+renderer fills it, gen-logits, train-student, verify and the replay canary consume it.
+
+:class:`Encoded` is what a DataLoader worker ships when the pixels are made in the main
+process (the torch renderer): the same per-row fields, each image once (JPEG bytes for a GPU
+decoder, or a packed uint8 buffer) with its parameter record, and erasing's noise. Several
+merge into one render unit (:meth:`Encoded.merge`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+# per-row fields of both types, in this order
+ROW_FIELDS = ("epoch", "row", "seed", "label", "partner", "partner_label", "lam", "valid")
+_DTYPES = {"lam": torch.float64, "valid": torch.bool}
+
+
+@dataclass
+class Batch:
+    """Views, one per row. ``seed`` holds the encoded uint64 seeds' bits as int64; ``lam`` is
+    the weight of the row's own image (1.0 unmixed); ``valid`` is False for a view whose image
+    could not be read (its pixels are zeros) or whose stored targets are NaN."""
+
+    epoch: torch.Tensor
+    row: torch.Tensor
+    seed: torch.Tensor
+    label: torch.Tensor
+    partner: torch.Tensor
+    partner_label: torch.Tensor
+    lam: torch.Tensor
+    valid: torch.Tensor
+    image: torch.Tensor | None = None  # float32 [B, 3, S, S], pixels in [0, 1]
+    logp: torch.Tensor | None = None  # stored top-K log-probs [B, K] (offline KD)
+    index: torch.Tensor | None = None  # their class ids [B, K]
+    params: list | None = None  # each view's parameter record (None for a skipped one), on request
+    worker: int = 0  # the DataLoader worker that made it
+    busy_s: float = 0.0  # the seconds it worked on it
+
+    @classmethod
+    def of(cls, **rows) -> "Batch":
+        """A batch from per-row sequences or arrays (and any optional field)."""
+        kw = {k: torch.as_tensor(np.asarray(rows.pop(k)), dtype=_DTYPES.get(k, torch.int64)) for k in ROW_FIELDS}
+        return cls(**kw, **rows)
+
+    @classmethod
+    def cat(cls, parts: Sequence["Batch"]) -> "Batch":
+        """Batches one after the other (fields absent from any part are absent)."""
+        out = {}
+        for f in dataclasses.fields(cls):
+            vals = [getattr(p, f.name) for p in parts]
+            if f.name in ("worker", "busy_s"):
+                out[f.name] = vals[0] if f.name == "worker" else sum(vals)
+            elif any(v is None for v in vals):
+                out[f.name] = None
+            else:
+                out[f.name] = [x for v in vals for x in v] if f.name == "params" else torch.cat(vals)
+        return cls(**out)
+
+    def __len__(self) -> int:
+        return len(self.row)
+
+    def _map(self, fn) -> "Batch":
+        """The batch with ``fn`` applied to every per-row tensor (and the records list)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = fn(v) if torch.is_tensor(v) or (f.name == "params" and v is not None) else v
+        return Batch(**out)
+
+    def slice(self, lo: int, hi: int) -> "Batch":
+        return self._map(lambda v: v[lo:hi])
+
+    def select(self, keep: torch.Tensor) -> "Batch":
+        """The rows ``keep`` (int64 ids on the CPU). Device tensors are indexed with a copy of
+        the ids sent ahead (``index_select``), never with a mask, so nothing waits on the device."""
+        on: dict = {}
+
+        def take(v):
+            if isinstance(v, list):
+                return [v[i] for i in keep.tolist()]
+            if v.device.type == "cpu":
+                return v[keep]
+            if v.device not in on:
+                on[v.device] = keep.to(v.device, non_blocking=True)
+            return v.index_select(0, on[v.device])
+
+        return self._map(take)
+
+    def pin_memory(self) -> "Batch":
+        """Called by the DataLoader's pin-memory thread."""
+        return self._map(lambda v: v.pin_memory() if torch.is_tensor(v) else v)
+
+
+@dataclass
+class Encoded:
+    """A worker's encoded batch. Per row: the :data:`ROW_FIELDS` (numpy; ``epoch`` an int, or
+    an array once merged), ``slot`` (which image, -1 when unreadable) and ``pslot`` (the mix
+    partner's, -1 when unmixed). Per image slot: ``params`` (its record), ``keys``,
+    ``pix_off`` (offset in ``pixels``, CHW; -1 for a JPEG in ``jpeg``, in slot order). Erasing:
+    ``erase_slot``/``erase_idx``/``erase_val`` (slot, flat index in the [3, S, S] view, value)."""
+
+    epoch: int | np.ndarray
+    row: np.ndarray
+    seed: np.ndarray
+    label: np.ndarray
+    partner: np.ndarray
+    partner_label: np.ndarray
+    lam: np.ndarray
+    valid: np.ndarray
+    slot: np.ndarray
+    pslot: np.ndarray
+    params: list
+    keys: list
+    jpeg: list
+    pixels: torch.Tensor  # uint8, shared memory between processes
+    pix_off: np.ndarray
+    erase_slot: np.ndarray
+    erase_idx: np.ndarray
+    erase_val: np.ndarray
+    worker: int = 0
+    busy_s: float = 0.0
+
+    def __len__(self) -> int:
+        return len(self.row)
+
+    def epochs(self) -> np.ndarray:
+        return np.broadcast_to(np.asarray(self.epoch, np.int64), (len(self),))
+
+    def pin_memory(self) -> "Encoded":
+        return dataclasses.replace(self, pixels=self.pixels.pin_memory())
+
+    @classmethod
+    def merge(cls, parts: Sequence["Encoded"]) -> "Encoded":
+        """Several encoded batches (of any epochs) as one render unit: per-row fields joined,
+        image slots renumbered, pixel buffers and erasing joined. The buffer ends with zero
+        bytes one image width long (the renderer's crop windows read up to that far)."""
+        n_slots = np.cumsum([0] + [len(p.params) for p in parts])
+        n_pix = np.cumsum([0] + [len(p.pixels) for p in parts])
+        shift = lambda a, by: np.where(np.asarray(a) >= 0, np.asarray(a) + by, -1)  # noqa: E731
+        cat = lambda name, fn=np.asarray: np.concatenate([fn(getattr(p, name)) for p in parts])  # noqa: E731
+        tail = max((q.src_size[0] for p in parts for q in p.params), default=0)
+        return cls(
+            epoch=np.concatenate([p.epochs() for p in parts]),
+            **{k: cat(k) for k in ROW_FIELDS[1:]},
+            slot=np.concatenate([shift(p.slot, n_slots[i]) for i, p in enumerate(parts)]),
+            pslot=np.concatenate([shift(p.pslot, n_slots[i]) for i, p in enumerate(parts)]),
+            params=[q for p in parts for q in p.params], keys=[k for p in parts for k in p.keys],
+            jpeg=[j for p in parts for j in p.jpeg],
+            pixels=torch.cat([p.pixels for p in parts] + [torch.zeros(tail, dtype=torch.uint8)]),
+            pix_off=np.concatenate([shift(p.pix_off, n_pix[i]) for i, p in enumerate(parts)]),
+            erase_slot=np.concatenate([np.asarray(p.erase_slot) + n_slots[i] for i, p in enumerate(parts)]),
+            erase_idx=cat("erase_idx"), erase_val=cat("erase_val"),
+        )
