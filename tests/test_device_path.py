@@ -67,6 +67,7 @@ def stores(data, weights, tmp_path_factory):
     return {"enc": (root / "enc.zarr", enc), "work": (root / "work.zarr", work)}
 
 
+@pytest.mark.slow
 def test_gen_logits_takes_the_encoded_path_and_equals_worker_rendering(stores):
     (enc, s_enc), (work, s_work) = stores["enc"], stores["work"]
     assert "render_busy_share" in s_enc["load"] and s_enc["load"]["render_units"] >= 1
@@ -102,6 +103,7 @@ def test_training_modes_equal_through_both_paths(stores, data, weights, tmp_path
         assert losses["enc", name] == losses["work", name], name
 
 
+@pytest.mark.slow
 def test_verify_and_store_view_replay_the_encoded_store(stores, data, weights):
     from tinydistill.verify import verify_store
 
@@ -196,6 +198,7 @@ def test_meter_counts_waiting_for_the_renderer(data, monkeypatch):
     assert rep["main_busy_share"] < 0.5 and rep["render_busy_share"] > 0.5 and rep["render_units"] == 6, rep
 
 
+@pytest.mark.slow
 def test_nonfinite_teacher_outputs_refused_or_stored_as_skipped(data, weights, tmp_path, monkeypatch):
     from tinydistill.teachers import Teacher
 
@@ -217,6 +220,7 @@ def test_nonfinite_teacher_outputs_refused_or_stored_as_skipped(data, weights, t
     assert st.skipped(0, slice(None)).sum() == N // 16 and st.skipped(0, np.arange(0, N, 16)).all()
 
 
+@pytest.mark.slow
 def test_compiled_teacher_is_recorded_padded_and_verified_compiled(data, weights, tmp_path, monkeypatch):
     from tinydistill.verify import verify_store
 
@@ -268,6 +272,7 @@ def test_worker_decodes_non_gpu_formats_and_ships_jpegs_for_a_gpu(data):
     assert all(Image.open(io.BytesIO(b)).format == "JPEG" for b in gpu.jpeg)
 
 
+@pytest.mark.slow
 def test_verify_samples_distinct_views(stores, data, weights):
     from tinydistill.verify import verify_store
 

@@ -49,6 +49,7 @@ def reference(weights, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_store_contents_and_resume_is_noop(reference, weights):
     st = td.open_store(reference)
     assert st.k == 5 and st.num_classes == 10 and st.epochs == 2
@@ -114,6 +115,7 @@ def test_torchrun_two_processes_equals_one(reference, weights, tmp_path):
     assert same(arrays(reference), arrays(out))
 
 
+@pytest.mark.slow
 def test_verify_exact_and_detects_changed_values(reference, weights, tmp_path):
     p = cli("verify", str(reference), "--data", "digits", "--teacher", "test_resnet", "--teacher-weights", weights,
             "--samples", "16")
@@ -136,6 +138,7 @@ def test_verify_exact_and_detects_changed_values(reference, weights, tmp_path):
     assert "largest |delta log-prob|" in p.stderr
 
 
+@pytest.mark.slow
 def test_mismatch_refused_and_overwrite(reference, weights, tmp_path):
     import shutil
     out = tmp_path / "m.zarr"
@@ -177,6 +180,7 @@ def test_user_errors_are_one_line(weights, tmp_path, change, needle):
     assert "Traceback" not in r.output
 
 
+@pytest.mark.slow
 def test_corrupt_image_stops_or_is_skipped(weights, tmp_path):
     from PIL import Image
     root = tmp_path / "imgs"

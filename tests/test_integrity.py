@@ -28,6 +28,7 @@ def _check_unit(st, e, s):
     np.testing.assert_array_equal(st.seeds(e, slice(a, b)), seed)
 
 
+@pytest.mark.slow
 def test_four_spawned_writers_lose_nothing(tmp_path):
     path = str(tmp_path / "multi.zarr")
     td.create_store(path, num_classes=30, k=4, epochs=3, keys=[f"k{i}" for i in range(1000)],

@@ -139,6 +139,7 @@ def test_view_repr_and_png(view_store):
     assert pics["mixed"].height > pics["plain"].height  # one more caption line: the partner
 
 
+@pytest.mark.slow
 def test_first_view_imports_no_sklearn(view_store):
     """Loading digits for replay reads scikit-learn's CSV without importing scikit-learn."""
     code = ("import sys, tinydistill as td\n"

@@ -17,6 +17,8 @@ import zarr
 import tinydistill as td
 from helpers import random_teacher
 
+pytestmark = pytest.mark.slow  # every test here talks to an S3 API server
+
 GEN = ["--teacher", "test_resnet", "--teacher-input-size", "32", "--epochs", "1",
        "--img-size", "32", "--mix-group", "64", "--chunk-rows", "128", "--shard-rows", "256",
        "--k", "5", "--mixup", "0.8", "--cutmix", "1.0", "--no-progress", "--batch-size", "64"]

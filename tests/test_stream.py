@@ -136,6 +136,7 @@ def teacher_weights(tmp_path_factory):
 SPEC = AugSpec(img_size=16, mixup=0.8, cutmix=1.0)  # default mix_group (256)
 
 
+@pytest.mark.slow
 def test_three_workers_busy_in_both_stages_and_store_identical_to_one(photos, teacher_weights, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the same teacher arithmetic in both runs
     torch.set_num_threads(1)
@@ -196,6 +197,7 @@ def test_offline_no_kd_and_online_draw_the_same_batches(photos, teacher_weights,
     assert [r for _, r in epochs[0]] != [r for _, r in epochs[1]]
 
 
+@pytest.mark.slow
 def test_torch_renderer_store_replays_and_other_renderer_needs_the_flag(photos, teacher_weights, tmp_path, caplog):
     import dataclasses
 

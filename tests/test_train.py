@@ -68,6 +68,7 @@ def test_offline_equals_online_with_k_equal_c(store, peaky_teacher, tmp_path):
     assert not np.array_equal(la, lb)  # ... and it is there: the offline run read the store
 
 
+@pytest.mark.slow
 def test_offline_builds_and_calls_no_teacher(store, tmp_path, monkeypatch):
     import tinydistill.teachers as teachers
     from tinydistill.train import TrainConfig, train_student
@@ -132,6 +133,7 @@ def test_resume_matches_uninterrupted(store, tmp_path):
     (["--hflip", "0.1"], "a store replays its own views"),
     (["--student", "no_such_net"], "no_such_net: unknown student"),
 ])
+@pytest.mark.slow
 def test_mismatch_is_a_clear_error_before_training(store, tmp_path, extra, needle):
     from click.testing import CliRunner
 

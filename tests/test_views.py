@@ -69,6 +69,7 @@ def test_stream_yields_items_in_order_whatever_the_workers(digits):
     assert runs[0] == runs[1] == runs[2] == [list(range(i, i + 10)) for i in range(0, 200, 10)]
 
 
+@pytest.mark.slow
 def test_records_and_pixels_same_in_a_fresh_process_and_render_twice_same_pixels(digits):
     views = Views(digits, SPEC, 7)
     recs = [views.render(e, [r], with_params=True).params[0].to_dict() for e, r in PROBE]
