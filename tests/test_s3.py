@@ -223,3 +223,34 @@ def test_targets_cross_the_network_once_per_node(s3, weights, local_ref):
     assert mirror.path == parts[0]["root"] and nodecache.fetch_epoch(remote, 0)["fetched_bytes"] == 0
     for a, b in zip(mirror.topk(0, slice(None), order="stored"), remote.topk(0, slice(None), order="stored")):
         assert np.array_equal(a, b)
+
+
+def test_torchrun_two_ranks_write_and_train_from_s3(s3, weights, local_ref, tmp_path):
+    """Two ranks fill one s3:// store (equal to the local one), then train from it: the two
+    local ranks split the epoch's target objects into one node mirror and both read it."""
+    import hashlib
+    import socket
+
+    from tinydistill import nodecache
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    run = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+           "-m", "tinydistill"]
+    url = f"{s3}/ddp.zarr"
+    p = subprocess.run([*run, "gen-logits", "--data", "digits", *GEN, "--teacher-weights", weights,
+                        "--workers", "1", "--out", url], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads(p.stdout.strip().splitlines()[-1])["world_size"] == 2
+    ref, got = arrays(local_ref), arrays(url)
+    assert all(np.array_equal(ref[n], got[n], equal_nan=True) for n in ref)
+    p = subprocess.run([*run, "train-student", "--data", "digits", *TRAIN, "--logits", url, "--workers", "1",
+                        "--out", str(tmp_path / "t")], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    row = json.loads((tmp_path / "t" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["views"] == 1438 and np.isfinite(row["train_loss"])
+    mirror = nodecache.cache_root() / hashlib.sha256(url.encode()).hexdigest()[:24]
+    shares = {m.name: json.loads(m.read_text()) for m in mirror.glob(".versions.*.json")}
+    assert sorted(shares) == [".versions.0.json", ".versions.1.json"] and all(shares.values())
+    assert not set(shares[".versions.0.json"]) & set(shares[".versions.1.json"])  # each object fetched once

@@ -134,7 +134,7 @@ class Encoded:
         return len(self.row)
 
     def epochs(self) -> np.ndarray:
-        return np.broadcast_to(np.asarray(self.epoch, np.int64), (len(self),))
+        return np.array(np.broadcast_to(np.asarray(self.epoch, np.int64), (len(self),)))
 
     def pin_memory(self) -> "Encoded":
         return dataclasses.replace(self, pixels=self.pixels.pin_memory())
@@ -156,8 +156,17 @@ class Encoded:
             pslot=np.concatenate([shift(p.pslot, n_slots[i]) for i, p in enumerate(parts)]),
             params=[q for p in parts for q in p.params], keys=[k for p in parts for k in p.keys],
             jpeg=[j for p in parts for j in p.jpeg],
-            pixels=torch.cat([p.pixels for p in parts] + [torch.zeros(tail, dtype=torch.uint8)]),
+            pixels=_cat_pixels([p.pixels for p in parts], tail),
             pix_off=np.concatenate([shift(p.pix_off, n_pix[i]) for i, p in enumerate(parts)]),
             erase_slot=np.concatenate([np.asarray(p.erase_slot) + n_slots[i] for i, p in enumerate(parts)]),
             erase_idx=cat("erase_idx"), erase_val=cat("erase_val"),
         )
+
+
+def _cat_pixels(buffers: list[torch.Tensor], tail: int) -> torch.Tensor:
+    """Pixel buffers one after the other, then ``tail`` zero bytes; pinned when the DataLoader
+    pinned its inputs, so the copy to the device stays asynchronous."""
+    n = sum(len(b) for b in buffers) + tail
+    out = torch.empty(n, dtype=torch.uint8, pin_memory=all(b.is_pinned() for b in buffers))
+    torch.cat(buffers + [torch.zeros(tail, dtype=torch.uint8)], out=out)
+    return out
