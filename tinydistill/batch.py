@@ -1,4 +1,4 @@
-"""The two batch types the stages pass around, each field written once.
+"""The batch types the stages pass around, each field written once.
 
 :class:`Batch` is a batch of views as a model takes it: per-row tensors, the pixels once
 rendered, the stored targets once joined, and which DataLoader worker made it. The view core
@@ -6,9 +6,9 @@ makes it (:meth:`tinydistill.views.Views.render`), the stream cuts and yields it
 renderer fills it, gen-logits, train-student, verify and the replay canary consume it.
 
 :class:`Encoded` is what a DataLoader worker ships when the pixels are made in the main
-process (the torch renderer): the same per-row fields, each image once (JPEG bytes for a GPU
-decoder, or a packed uint8 buffer) with its parameter record, and erasing's noise. Several
-merge into one render unit (:meth:`Encoded.merge`).
+process (the torch renderer): its views as a :class:`Batch` without pixels, each image once
+(JPEG bytes for a GPU decoder, or a packed uint8 buffer) with its parameter record, and
+erasing's noise. Several merge into one render unit (:meth:`Encoded.merge`).
 """
 
 from __future__ import annotations
@@ -103,20 +103,13 @@ class Batch:
 
 @dataclass
 class Encoded:
-    """A worker's encoded batch. Per row: the :data:`ROW_FIELDS` (numpy; ``epoch`` an int, or
-    an array once merged), ``slot`` (which image, -1 when unreadable) and ``pslot`` (the mix
-    partner's, -1 when unmixed). Per image slot: ``params`` (its record), ``keys``,
-    ``pix_off`` (offset in ``pixels``, CHW; -1 for a JPEG in ``jpeg``, in slot order). Erasing:
-    ``erase_slot``/``erase_idx``/``erase_val`` (slot, flat index in the [3, S, S] view, value)."""
+    """A worker's encoded batch: its ``views`` (a :class:`Batch` without pixels yet), and per
+    row ``slot`` (which image, -1 when unreadable) and ``pslot`` (the mix partner's, -1 when
+    unmixed). Per image slot: ``params`` (its record), ``keys``, ``pix_off`` (its offset in
+    ``pixels``, CHW; -1 for a JPEG in ``jpeg``, in slot order). Erasing: ``erase_slot`` /
+    ``erase_idx`` / ``erase_val`` (slot, flat index in the [3, S, S] view, value)."""
 
-    epoch: int | np.ndarray
-    row: np.ndarray
-    seed: np.ndarray
-    label: np.ndarray
-    partner: np.ndarray
-    partner_label: np.ndarray
-    lam: np.ndarray
-    valid: np.ndarray
+    views: Batch
     slot: np.ndarray
     pslot: np.ndarray
     params: list
@@ -127,39 +120,48 @@ class Encoded:
     erase_slot: np.ndarray
     erase_idx: np.ndarray
     erase_val: np.ndarray
-    worker: int = 0
-    busy_s: float = 0.0
 
     def __len__(self) -> int:
-        return len(self.row)
+        return len(self.views)
 
-    def epochs(self) -> np.ndarray:
-        return np.array(np.broadcast_to(np.asarray(self.epoch, np.int64), (len(self),)))
+    @property
+    def worker(self) -> int:
+        return self.views.worker
+
+    @worker.setter
+    def worker(self, w: int) -> None:
+        self.views.worker = w
+
+    @property
+    def busy_s(self) -> float:
+        return self.views.busy_s
+
+    @busy_s.setter
+    def busy_s(self, s: float) -> None:
+        self.views.busy_s = s
 
     def pin_memory(self) -> "Encoded":
-        return dataclasses.replace(self, pixels=self.pixels.pin_memory())
+        return dataclasses.replace(self, views=self.views.pin_memory(), pixels=self.pixels.pin_memory())
 
     @classmethod
     def merge(cls, parts: Sequence["Encoded"]) -> "Encoded":
-        """Several encoded batches (of any epochs) as one render unit: per-row fields joined,
-        image slots renumbered, pixel buffers and erasing joined. The buffer ends with zero
-        bytes one image width long (the renderer's crop windows read up to that far)."""
+        """Several encoded batches (of any epochs) as one render unit: views joined, image
+        slots renumbered, pixel buffers and erasing joined. The buffer ends with zero bytes one
+        image width long (the renderer's crop windows read up to that far)."""
         n_slots = np.cumsum([0] + [len(p.params) for p in parts])
         n_pix = np.cumsum([0] + [len(p.pixels) for p in parts])
-        shift = lambda a, by: np.where(np.asarray(a) >= 0, np.asarray(a) + by, -1)  # noqa: E731
-        cat = lambda name, fn=np.asarray: np.concatenate([fn(getattr(p, name)) for p in parts])  # noqa: E731
+        shift = lambda a, by: np.where(a >= 0, a + by, -1)  # noqa: E731
         tail = max((q.src_size[0] for p in parts for q in p.params), default=0)
         return cls(
-            epoch=np.concatenate([p.epochs() for p in parts]),
-            **{k: cat(k) for k in ROW_FIELDS[1:]},
+            views=Batch.cat([p.views for p in parts]),
             slot=np.concatenate([shift(p.slot, n_slots[i]) for i, p in enumerate(parts)]),
             pslot=np.concatenate([shift(p.pslot, n_slots[i]) for i, p in enumerate(parts)]),
             params=[q for p in parts for q in p.params], keys=[k for p in parts for k in p.keys],
-            jpeg=[j for p in parts for j in p.jpeg],
-            pixels=_cat_pixels([p.pixels for p in parts], tail),
+            jpeg=[j for p in parts for j in p.jpeg], pixels=_cat_pixels([p.pixels for p in parts], tail),
             pix_off=np.concatenate([shift(p.pix_off, n_pix[i]) for i, p in enumerate(parts)]),
-            erase_slot=np.concatenate([np.asarray(p.erase_slot) + n_slots[i] for i, p in enumerate(parts)]),
-            erase_idx=cat("erase_idx"), erase_val=cat("erase_val"),
+            erase_slot=np.concatenate([p.erase_slot + n_slots[i] for i, p in enumerate(parts)]),
+            erase_idx=np.concatenate([p.erase_idx for p in parts]),
+            erase_val=np.concatenate([p.erase_val for p in parts]),
         )
 
 

@@ -110,8 +110,9 @@ class DeviceRenderer:
         except TinydistillError:
             raise
         except Exception as e:
-            raise RenderError(f"{self.core.source.name}: rendering views of epoch(s) {sorted(set(raw.epoch.tolist()))} "
-                              f"rows {raw.row.min()}..{raw.row.max()} on {self.device} failed "
+            v = raw.views
+            raise RenderError(f"{self.core.source.name}: rendering views of epoch(s) {sorted(set(v.epoch.tolist()))} "
+                              f"rows {int(v.row.min())}..{int(v.row.max())} on {self.device} failed "
                               f"({one_line(e)})") from e
         batches, lo = [], 0
         for p in parts:

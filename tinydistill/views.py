@@ -9,6 +9,7 @@ which worker, rank or batch is the stream's business (:mod:`tinydistill.stream`)
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 
 from .augment import AugSpec
-from .batch import ROW_FIELDS, Batch, Encoded
+from .batch import Batch, Encoded
 from .errors import TinydistillError, one_line
 from .params import Policy, ViewParams, mix_pairs
 from .seeds import encode_seed
@@ -207,10 +208,8 @@ class Views:
             lam.append(p.lam if mixed else 1.0)
         cat = lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt)  # noqa: E731
         return Encoded(
-            epoch=int(epoch), row=np.array(rows, np.int64),
-            seed=np.array([self.seed(epoch, r) for r in rows], np.uint64).astype(np.int64),
-            label=labels[rows].astype(np.int64), partner=np.array(prow, np.int64),
-            partner_label=labels[prow].astype(np.int64), lam=np.array(lam, np.float64), valid=slot >= 0,
+            views=Batch.of(epoch=[int(epoch)] * len(rows), row=rows, seed=[self.seed(epoch, r) for r in rows],
+                           label=labels[rows], partner=prow, partner_label=labels[prow], lam=lam, valid=slot >= 0),
             slot=slot, pslot=np.array(pslot, np.int64), params=params, keys=keys, jpeg=jpeg,
             pixels=torch.from_numpy(cat(arrays + _tail(params), np.uint8)),  # a tensor: shared memory
             pix_off=np.array(pix_off, np.int64), erase_slot=cat(e_slot, np.int64),
@@ -225,8 +224,7 @@ class Views:
         device = torch.device(device)
         size = self.spec.img_size
         n = len(raw)
-        out = Batch.of(epoch=raw.epochs(), **{k: getattr(raw, k) for k in ROW_FIELDS[1:]},
-                       worker=raw.worker, busy_s=raw.busy_s)
+        out = dataclasses.replace(raw.views)  # the pixels go into a copy
         rows = np.flatnonzero(raw.slot >= 0)
         if not len(rows):
             out.image = torch.zeros((n, 3, size, size), device=device)
@@ -367,8 +365,6 @@ def _decode_here(source: Source, row: int, data) -> "np.ndarray | BadSampleError
 
 
 def _unmixed(p: ViewParams) -> ViewParams:
-    import dataclasses
-
     return dataclasses.replace(p, mix="none", lam=1.0, box=None, partner=p.row)
 
 
