@@ -18,10 +18,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: $(VENV)/.installed
 	$(VENV)/bin/tinydistill quickstart --out $(OUT)
 
-# two processes, a test file each at a time (module fixtures built once): ~3 min on 2 cores;
+# two single-threaded processes, a test file each at a time (module fixtures built once):
+# ~3 min 15 s on 2 cores;
 # `pytest -m "not slow"` (unit tests only) takes under a minute
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile
 
 bench: $(VENV)/.installed
 	$(PY) pipelines/bench_store.py
