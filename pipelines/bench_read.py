@@ -108,8 +108,11 @@ def targets(n: int, batch: int, workers: int) -> dict:
     return {"stored_bytes": stored, "main_process": main / stored, f"{workers}_workers_each": in_workers / stored}
 
 
-def webdataset_local(spec: str, data: int, f: dict, a) -> tuple[dict, float, float]:
-    """The shards on the local disk: amplification, requests, speed; and the first (indexing) and cached open times."""
+def webdataset_local(spec: str, fsrc, a) -> tuple[dict, dict, float, float]:
+    """The shards on the local disk against the ImageFolder, epochs alternated over ``a.rounds``
+    rounds (ImageFolder first in even rounds, webdataset first in odd ones) so machine drift falls
+    on both: (ImageFolder's figures, the webdataset's: amplification and requests per epoch,
+    speed, speed ratio per round), and the first (indexing) and cached open times."""
     from tinydistill.sources import open_source
 
     t = time.perf_counter()
@@ -118,12 +121,20 @@ def webdataset_local(spec: str, data: int, f: dict, a) -> tuple[dict, float, flo
     t = time.perf_counter()
     again = open_source(spec)
     cached_open = time.perf_counter() - t
-    w = epoch(wsrc, a.batch)
-    return ({"bytes_read_over_data": wsrc.io["bytes"] / wsrc.data_bytes,
-             "bytes_read_over_image_bytes": wsrc.io["bytes"] / data,
-             "requests_per_epoch_per_worker": wsrc.io["requests"] / a.workers,
-             "images_per_s": w["images_per_s"], "relative_speed": w["images_per_s"] / f["images_per_s"],
-             "open_s_first": first_open, "open_s_cached": cached_open, "index_sources": again.index_stats},
+    f, w = [], []
+    for r in range(a.rounds):
+        for src, out in ((fsrc, f), (wsrc, w)) if r % 2 == 0 else ((wsrc, w), (fsrc, f)):
+            out.append(epoch(src, a.batch, seed=r)["images_per_s"])
+    ratio = benchlib.ratio_stats(w, f)
+    folder = {"bytes_read_over_data": 1.0, "requests_per_epoch_per_worker": len(fsrc) / a.workers,
+              "images_per_s": benchlib.med(f), "per_round": f}  # each file read once, whole
+    return (folder,
+            {"bytes_read_over_data": wsrc.io["bytes"] / a.rounds / wsrc.data_bytes,
+             "bytes_read_over_image_bytes": wsrc.io["bytes"] / a.rounds / folder_bytes(fsrc),
+             "requests_per_epoch_per_worker": wsrc.io["requests"] / a.rounds / a.workers,
+             "images_per_s": benchlib.med(w), "per_round": w, "relative_speed": ratio["median"],
+             "relative_speed_rounds": ratio, "open_s_first": first_open, "open_s_cached": cached_open,
+             "index_sources": again.index_stats},
             first_open, cached_open)
 
 
@@ -156,7 +167,9 @@ def report(res: dict, first_open: float, cached_open: float) -> None:
         r = res[name]
         print(f"{name:18s} bytes read/data {r['bytes_read_over_data']:.3f}  requests/epoch/worker "
               f"{r['requests_per_epoch_per_worker']:.0f}  images/s {r['images_per_s']:.0f}"
-              + (f"  relative to ImageFolder {r['relative_speed']:.3f}" if "relative_speed" in r else ""))
+              + (f"  relative to ImageFolder {benchlib.fmt_ratio(r['relative_speed_rounds'])}"
+                 if "relative_speed_rounds" in r else
+                 f"  relative to ImageFolder {r['relative_speed']:.3f}" if "relative_speed" in r else ""))
     tr = res["targets"]
     print(f"targets            fetched/stored per epoch: main process {tr['main_process']:.3f}, "
           f"4 workers joining their own {tr['4_workers_each']:.3f}")
@@ -169,6 +182,7 @@ def main():
     ap.add_argument("--shards", type=int, default=16)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--workers", type=int, default=8, help="workers the requests are spread over")
+    ap.add_argument("--rounds", type=int, default=3, help="alternated epochs of ImageFolder and local webdataset")
     ap.add_argument("--smoke", action="store_true", help="512 images, 16 shards")
     ap.add_argument("--data", default=os.environ.get("TD_BENCH_DATA", "/tmp/td_bench_read"))
     ap.add_argument("--out", default=None, help="JSON results file")
@@ -186,11 +200,8 @@ def main():
     spec = pack_shards(folder, root / f"shards{a.images}x{a.shards}", a.shards)
     res = {"env": env}
     fsrc = ImageFolderSource(str(folder))
-    f = epoch(fsrc, a.batch)
-    res["imagefolder"] = {"bytes_read_over_data": 1.0, "requests_per_epoch_per_worker": len(fsrc) / a.workers,
-                          "images_per_s": f["images_per_s"]}  # each file read once, whole
-    res["webdataset_local"], first_open, cached_open = webdataset_local(spec, folder_bytes(fsrc), f, a)
-    res["webdataset_s3"] = webdataset_s3(spec, f, a)
+    res["imagefolder"], res["webdataset_local"], first_open, cached_open = webdataset_local(spec, fsrc, a)
+    res["webdataset_s3"] = webdataset_s3(spec, res["imagefolder"], a)
     res["targets"] = targets(max(a.images, 4096), a.batch, workers=4)
     report(res, first_open, cached_open)
     benchlib.finish(res, env, t_start, a.out, {k: res[k] for k in ("webdataset_local", "webdataset_s3", "targets")})
