@@ -270,6 +270,10 @@ def test_worker_decodes_non_gpu_formats_and_ships_jpegs_for_a_gpu(data):
     is_png = np.array([k.endswith(".png") for k in gpu.keys])
     assert ((gpu.pix_off >= 0) == is_png).all() and len(gpu.jpeg) == (~is_png).sum() > 0
     assert all(Image.open(io.BytesIO(b)).format == "JPEG" for b in gpu.jpeg)
+    # the device side of JPEG bytes (decode, size check, packing after the worker's pixels)
+    # runs here too: the same pixels as when the worker decodes them
+    core = Views(src, SPEC, 5)
+    assert torch.equal(core.render_encoded(gpu, "cpu").image, core.render_encoded(cpu, "cpu").image)
 
 
 @pytest.mark.slow

@@ -26,7 +26,7 @@ import shutil
 from pathlib import Path
 
 from . import dist
-from .errors import StoreError
+from .errors import StoreError, one_line
 
 TARGET_ARRAYS = ("logp", "index_gap", "index")  # per-view target arrays, (epoch, row, K)
 SMALL_ARRAYS = ("complete",)  # copied whole: what reading targets checks
@@ -70,11 +70,15 @@ def fetch_epoch(store, epoch: int, local_rank: int = 0, local_world: int = 1) ->
     fs, root = fsspec.core.url_to_fs(url, **(store._storage_options or {}))
     root = root.rstrip("/")
     mirror = cache_root() / hashlib.sha256(url.encode()).hexdigest()[:24]
-    try:
-        listing = fs.find(root, detail=True)
+    listing: dict = {}
+    try:  # the metadata, the small arrays and this epoch's targets: never the other epochs' objects
+        listing.update(fs.find(root, maxdepth=2, detail=True))
+        for prefix in [*SMALL_ARRAYS, *(f"{a}/c/{epoch}" for a in TARGET_ARRAYS)]:
+            listing.update(fs.find(f"{root}/{prefix}", detail=True))
     except Exception as e:
-        raise StoreError(f"{url}: cannot list the store for the node cache ({type(e).__name__}: {e})") from e
-    objects = sorted((p[len(root) + 1:], info) for p, info in listing.items() if p.startswith(root + "/"))
+        raise StoreError(f"{url}: cannot list the store for the node cache ({one_line(e)})") from e
+    objects = sorted((p[len(root) + 1:], info) for p, info in listing.items()
+                     if p.startswith(root + "/") and info.get("type", "file") == "file")
     wanted = [(rel, info) for rel, info in objects if _wanted(rel, epoch)]
     versions_f = mirror / f".versions.{local_rank}.json"
     versions = json.loads(versions_f.read_text()) if versions_f.exists() else {}

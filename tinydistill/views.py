@@ -167,9 +167,8 @@ class Views:
         rows, partner, need = self._needed(epoch, rows)
         gpu_jpeg = torch.device(self.device).type == "cuda"
         size = self.spec.img_size
-        params, keys, jpeg, arrays, pix_off, slot_of = [], [], [], [], [], {}
+        params, keys, jpeg, arrays, array_of, slot_of = [], [], [], [], [], {}
         e_slot, e_idx, e_val = [], [], []
-        n_pix = 0
         for r, item, src_size in self.source.read_encoded(need):
             if not isinstance(item, BadSampleError) and not (gpu_jpeg and _is_jpeg(item)):
                 item = _decode_here(self.source, r, item)  # CHW uint8, or the error
@@ -183,11 +182,10 @@ class Views:
                     raise BadSampleError(f"{self.source.name}: {self.source.keys[r]}: decoded size "
                                          f"{item.shape[2]}x{item.shape[1]} differs from its header's "
                                          f"{src_size[0]}x{src_size[1]}")
-                pix_off.append(n_pix)
-                arrays.append(item.reshape(-1))
-                n_pix += item.size
+                array_of.append(len(arrays))
+                arrays.append(item)
             else:
-                pix_off.append(-1)
+                array_of.append(-1)
                 jpeg.append(bytes(item))
             if p.erase:
                 idx, val = render_torch.erase_fill(p, size)
@@ -207,12 +205,14 @@ class Views:
             prow.append(p.partner if mixed else r)
             lam.append(p.lam if mixed else 1.0)
         cat = lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt)  # noqa: E731
+        flat, offsets, _, _ = render_torch.pack_numpy(arrays, layout="chw")  # with the crop windows' tail
         return Encoded(
             views=Batch.of(epoch=[int(epoch)] * len(rows), row=rows, seed=[self.seed(epoch, r) for r in rows],
                            label=labels[rows], partner=prow, partner_label=labels[prow], lam=lam, valid=slot >= 0),
             slot=slot, pslot=np.array(pslot, np.int64), params=params, keys=keys, jpeg=jpeg,
-            pixels=torch.from_numpy(cat(arrays + _tail(params), np.uint8)),  # a tensor: shared memory
-            pix_off=np.array(pix_off, np.int64), erase_slot=cat(e_slot, np.int64),
+            pixels=torch.from_numpy(flat),  # a tensor: shared memory between processes
+            pix_off=np.array([offsets[i] if i >= 0 else -1 for i in array_of], np.int64),
+            erase_slot=cat(e_slot, np.int64),
             erase_idx=cat(e_idx, np.int64), erase_val=cat(e_val, np.float32))
 
     def render_encoded(self, raw: Encoded, device) -> Batch:
@@ -326,12 +326,6 @@ class Views:
         return View(epoch=int(epoch), row=int(row), key=self.source.keys[int(row)], seed=int(b.seed[0]),
                     image=b.image[0], label=int(b.label[0]), partner=int(b.partner[0]),
                     partner_label=int(b.partner_label[0]), lam=float(b.lam[0]), params=b.params[0])
-
-
-def _tail(params) -> list[np.ndarray]:
-    """Zero bytes after a pixel buffer's last image: the renderer's crop windows read up to an
-    image width past a crop row, so with this tail it never pads (copies) the buffer itself."""
-    return [np.zeros(max(p.src_size[0] for p in params), np.uint8)] if params else []
 
 
 def _is_jpeg(data) -> bool:
