@@ -22,6 +22,7 @@ not depend on the worker count. Stored targets are joined in each rank's main pr
 from __future__ import annotations
 
 import math
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
@@ -154,6 +155,7 @@ class ChunkTargets:
                 self.need.setdefault((it.epoch, int(c)), []).append(it.rows[it.rows // self.cr == c])
         self.cache: dict[tuple[int, int], list] = {}
         self.reads = 0
+        self._count = threading.Lock()  # _load may run in several threads (ranktargets)
 
     def get(self, epoch: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         logp = np.empty((len(rows), self.store.k), np.float32)
@@ -178,7 +180,8 @@ class ChunkTargets:
         want = np.unique(np.concatenate(self.need.pop((epoch, chunk))))
         lo = chunk * self.cr
         lp, ix = self.store.topk(epoch, slice(lo, min(lo + self.cr, self.store.num_rows)), order="stored")
-        self.reads += 1
+        with self._count:
+            self.reads += 1
         return [want, lp[want - lo].copy(), ix[want - lo].copy(), len(want)]
 
 
