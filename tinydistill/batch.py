@@ -124,22 +124,6 @@ class Encoded:
     def __len__(self) -> int:
         return len(self.views)
 
-    @property
-    def worker(self) -> int:
-        return self.views.worker
-
-    @worker.setter
-    def worker(self, w: int) -> None:
-        self.views.worker = w
-
-    @property
-    def busy_s(self) -> float:
-        return self.views.busy_s
-
-    @busy_s.setter
-    def busy_s(self, s: float) -> None:
-        self.views.busy_s = s
-
     def pin_memory(self) -> "Encoded":
         return dataclasses.replace(self, views=self.views.pin_memory(), pixels=self.pixels.pin_memory())
 

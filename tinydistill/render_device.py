@@ -117,7 +117,7 @@ class DeviceRenderer:
         batches, lo = [], 0
         for p in parts:
             b = out.slice(lo, lo + len(p))
-            b.worker, b.busy_s = p.worker, p.busy_s
+            b.worker, b.busy_s = p.views.worker, p.views.busy_s
             batches.append(b)
             lo += len(p)
         self.busy += time.perf_counter() - t0

@@ -191,8 +191,8 @@ class ViewStream(IterableDataset):
     """IterableDataset of a rank's batches of views: :class:`~tinydistill.batch.Batch` with
     pixels rendered by the workers, or, for the torch renderer, :class:`~tinydistill.batch.Encoded`
     batches that a :class:`~tinydistill.render_device.DeviceRenderer` renders in the main
-    process. Either carries ``worker`` / ``busy_s`` (which worker made it, and the seconds it
-    worked on it). Use ``DataLoader(stream, batch_size=None, num_workers=W)``.
+    process. Their views carry ``worker`` / ``busy_s`` (which worker made them, and the seconds
+    it worked on them). Use ``DataLoader(stream, batch_size=None, num_workers=W)``.
     """
 
     def __init__(self, core: Views, items: Sequence[Item], encoded: bool | None = None):
@@ -222,7 +222,8 @@ class ViewStream(IterableDataset):
                         batch = self.core.encode(it.epoch, rows[lo:lo + it.batch])
                     else:
                         batch = rendered.slice(lo, lo + it.batch)
-                    batch.worker, batch.busy_s = wid, time.perf_counter() - t0
+                    views = batch.views if self.encoded else batch
+                    views.worker, views.busy_s = wid, time.perf_counter() - t0
                     yield batch
                     t0 = time.perf_counter()
 
