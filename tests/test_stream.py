@@ -76,13 +76,15 @@ def test_chunk_targets_read_each_chunk_once(tmp_path, monkeypatch):
     order = epoch_order(st.num_rows, 32, False, 0, 1, 5, 0)
     items = train_items(order, 1, 16, 1, 0)[1::3]  # what worker 1 of 3 gets
     reads = []
-    orig = type(st).topk
-    monkeypatch.setattr(type(st), "topk", lambda self, e, rows, order="desc": reads.append((e, rows.start)) or
-                        orig(self, e, rows, order=order))
+    orig = type(st).targets
+    monkeypatch.setattr(type(st), "targets", lambda self, e, rows, kinds=None: reads.append((e, rows.start)) or
+                        orig(self, e, rows, kinds))
     tg = ChunkTargets(st, items)
     for it in items:
-        lp, ix = tg.get(it.epoch, it.rows)
-        ref_lp, ref_ix = orig(st, 1, it.rows, order="stored")
+        got = tg.get(it.epoch, it.rows)
+        lp, ix = got["logp"], got["index"]
+        ref = orig(st, 1, it.rows)
+        ref_lp, ref_ix = ref["logp"], ref["index"]
         assert np.array_equal(lp, ref_lp) and np.array_equal(ix, ref_ix)
     touched = {int(r) // 64 for it in items for r in it.rows}
     assert len(reads) == len(set(reads)) == len(touched) == tg.reads  # once each, only those needed

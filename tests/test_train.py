@@ -440,9 +440,9 @@ def test_objective_says_when_it_needs_labels():
     logits, logp = torch.randn(4, 10), torch.log_softmax(torch.randn(4, 3), 1)
     index = torch.arange(3).repeat(4, 1)
     pure = Objective(DistillLoss(10))
-    assert not pure.needs_labels() and torch.isfinite(pure(logits, None, logp, index))  # no labels built
+    assert not pure.needs_labels() and torch.isfinite(pure(logits, None, {"logp": logp, "index": index}))  # no labels built
     assert pure.needs_labels(two_heads=True) and Objective(None).needs_labels()
     for kd in (DistillLoss(10, alpha=0.5), DistillLoss(10, kind="hard")):
         assert Objective(kd).needs_labels()
         with pytest.raises(ValueError, match="needs labels"):
-            Objective(kd)(logits, None, logp, index)
+            Objective(kd)(logits, None, {"logp": logp, "index": index})

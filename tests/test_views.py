@@ -330,7 +330,7 @@ def test_canary_and_store_view(digits, tmp_path, monkeypatch):
     import zarr
     g = zarr.open_group(str(st.path), mode="r+")
     g.attrs["augmentation"] = {**SPEC.to_dict(), "hflip": 0.0}
-    with pytest.raises(ReplayError, match="does not match its hash"):
+    with pytest.raises(ReplayError, match="do not match their hash"):
         check_replay(td.open_store(st.path), digits)
 
 

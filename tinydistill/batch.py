@@ -40,8 +40,9 @@ class Batch:
     lam: torch.Tensor
     valid: torch.Tensor
     image: torch.Tensor | None = None  # float32 [B, 3, S, S], pixels in [0, 1]
-    logp: torch.Tensor | None = None  # stored top-K log-probs [B, K] (offline KD)
-    index: torch.Tensor | None = None  # their class ids [B, K]
+    # stored targets by field name (offline KD; tinydistill.kinds): "logp" [B, K] top-K
+    # log-probs, "index" [B, K] their class ids, "attention" [B, G, G] maps
+    targets: dict = dataclasses.field(default_factory=dict)
     params: list | None = None  # each view's parameter record (None for a skipped one), on request
     worker: int = 0  # the DataLoader worker that made it
     busy_s: float = 0.0  # the seconds it worked on it
@@ -60,6 +61,8 @@ class Batch:
             vals = [getattr(p, f.name) for p in parts]
             if f.name in ("worker", "busy_s"):
                 out[f.name] = vals[0] if f.name == "worker" else sum(vals)
+            elif f.name == "targets":  # fields every part holds
+                out[f.name] = {k: torch.cat([v[k] for v in vals]) for k in set.intersection(*(set(v) for v in vals))}
             elif any(v is None for v in vals):
                 out[f.name] = None
             else:
@@ -69,12 +72,23 @@ class Batch:
     def __len__(self) -> int:
         return len(self.row)
 
+    @property
+    def logp(self) -> torch.Tensor | None:
+        return self.targets.get("logp")
+
+    @property
+    def index(self) -> torch.Tensor | None:
+        return self.targets.get("index")
+
     def _map(self, fn) -> "Batch":
-        """The batch with ``fn`` applied to every per-row tensor (and the records list)."""
+        """The batch with ``fn`` applied to every per-row tensor (the targets' too, and the records list)."""
         out = {}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            out[f.name] = fn(v) if torch.is_tensor(v) or (f.name == "params" and v is not None) else v
+            if f.name == "targets":
+                out[f.name] = {k: fn(t) for k, t in v.items()}
+            else:
+                out[f.name] = fn(v) if torch.is_tensor(v) or (f.name == "params" and v is not None) else v
         return Batch(**out)
 
     def slice(self, lo: int, hi: int) -> "Batch":

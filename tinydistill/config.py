@@ -41,6 +41,9 @@ class GenConfig:
                                "or open_clip:ARCH/PRETRAINED.")
     out: str = option(help="Store path or URL (s3://, gs://, file://).")
     k: int = option(10, "Classes kept per view.", type=click.IntRange(min=1))
+    attention_grid: int = option(0, "Also store the teacher's G x G spatial attention map per view (class-token "
+                                    "attention of a ViT's last block, or a CNN's feature energy); 0 = off.",
+                                 type=click.IntRange(min=0))
     epochs: tuple[int, int] = option((0, 1), "E (epochs 0..E-1) or a range A:B, so several jobs can fill one store.",
                                      type=str, cli_default="1", show_default=True, convert=lambda v: parse_epochs(v))
     total_epochs: int | None = option(None, "Epochs the store holds when it is created by a job filling a range.",
@@ -110,6 +113,11 @@ class TrainConfig:
                        type=click.Choice(["soft_ce", "kl", "hard"]))
     temperature: float = option(1.0, "Temperature of --loss kl (and of soft_ce targets).")
     alpha: float = option(1.0, "Weight of the teacher term; 1 - alpha goes to ground truth.")
+    attention_weight: float = option(0.0, "Weight W of the attention term: W x MSE between the student's "
+                                           "spatial attention map and the teacher's (stored, or live with "
+                                           "--online-teacher); 0 = off.", type=click.FloatRange(min=0))
+    attention_grid: int | None = option(None, "--online-teacher: grid of the maps [default: the --like store's, "
+                                              "else 7]. Offline KD uses the store's.", type=click.IntRange(min=1))
     smoothing: float = option(0.1, "Label smoothing for --no-kd.")
     no_kd: bool = option(False, "Baseline: supervised on ground-truth labels, no store.")
     online_teacher: str | None = option(None, "Baseline: the same loss with this teacher run every step.")

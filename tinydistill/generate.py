@@ -83,7 +83,8 @@ def _prepare_store(cfg: GenConfig, teacher, source, rank: int, device) -> LogitS
                         raise
             if existing is not None:
                 err = run_mismatch(existing, out=cfg.out, teacher=teacher, k=cfg.k, spec=cfg.spec, source=source,
-                                   seed=cfg.seed, epochs=cfg.epochs, total_epochs=cfg.total_epochs)
+                                   seed=cfg.seed, epochs=cfg.epochs, total_epochs=cfg.total_epochs,
+                                   attention_grid=cfg.attention_grid)
                 if err is None:
                     check_replay(existing, source, device=device)  # same views as the run that started it
                     log.info("resuming %s: %d of %d units complete", cfg.out,
@@ -96,6 +97,7 @@ def _prepare_store(cfg: GenConfig, teacher, source, rank: int, device) -> LogitS
                     class_names=None if from_data else teacher.class_names,
                     chunk_rows=cfg.chunk_rows, shard_rows=cfg.shard_rows, overwrite=cfg.overwrite,
                     attrs={"class_names_source": "data" if from_data else "teacher"},
+                    targets={"attention": {"grid": cfg.attention_grid}} if cfg.attention_grid else None,
                 )
                 log.info("created %s", cfg.out)
         except TinydistillError as e:
@@ -112,15 +114,19 @@ class Outputs:
 
     epoch: int
     rows: np.ndarray  # int64 [n]
-    logp: np.ndarray  # float32 [n, K]
-    index: np.ndarray  # int64 [n, K]
     seed: np.ndarray  # uint64 [n]
     skipped: np.ndarray  # bool [n]: unreadable image, or non-finite outputs (--skip-bad)
+    targets: dict  # each target kind's values by field: logp [n, K], index [n, K], attention [n, G, G]
 
     @classmethod
     def cat(cls, parts: list["Outputs"]) -> "Outputs":
-        return cls(parts[0].epoch, *(np.concatenate([getattr(p, f) for p in parts])
-                                     for f in ("rows", "logp", "index", "seed", "skipped")))
+        cat = lambda f: np.concatenate([getattr(p, f) for p in parts])  # noqa: E731
+        return cls(parts[0].epoch, cat("rows"), cat("seed"), cat("skipped"),
+                   {k: np.concatenate([p.targets[k] for p in parts]) for k in parts[0].targets})
+
+    def take(self, order: np.ndarray) -> "Outputs":
+        return Outputs(self.epoch, self.rows[order], self.seed[order], self.skipped[order],
+                       {k: v[order] for k, v in self.targets.items()})
 
 
 class _ShardWriter:
@@ -141,8 +147,8 @@ class _ShardWriter:
             if self.error is None:
                 try:
                     o = shard
-                    self.store.write_shard(o.epoch, int(o.rows[0]) // self.store.shard_rows, o.logp, o.index, o.seed,
-                                           skipped=o.skipped)
+                    self.store.write_shard(o.epoch, int(o.rows[0]) // self.store.shard_rows, seed=o.seed,
+                                           skipped=o.skipped, **o.targets)
                     self.written += 1
                 except BaseException as e:  # surfaced to the main thread on the next put/close
                     self.error = e
@@ -196,8 +202,7 @@ class _Rounds:
         got = Outputs.cat(parts)
         if len(got.rows) != b - a or not np.array_equal(np.sort(got.rows), np.arange(a, b)):
             raise StoreError(f"{self.store.path}: shard {shard} of epoch {epoch} got {len(got.rows)} rows for {b - a}")
-        order = np.argsort(got.rows)
-        return Outputs(epoch, *(getattr(got, f)[order] for f in ("rows", "logp", "index", "seed", "skipped")))
+        return got.take(np.argsort(got.rows))
 
 
 @dist.keeps_threads
@@ -210,9 +215,8 @@ def gen_logits(cfg: GenConfig, on_step: Callable[[dict], None] | None = None) ->
     cfg = resolve(cfg)
     rank, world, device = dist.setup(cfg.device, cfg.workers)
     source = open_source(cfg.data)
-    teacher = load_teacher(cfg.teacher, cfg.teacher_weights, class_names=source.class_names)
-    if cfg.teacher_input_size:
-        teacher.input_size = int(cfg.teacher_input_size)
+    teacher = load_teacher(cfg.teacher, cfg.teacher_weights, class_names=source.class_names,
+                           input_size=cfg.teacher_input_size)
     teacher.meta.update(amp=cfg.amp, device=device.type, batch_size=cfg.batch_size,
                         cpu_threads=torch.get_num_threads(), compile=bool(cfg.compile))
     if not 1 <= cfg.k <= teacher.num_classes:
@@ -232,7 +236,7 @@ def gen_logits(cfg: GenConfig, on_step: Callable[[dict], None] | None = None) ->
         persistent_workers=False, prefetch_factor=4 if cfg.workers else None,
     )
 
-    teacher.place(device, cfg.amp, compile=cfg.compile)
+    teacher.place(device, cfg.amp, compile=cfg.compile, attention_grid=cfg.attention_grid)
 
     writer = _ShardWriter(store)
     rounds = _Rounds(plan, store, writer, rank, world)
@@ -244,9 +248,9 @@ def gen_logits(cfg: GenConfig, on_step: Callable[[dict], None] | None = None) ->
     try:
         pending = None
         for batch in meter(renderer(loader) if renderer else loader):
-            logp, idx = teacher.topk(batch.image, cfg.k, pad_to=pad_to)
+            out = teacher.targets(batch.image, store.kinds, pad_to=pad_to)
             # the copies back are queued now and waited for one batch later: the device keeps working
-            done, pending = pending, _InFlight(batch, HostCopy(logp, idx))
+            done, pending = pending, _InFlight(batch, list(out), HostCopy(*out.values()))
             if done is not None:
                 _store_batch(cfg, rounds, counts, done, bar, on_step, t_start)
         if pending is not None:
@@ -281,6 +285,7 @@ class _InFlight:
     """A teacher batch whose outputs are on their way back to the host."""
 
     batch: Batch
+    fields: list  # names of the outputs' tensors
     outputs: HostCopy
 
 
@@ -288,10 +293,14 @@ def _store_batch(cfg: GenConfig, rounds: "_Rounds", counts: dict, done: _InFligh
     """Hand one teacher batch to its shard. Views whose teacher outputs are not finite (an
     fp16 teacher overflowing) are stored as skipped with ``--skip-bad`` and refused without."""
     batch = done.batch
-    logp, idx = (t.numpy() for t in done.outputs.get())
+    targets = {name: t.numpy() for name, t in zip(done.fields, done.outputs.get())}
     rows, valid = batch.row.numpy(), batch.valid.numpy()
     epoch = int(batch.epoch[0])
-    bad = valid & ~np.isfinite(logp).all(1)
+    finite = np.ones(len(rows), bool)
+    for v in targets.values():
+        if v.dtype.kind == "f":
+            finite &= np.isfinite(v.reshape(len(rows), -1)).all(1)
+    bad = valid & ~finite
     if bad.any():
         if not cfg.skip_bad:
             raise TinydistillError(
@@ -300,7 +309,7 @@ def _store_batch(cfg: GenConfig, rounds: "_Rounds", counts: dict, done: _InFligh
                 f"or `skip_bad` to store them as skipped")
         counts["nonfinite"] += int(bad.sum())
         valid = valid & ~bad
-    rounds.add(Outputs(epoch, rows, logp, idx, batch.seed.numpy().astype(np.uint64), ~valid))
+    rounds.add(Outputs(epoch, rows, batch.seed.numpy().astype(np.uint64), ~valid, targets))
     counts["views"] += len(rows)
     counts["skipped"] += int((~valid).sum())
     bar.update(len(rows))

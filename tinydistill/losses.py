@@ -75,11 +75,12 @@ class Objective:
 
     ``kd`` is None for training on labels alone (``--no-kd``). Students with a distillation
     token (DeiT) return two outputs: the class head learns the labels, the distillation head the
-    teacher (or the labels too, without a teacher), each with weight 0.5.
+    teacher (or the labels too, without a teacher), each with weight 0.5. ``terms`` adds
+    ``weight * kind.loss(student_maps, targets)`` for other target kinds (attention maps).
     """
 
-    def __init__(self, kd: DistillLoss | None):
-        self.kd = kd
+    def __init__(self, kd: DistillLoss | None, terms: list | None = None):
+        self.kd, self.terms = kd, list(terms or [])
 
     def needs_labels(self, two_heads: bool = False) -> bool:
         """Whether the loss uses ground-truth labels: without a teacher (``kd`` None), with a
@@ -87,12 +88,20 @@ class Objective:
         When False, ``labels`` may be None."""
         return self.kd is None or self.kd.needs_labels or two_heads
 
-    def __call__(self, out, labels: torch.Tensor | None, logp: torch.Tensor | None = None,
-                 index: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, out, labels: torch.Tensor | None, targets: dict | None = None,
+                 maps: torch.Tensor | None = None) -> torch.Tensor:
+        """``targets``: the teacher's values by field (``logp``, ``index``, ``attention``);
+        ``maps``: the student's attention maps, for ``terms``."""
+        targets = targets or {}
+        logp, index = targets.get("logp"), targets.get("index")
         if isinstance(out, tuple):
             cls, dist = out
             second = soft_cross_entropy(dist, labels) if self.kd is None else self.kd.kd(dist, logp, index)
-            return 0.5 * soft_cross_entropy(cls, labels) + 0.5 * second
-        if self.kd is None:
-            return soft_cross_entropy(out, labels)
-        return self.kd(out, logp, index, labels)
+            loss = 0.5 * soft_cross_entropy(cls, labels) + 0.5 * second
+        elif self.kd is None:
+            loss = soft_cross_entropy(out, labels)
+        else:
+            loss = self.kd(out, logp, index, labels)
+        for weight, kind in self.terms:
+            loss = loss + weight * kind.loss(maps, targets)
+        return loss

@@ -33,7 +33,7 @@ class RankTargets:
     def reads(self) -> int:
         return self.chunks.reads
 
-    def get(self, epoch: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def get(self, epoch: int, rows: np.ndarray) -> dict[str, np.ndarray]:
         rows = np.asarray(rows, np.int64)
         for c in np.unique(rows // self.chunks.cr).tolist():
             fut = self._pending.pop((int(epoch), c), None)
@@ -42,10 +42,11 @@ class RankTargets:
         return self.chunks.get(epoch, rows)
 
     def join(self, batch: Batch) -> Batch:
-        """The batch with its stored ``logp``/``index``; views never written become invalid."""
-        logp, index = self.get(int(batch.epoch[0]), batch.row.numpy())
-        batch.logp, batch.index = torch.from_numpy(logp), torch.from_numpy(index)
-        batch.valid = batch.valid & ~torch.isnan(batch.logp[:, 0])
+        """The batch with its stored targets (``logp``, ``index``, and every other kind the
+        store holds); views never written (skipped by gen-logits) become invalid."""
+        got = self.get(int(batch.epoch[0]), batch.row.numpy())
+        batch.targets = {name: torch.from_numpy(v) for name, v in got.items()}
+        batch.valid = batch.valid & ~torch.isnan(batch.targets["logp"][:, 0])
         return batch
 
     def close(self) -> None:

@@ -14,7 +14,7 @@ import hashlib
 
 import numpy as np
 
-from ._util import spec_hash
+from .kinds import views_hash
 from .augment import AugSpec
 from .errors import TinydistillError
 from .sources import Source
@@ -73,9 +73,10 @@ def store_spec(store) -> AugSpec:
             f"tinydistill < 0.2); this tinydistill renders view format {VIEW_FORMAT} (parameter records) and "
             "cannot replay them: regenerate the store with gen-logits (its teacher outputs stay readable)")
     stored = attrs.get("augmentation", {})
-    if spec_hash(stored) != attrs.get("spec_hash"):  # the recorded spec itself was edited
-        raise ReplayError(f"{store.path}: stored augmentation does not match its hash "
-                          f"({spec_hash(stored)[:12]} != {str(attrs.get('spec_hash'))[:12]})")
+    got = views_hash(stored, attrs.get("targets", {}))
+    if got != attrs.get("spec_hash"):  # the recorded spec (or target kinds) was edited
+        raise ReplayError(f"{store.path}: stored augmentation and target kinds do not match their hash "
+                          f"({got[:12]} != {str(attrs.get('spec_hash'))[:12]})")
     try:  # fields added to AugSpec since the store was made take their defaults
         return AugSpec.from_dict(stored, source=f"{store.path} augmentation")
     except TinydistillError as e:
@@ -145,7 +146,7 @@ def check_replay(store, source: Source, renderer: str | None = None, allow_rende
 
 
 def run_mismatch(store, *, out: str, teacher, k: int, spec: AugSpec, source: Source, seed: int,
-                 epochs: tuple[int, int], total_epochs: int | None) -> str | None:
+                 epochs: tuple[int, int], total_epochs: int | None, attention_grid: int = 0) -> str | None:
     """Why a gen-logits run cannot resume ``store`` (a one-line message), or None."""
     a = store.attrs
     t = a.get("teacher", {})
@@ -156,6 +157,7 @@ def run_mismatch(store, *, out: str, teacher, k: int, spec: AugSpec, source: Sou
         ("teacher amp", t.get("amp", teacher.meta.get("amp")), teacher.meta.get("amp")),
         ("teacher compile", bool(t.get("compile", False)), bool(teacher.meta.get("compile", False))),
         ("K", a.get("k"), k),
+        ("attention grid", int((a.get("targets") or {}).get("attention", {}).get("grid", 0)), int(attention_grid)),
         ("num_classes", a.get("num_classes"), teacher.num_classes),
         ("augmentation spec hash", AugSpec.from_dict(a.get("augmentation", {})).hash, spec.hash),
         ("dataset fingerprint", a.get("dataset_fingerprint"), source.fingerprint),

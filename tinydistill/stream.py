@@ -140,7 +140,8 @@ def train_items(order: np.ndarray, view_epoch: int, batch_size: int, world: int,
 # ---- targets ----------------------------------------------------------------------------------
 
 class ChunkTargets:
-    """Stored top-K of one worker's items, reading each store chunk it needs once.
+    """Stored targets (every kind the store holds) of one worker's items, reading each store
+    chunk it needs once.
 
     When a chunk is first needed it is read whole and the rows this worker will ask for later
     are kept; rows are dropped once handed out. Memory: at most this worker's share of an
@@ -157,32 +158,35 @@ class ChunkTargets:
         self.reads = 0
         self._count = threading.Lock()  # _load may run in several threads (ranktargets)
 
-    def get(self, epoch: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        logp = np.empty((len(rows), self.store.k), np.float32)
-        index = np.empty((len(rows), self.store.k), np.int64)
+    def get(self, epoch: int, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """The stored targets of ``rows`` by field name (``logp``, ``index``, ``attention``, ...)."""
+        out: dict[str, np.ndarray] = {}
         chunks = rows // self.cr
         for c in np.unique(chunks):
             key = (int(epoch), int(c))
             if key not in self.cache:
                 self.cache[key] = self._load(*key)
-            kept, lp, ix, left = self.cache[key]
+            kept, values, left = self.cache[key]
             sel = chunks == c
             pos = np.searchsorted(kept, rows[sel])
-            logp[sel], index[sel] = lp[pos], ix[pos]
+            for name, v in values.items():
+                if name not in out:
+                    out[name] = np.empty((len(rows),) + v.shape[1:], v.dtype)
+                out[name][sel] = v[pos]
             left -= int(sel.sum())
             if left <= 0:
                 del self.cache[key]
             else:
-                self.cache[key][3] = left
-        return logp, index
+                self.cache[key][2] = left
+        return out
 
     def _load(self, epoch: int, chunk: int) -> list:
         want = np.unique(np.concatenate(self.need.pop((epoch, chunk))))
         lo = chunk * self.cr
-        lp, ix = self.store.topk(epoch, slice(lo, min(lo + self.cr, self.store.num_rows)), order="stored")
+        values = self.store.targets(epoch, slice(lo, min(lo + self.cr, self.store.num_rows)))
         with self._count:
             self.reads += 1
-        return [want, lp[want - lo].copy(), ix[want - lo].copy(), len(want)]
+        return [want, {name: v[want - lo].copy() for name, v in values.items()}, len(want)]
 
 
 # ---- the stream -------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from typing import Sequence
 
 import torch
 
+from .attention import AttentionError, AttentionTap
 from .dist import amp_dtype
 from .errors import TinydistillError, one_line
 
@@ -48,26 +49,31 @@ class Teacher:
     meta: dict = field(default_factory=dict)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     amp: str = "none"
+    tap: AttentionTap | None = None  # the attention maps of each forward (attention_grid > 0)
 
-    def place(self, device, amp: str | None = "none", compile: bool = False) -> "Teacher":
-        """Move the model to ``device`` (channels-last on CUDA, optionally compiled) and set
-        the autocast dtype every forward uses."""
+    def place(self, device, amp: str | None = "none", compile: bool = False, attention_grid: int = 0) -> "Teacher":
+        """Move the model to ``device`` (channels-last on CUDA, optionally compiled), set the
+        autocast dtype every forward uses, and with ``attention_grid`` G > 0 keep each forward's
+        G x G attention maps (:mod:`tinydistill.attention`; hooked before compiling)."""
         self.device, self.amp = torch.device(device), amp or "none"
         self.model = self.model.to(self.device).eval()
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
+        if attention_grid:
+            self.tap = AttentionTap(self.model, attention_grid, name=f"teacher {self.name}")
         if compile:
             self.model = torch.compile(self.model)
         return self
 
     @torch.inference_mode()
-    def topk(self, images: torch.Tensor, k: int, pad_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def targets(self, images: torch.Tensor, kinds, pad_to: int | None = None) -> dict[str, torch.Tensor]:
         """The one teacher forward (gen-logits, online KD and verify all call it): views
-        [B, 3, H, W] in [0, 1] -> top-K log-probabilities (float32, descending) and class ids,
-        on the teacher's device. Resize, interpolation, normalisation, memory layout and
-        autocast are the teacher's own. ``pad_to``: a shorter batch is padded with black views
-        to that many (outputs dropped), so a compiled teacher sees one shape and a batch's
-        values never depend on which shapes were compiled first."""
+        [B, 3, H, W] in [0, 1] -> each target kind's values (:mod:`tinydistill.kinds`: top-K
+        log-probabilities, float32 and descending, and class ids; attention maps), on the
+        teacher's device. Resize, interpolation, normalisation, memory layout and autocast are
+        the teacher's own. ``pad_to``: a shorter batch is padded with black views to that many
+        (outputs dropped), so a compiled teacher sees one shape and a batch's values never
+        depend on which shapes were compiled first."""
         from .views import prepare
 
         n = images.shape[0]
@@ -80,8 +86,20 @@ class Teacher:
         dt = amp_dtype(self.amp)
         with torch.autocast(self.device.type, dtype=dt, enabled=dt is not None):
             logits = self.model(x)
-        logp, idx = torch.log_softmax(logits[:n].float(), dim=-1).topk(k, dim=-1)
-        return logp, idx
+        maps = self.tap.pop()[:n] if self.tap is not None else None
+        out = {}
+        for kind in kinds:
+            if getattr(kind, "needs_maps", False) and maps is None:
+                raise AttentionError(f"teacher {self.name}: placed without an attention grid")
+            out.update(kind.extract(logits[:n], maps))
+        return out
+
+    def topk(self, images: torch.Tensor, k: int, pad_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-K log-probabilities (float32, descending) and class ids of views (see :meth:`targets`)."""
+        from .kinds import TopK
+
+        out = self.targets(images, [TopK(k, self.num_classes)], pad_to)
+        return out["logp"], out["index"]
 
     def describe(self) -> dict:
         """What the store records about the teacher."""
@@ -139,15 +157,35 @@ def resolve_name(name: str) -> tuple[str, str]:
     return "timm", ALIASES.get(name, name)
 
 
-def load_teacher(name: str, weights: str | None = None, class_names: Sequence[str] | None = None) -> Teacher:
-    """Build a teacher in eval mode on the CPU (the caller moves it to its device)."""
+def load_teacher(name: str, weights: str | None = None, class_names: Sequence[str] | None = None,
+                 input_size: int | None = None) -> Teacher:
+    """Build a teacher in eval mode on the CPU (the caller moves it to its device).
+
+    ``input_size``: the size the teacher sees. A timm model whose layout depends on it (a ViT's
+    position embedding) is built at that size, so weights trained at another size than the
+    pretrained config's load."""
     kind, model_name = resolve_name(name)
     if kind == "open_clip":
-        return _load_open_clip(name, model_name, weights, class_names)
-    return _load_timm(name, model_name, weights)
+        teacher = _load_open_clip(name, model_name, weights, class_names)
+    else:
+        teacher = _load_timm(name, model_name, weights, input_size)
+    if input_size:
+        teacher.input_size = int(input_size)
+    return teacher
 
 
-def _load_timm(name: str, model_name: str, weights: str | None) -> Teacher:
+def _create(model_name: str, input_size: int | None, **kw):
+    import timm
+
+    if input_size:
+        try:
+            return timm.create_model(model_name, img_size=int(input_size), **kw)
+        except TypeError:  # models without an img_size argument (CNNs)
+            pass
+    return timm.create_model(model_name, **kw)
+
+
+def _load_timm(name: str, model_name: str, weights: str | None, input_size: int | None = None) -> Teacher:
     import timm
     from timm.data import resolve_data_config
 
@@ -164,7 +202,7 @@ def _load_timm(name: str, model_name: str, weights: str | None) -> Teacher:
             clf = clf[0] if isinstance(clf, (list, tuple)) else clf
             if f"{clf}.weight" not in sd:
                 raise TeacherError(f"{weights}: no '{clf}.weight' in the weights: not a {arch} classifier")
-            model = timm.create_model(model_name, pretrained=False, num_classes=sd[f"{clf}.weight"].shape[0])
+            model = _create(model_name, input_size, pretrained=False, num_classes=sd[f"{clf}.weight"].shape[0])
             try:
                 model.load_state_dict(sd, strict=True)
             except RuntimeError as e:
@@ -173,7 +211,7 @@ def _load_timm(name: str, model_name: str, weights: str | None) -> Teacher:
             digest = file_digest(weights)
         else:
             try:
-                model = timm.create_model(model_name, pretrained=True)
+                model = _create(model_name, input_size, pretrained=True)
             except Exception as e:
                 raise TeacherError(f"{name}: cannot fetch pretrained weights for {model_name} "
                                    f"({type(e).__name__}); pass --teacher-weights PATH") from e

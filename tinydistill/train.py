@@ -59,9 +59,8 @@ def _views_and_targets(cfg: TrainConfig, source, device="cpu"):
         if cfg.online_teacher:
             from .teachers import load_teacher
 
-            teacher = load_teacher(cfg.online_teacher, cfg.teacher_weights, class_names=source.class_names)
-            if cfg.teacher_input_size:
-                teacher.input_size = cfg.teacher_input_size
+            teacher = load_teacher(cfg.online_teacher, cfg.teacher_weights, class_names=source.class_names,
+                                   input_size=cfg.teacher_input_size)
             num_classes = teacher.num_classes
             if cfg.k is not None and not 1 <= cfg.k <= num_classes:
                 raise TrainError(f"`k` {cfg.k}: must be between 1 and the teacher's {num_classes} classes")
@@ -204,29 +203,58 @@ def _dropped(batch: Batch) -> tuple[torch.Tensor | None, int, int]:
 # ---- targets --------------------------------------------------------------------------------------
 
 class StoreTargets:
-    """Offline KD: the stored top-K, joined to each batch in the rank's main process (RankTargets)."""
+    """Offline KD: the stored targets of every kind, joined to each batch in the rank's main
+    process (RankTargets)."""
 
     def __init__(self, device):
         self.device = device
 
-    def __call__(self, batch: Batch, images: torch.Tensor):
-        return batch.logp.to(self.device, non_blocking=True), batch.index.to(self.device, non_blocking=True)
+    def __call__(self, batch: Batch, images: torch.Tensor) -> dict:
+        return {name: t.to(self.device, non_blocking=True) for name, t in batch.targets.items()}
 
 
 class OnlineTargets:
-    """Online KD: the teacher's top-K on the batch's views, with the forward gen-logits uses."""
+    """Online KD: the teacher's targets of ``kinds`` on the batch's views, with the forward
+    gen-logits uses."""
 
-    def __init__(self, teacher, k: int):
-        self.teacher, self.k = teacher, k
+    def __init__(self, teacher, kinds: list):
+        self.teacher, self.kinds = teacher, kinds
 
-    def __call__(self, batch: Batch, images: torch.Tensor):
-        logp, index = self.teacher.topk(images, self.k)
-        return logp.clone(), index.clone()  # out of inference mode: usable in the loss
+    def __call__(self, batch: Batch, images: torch.Tensor) -> dict:
+        out = self.teacher.targets(images, self.kinds)
+        return {name: t.clone() for name, t in out.items()}  # out of inference mode: usable in the loss
 
 
-def label_targets(batch: Batch, images: torch.Tensor):
+def label_targets(batch: Batch, images: torch.Tensor) -> dict:
     """No KD: the loss uses the (mixed, smoothed) labels alone."""
-    return None, None
+    return {}
+
+
+def _attention_kind(cfg: TrainConfig, store, teacher):
+    """The attention kind the loss compares (None with ``attention_weight`` 0), or a one-line
+    error naming what is missing."""
+    from .kinds import Attention
+
+    if not cfg.attention_weight:
+        return None
+    if cfg.no_kd:
+        raise TrainError("`attention_weight` needs a teacher's maps: offline KD from a store made with "
+                         "gen-logits --attention-grid, or `online_teacher`")
+    if store is not None:
+        kind = store.kind("attention")
+        if kind is None:
+            raise TrainError(f"{cfg.logits}: holds no attention maps (made without gen-logits --attention-grid); "
+                             "`attention_weight` needs them")
+        if cfg.attention_grid not in (None, kind.grid):
+            raise TrainError(f"{cfg.logits}: holds {kind.grid}x{kind.grid} maps, `attention_grid` asks for "
+                             f"{cfg.attention_grid}")
+        return kind
+    like = None
+    if cfg.like:
+        from .store import open_store
+
+        like = open_store(cfg.like).kind("attention")
+    return Attention(cfg.attention_grid or (like.grid if like is not None else 7))
 
 
 # ---- the loop ------------------------------------------------------------------------------------
@@ -283,13 +311,14 @@ class _Run:
     out: Path
     source: Any
     store: Any  # the logit store (offline KD), or None
+    tap: Any  # the student's AttentionTap (attention_weight > 0), or None
     core: Views
     num_classes: int
     input_size: int
     model: torch.nn.Module
     ddp: torch.nn.Module  # the model, wrapped by DDP under torchrun
     parts: dict  # what a checkpoint holds: model, optimizer, scheduler, scaler, ema
-    targets: Callable  # batch, images -> (logp, index) or (None, None)
+    targets: Callable  # batch, images -> the teacher's values by field ({} without a teacher)
     objective: Objective
     use_labels: bool
     distilled: bool
@@ -340,12 +369,26 @@ def _build(cfg: TrainConfig) -> tuple[_Run, int]:
                                             warmup_t=int(cfg.warmup_epochs * steps_per_epoch)),
              "scaler": torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16"),
              "ema": ModelEmaV3(model, decay=cfg.ema, device=device) if cfg.ema else None}
+    attention = _attention_kind(cfg, store, teacher)
+    tap = None
+    if attention is not None:  # after the EMA copy: the hooks stay on the trained model
+        from .attention import AttentionError, AttentionTap
+
+        try:
+            tap = AttentionTap(model, attention.grid, name=f"student {cfg.student}")
+        except AttentionError as e:
+            raise TrainError(f"{e}; `attention_weight` needs one") from None
     if teacher is not None:
-        targets = OnlineTargets(teacher.place(device, cfg.amp), cfg.k or num_classes)
+        from .kinds import TopK
+
+        kinds = [TopK(cfg.k or num_classes, num_classes)] + ([attention] if attention is not None else [])
+        targets = OnlineTargets(teacher.place(device, cfg.amp, attention_grid=attention.grid if attention else 0),
+                                kinds)
     else:
         targets = StoreTargets(device) if store is not None else label_targets
     objective = Objective(None if cfg.no_kd else
-                          DistillLoss(num_classes, kind=cfg.loss, temperature=cfg.temperature, alpha=cfg.alpha))
+                          DistillLoss(num_classes, kind=cfg.loss, temperature=cfg.temperature, alpha=cfg.alpha),
+                          terms=[(cfg.attention_weight, attention)] if attention is not None else None)
     use_labels = objective.needs_labels(two_heads=distilled)  # pure distillation trains on unlabeled data
     if use_labels:
         require_labels(source, _labels_needed_by(cfg, distilled))
@@ -359,7 +402,7 @@ def _build(cfg: TrainConfig) -> tuple[_Run, int]:
     if cfg.val_data:
         val, _ = _val_loader(cfg, input_size, mean, std, cfg.val_crop_pct or data_cfg.get("crop_pct", 0.875), world, rank)
     core = Views(source, spec, view_seed, skip_bad=store is not None, device=device)
-    return _Run(cfg, rank, world, device, out, source, store, core, num_classes, input_size, model, ddp, parts,
+    return _Run(cfg, rank, world, device, out, source, store, tap, core, num_classes, input_size, model, ddp, parts,
                 targets, objective, use_labels, distilled, mean, std, val, step, best), start
 
 
@@ -373,11 +416,12 @@ def _step(run: _Run, batch: Batch) -> torch.Tensor:
         labels = mixed_labels(batch.label.to(dev, non_blocking=True), batch.partner_label.to(dev, non_blocking=True),
                               batch.lam.to(dev, non_blocking=True), run.num_classes,
                               smoothing=cfg.smoothing if cfg.no_kd else 0.0)
-    logp, index = run.targets(batch, images)
+    targets = run.targets(batch, images)
     with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
         outputs = run.ddp(prepare(images, run.input_size, run.mean, run.std))
+    maps = run.tap.pop() if run.tap is not None else None
     if len(batch):
-        loss = run.objective(outputs, labels, logp, index)
+        loss = run.objective(outputs, labels, targets, maps)
     else:  # DDP: zero gradients, so this rank's all-reduce goes along with the others'
         loss = sum(o.float().sum() for o in (outputs if isinstance(outputs, tuple) else (outputs,))) * 0.0
     p["optimizer"].zero_grad(set_to_none=True)

@@ -28,7 +28,8 @@ def verify_store(path: str, data: str, teacher_name: str, weights: str | None = 
     source = open_source(data)
     spec = check_replay(store, source, render, allow_renderer_change, device)
     t_attrs = store.attrs.get("teacher", {})
-    teacher = load_teacher(teacher_name, weights, class_names=source.class_names)
+    teacher = load_teacher(teacher_name, weights, class_names=source.class_names,
+                           input_size=t_attrs.get("input_size"))
     if t_attrs.get("weights_digest") not in (None, teacher.weights_digest):
         raise TinydistillError(f"{path}: store was made with teacher weights {t_attrs.get('weights_digest')}, "
                                f"these are {teacher.weights_digest}")

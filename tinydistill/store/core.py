@@ -16,7 +16,8 @@ import zarr
 from zarr.core.sync import sync
 
 from .. import __version__
-from .._util import keys_fingerprint, library_versions, spec_hash
+from .._util import keys_fingerprint, library_versions
+from ..kinds import store_kinds, targets_attr, views_hash
 from ..errors import CorruptStoreError, FormatVersionError, NotAStoreError, StoreError, UnknownKeyError, one_line
 from .format import (
     DEFAULT_CHUNK_ROWS,
@@ -90,22 +91,17 @@ def _checked_args(path: str, *, num_classes: int, k: int, epochs: int, keys: lis
     return key_bytes, labels_arr, names, shard_rows
 
 
-def _create_arrays(g, *, epochs: int, n: int, k: int, num_classes: int, chunk_rows: int, shard_rows: int,
-                   id_layout: str, key_bytes: np.ndarray, labels: np.ndarray, arrays: dict | None) -> None:
-    """The arrays of an empty store in group ``g``, with its keys, labels and extra arrays."""
-    index_dtype = "int16" if num_classes <= np.iinfo(np.int16).max + 1 else "int32"
-    index_name = "index_gap" if id_layout == "gaps" else "index"
+def _create_arrays(g, *, epochs: int, n: int, kinds: list, chunk_rows: int, shard_rows: int,
+                   key_bytes: np.ndarray, labels: np.ndarray, arrays: dict | None) -> None:
+    """The arrays of an empty store in group ``g``: each target kind's, the seeds, keys, labels,
+    completeness markers and the extra arrays."""
     common = dict(compressors=_compressors())
-    view3 = dict(chunks=(1, chunk_rows, k), shards=(1, shard_rows, k), dimension_names=("epoch", "row", "slot"))
-    g.create_array("logp", shape=(epochs, n, k), dtype="float16", fill_value=np.nan, **view3, **common,
-                   attributes={"description": "top-K log-probabilities at T=1; the K slots of a row are in "
-                                              "ascending class-id order; NaN = never written or skipped"})
-    g.create_array(index_name, shape=(epochs, n, k), dtype=index_dtype, fill_value=-1, **view3, **common,
-                   attributes={"description": (
-                       "class ids of the logp slots as gaps: slot 0 is the smallest id of the row, slot j "
-                       "is id[j] - id[j-1]; ids = cumsum over the last axis; -1 = never written or skipped"
-                       if id_layout == "gaps" else
-                       "class ids of the logp slots, ascending within a row; -1 = never written or skipped")})
+    for kind in kinds:  # (epoch, row, ...): one chunk per (epoch, chunk_rows rows), sharded like the seeds
+        for a in kind.arrays():
+            g.create_array(a.name, shape=(epochs, n) + a.tail, dtype=a.dtype, fill_value=a.fill,
+                           chunks=(1, chunk_rows) + a.tail, shards=(1, shard_rows) + a.tail,
+                           dimension_names=("epoch", "row") + a.dims, attributes={"description": a.description},
+                           **common)
     g.create_array("seed", shape=(epochs, n), dtype="uint64", chunks=(1, chunk_rows),
                    shards=(1, shard_rows), fill_value=SEED_UNSET, dimension_names=("epoch", "row"),
                    compressors=_compressors("bitshuffle"),
@@ -150,6 +146,7 @@ def create_store(
     overwrite: bool = False,
     storage_options: dict | None = None,
     id_layout: str = "gaps",
+    targets: dict | None = None,
 ) -> "LogitStore":
     """Create an empty store and return it open for writing (rank 0 calls this; others open).
 
@@ -159,6 +156,8 @@ def create_store(
     ``index_gap``, smallest); ``"ids"`` stores the ids themselves (array ``index``), which any
     reader sees directly, for ~7 % more bytes per view (see docs/benchmarks.md).
     ``arrays`` maps extra array names to (values, dimension names), written with the store.
+    ``targets`` adds target kinds to the top-K, by name with their settings, e.g.
+    ``{"attention": {"grid": 7}}`` (see :mod:`tinydistill.kinds`).
     """
     path = str(path)
     keys = [str(x) for x in keys]
@@ -167,9 +166,9 @@ def create_store(
         chunk_rows=chunk_rows, shard_rows=shard_rows, overwrite=overwrite, id_layout=id_layout)
     try:
         g = _open_group(path, "w" if overwrite else "w-", storage_options)
-        _create_arrays(g, epochs=epochs, n=len(keys), k=k, num_classes=num_classes, chunk_rows=chunk_rows,
-                       shard_rows=shard_rows, id_layout=id_layout, key_bytes=key_bytes, labels=labels_arr,
-                       arrays=arrays)
+        kinds = store_kinds({"targets": {"topk": {}, **(targets or {})}}, k, num_classes, id_layout)
+        _create_arrays(g, epochs=epochs, n=len(keys), kinds=kinds, chunk_rows=chunk_rows, shard_rows=shard_rows,
+                       key_bytes=key_bytes, labels=labels_arr, arrays=arrays)
         meta = {
             "num_classes": int(num_classes),
             "k": int(k),
@@ -182,7 +181,8 @@ def create_store(
             "class_names": names,
             "teacher": teacher or {},
             "augmentation": augmentation or {},
-            "spec_hash": spec_hash(augmentation or {}),
+            "targets": targets_attr(kinds),
+            "spec_hash": views_hash(augmentation or {}, targets_attr(kinds)),
             "dataset_fingerprint": keys_fingerprint(keys),
             "base_seed": int(base_seed),
             "versions": library_versions(),
@@ -252,9 +252,13 @@ class LogitStore(ReadMixin, WriteMixin, NotebookMixin):
         # format 1 and id_layout "ids" keep class ids in "index"; "gaps" keeps their gaps in "index_gap"
         self.id_layout = attrs.get("id_layout", "ids") if version >= 2 else "ids"
         self._gaps = self.id_layout == "gaps"
-        self._handles = self._arrays(group)
         self.num_classes = int(attrs["num_classes"])
         self.k = int(attrs["k"])
+        try:
+            self.kinds = store_kinds(attrs, self.k, self.num_classes, self.id_layout)
+        except StoreError as e:
+            raise CorruptStoreError(f"{path}: {e}") from None
+        self._handles = self._arrays(group)
         self.epochs = int(attrs["epochs"])
         self.num_rows = int(attrs["num_rows"])
         self.chunk_rows = int(attrs["chunk_rows"])
@@ -266,19 +270,20 @@ class LogitStore(ReadMixin, WriteMixin, NotebookMixin):
         self._key_rows: dict | None = None
         self._replay: dict = {}
 
-    def _arrays(self, group) -> tuple:
-        """(pid, group, logp, index, seed, complete): the open handles of one process."""
+    def _arrays(self, group) -> dict:
+        """The open handles of one process: ``pid``, ``group``, ``seed``, ``complete`` and every
+        target kind's arrays by name."""
         try:
             with _quiet_numcodecs():
-                return (os.getpid(), group, group["logp"], group["index_gap" if self._gaps else "index"],
-                        group["seed"], group["complete"])
+                names = ["seed", "complete"] + [a.name for kind in self.kinds for a in kind.arrays()]
+                return {"pid": os.getpid(), "group": group, **{n: group[n] for n in names}}
         except Exception as e:
             raise CorruptStoreError(f"{self.path}: store is missing an array ({one_line(e)})") from None
 
-    def _handle(self, i: int):
+    def _handle(self, i: str):
         # a forked DataLoader worker must not use its parent's object-store connections (an
         # aiohttp session bound to the parent's event loop): it opens the group again
-        if self._handles[0] != os.getpid() and _is_url(self.path):
+        if self._handles["pid"] != os.getpid() and _is_url(self.path):
             try:
                 self._handles = self._arrays(_open_group(self.path, self.mode, self._storage_options))
             except StoreError:
@@ -287,11 +292,15 @@ class LogitStore(ReadMixin, WriteMixin, NotebookMixin):
                 raise NotAStoreError(f"{self.path}: cannot open store ({one_line(e)})") from None
         return self._handles[i]
 
-    _group = property(lambda self: self._handle(1))
-    _logp = property(lambda self: self._handle(2))
-    _index = property(lambda self: self._handle(3))
-    _seed = property(lambda self: self._handle(4))
-    _complete = property(lambda self: self._handle(5))
+    _group = property(lambda self: self._handle("group"))
+    _logp = property(lambda self: self._handle("logp"))
+    _index = property(lambda self: self._handle("index_gap" if self._gaps else "index"))
+    _seed = property(lambda self: self._handle("seed"))
+    _complete = property(lambda self: self._handle("complete"))
+
+    def kind(self, name: str):
+        """The store's target kind ``name`` (:mod:`tinydistill.kinds`), or None when it has none."""
+        return next((k for k in self.kinds if k.name == name), None)
 
     def __getstate__(self):  # DataLoader workers started by spawn re-open the store by path
         return {"path": self.path, "mode": self.mode, "storage_options": self._storage_options}
@@ -397,6 +406,7 @@ class LogitStore(ReadMixin, WriteMixin, NotebookMixin):
             "dataset_fingerprint": self.attrs.get("dataset_fingerprint"),
             "base_seed": self.base_seed,
             "index_dtype": str(self._index.dtype),
+            "targets": {kind.name: kind.settings() for kind in self.kinds},
             "bytes_on_disk": total,
             "bytes_per_view": total / views_done if views_done else None,
             "bytes_by_array": nbytes,

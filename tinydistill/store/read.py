@@ -1,19 +1,20 @@
-"""Reading a store: rows of one epoch (by index, slice, mask or key) -> top-K targets and seeds.
+"""Reading a store: rows of one epoch (by index, slice, mask or key) -> targets and seeds.
 
 :class:`ReadMixin` is part of :class:`tinydistill.store.LogitStore`; it uses the store's
-shape, handles (``_logp``, ``_index``, ``_seed``, ``_group``) and completeness.
+shape, target kinds, array handles and completeness.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from ..errors import CorruptStoreError, IncompleteError, one_line
-from .format import SEED_SKIPPED, SEED_UNSET, gaps_to_ids
+from ..errors import CorruptStoreError, IncompleteError, StoreError, one_line
+from .format import SEED_SKIPPED, SEED_UNSET
 
 
 class ReadMixin:
-    """Reading rows: :meth:`topk`, :meth:`seeds`, :meth:`dense`, :meth:`skipped`, :meth:`check`."""
+    """Reading rows: :meth:`targets`, :meth:`topk`, :meth:`attention`, :meth:`seeds`, :meth:`dense`,
+    :meth:`skipped`, :meth:`check`."""
 
     def _rows(self, epoch: int, rows) -> tuple[np.ndarray | slice, int]:
         if not 0 <= int(epoch) < self.epochs:
@@ -87,6 +88,30 @@ class ReadMixin:
                 f"{self.path}: cannot read '{name}' epoch {epoch} ({one_line(e)})"
             ) from None
 
+    def targets(self, epoch: int, rows, kinds=None) -> dict[str, np.ndarray]:
+        """Every target field of rows of one epoch, as stored (top-K in ascending class-id
+        order), by field name: ``logp``, ``index`` and, when the store has maps, ``attention``.
+        ``kinds`` (names) limits the read to those kinds. ``rows`` as in :meth:`topk`.
+        Skipped views hold NaN log-probs, ids -1 and NaN maps."""
+        sel, _ = self._rows(epoch, rows)
+        self._check_complete(epoch, sel)
+        out, empty = {}, None
+        for kind in self.kinds:
+            if kinds is not None and kind.name not in kinds:
+                continue
+            values, missing = kind.decode({a.name: self._read(self._handle(a.name), epoch, sel) for a in kind.arrays()})
+            out.update(values)
+            empty = missing if empty is None else empty | missing
+        if empty is not None and empty.any():
+            rows_bad = (np.arange(self.num_rows)[sel] if isinstance(sel, slice) else sel)[empty]
+            if not (self._read(self._seed, epoch, rows_bad) == SEED_SKIPPED).all():
+                raise CorruptStoreError(
+                    f"{self.path}: epoch {epoch} rows {rows_bad[:5].tolist()} are recorded complete "
+                    "but hold no data (shard truncated or deleted)"
+                )
+            # skipped views (unreadable images) hold no targets: never a fake one
+        return out
+
     def topk(self, epoch: int, rows, order: str = "desc", names: bool = False):
         """(log-probs float32 [n, K], class ids int64 [n, K]) for rows of one epoch.
 
@@ -98,20 +123,8 @@ class ReadMixin:
         """
         if order not in ("desc", "stored"):
             raise ValueError(f"order must be 'desc' or 'stored', got {order!r}")
-        sel, _ = self._rows(epoch, rows)
-        self._check_complete(epoch, sel)
-        logp = self._read(self._logp, epoch, sel).astype(np.float32)
-        index = self._read(self._index, epoch, sel)
-        index = gaps_to_ids(index) if self._gaps else index.astype(np.int64)
-        bad = np.isnan(logp).any(1) | (index < 0).any(1)
-        if bad.any():
-            rows_bad = (np.arange(self.num_rows)[sel] if isinstance(sel, slice) else sel)[bad]
-            if not (self._read(self._seed, epoch, rows_bad) == SEED_SKIPPED).all():
-                raise CorruptStoreError(
-                    f"{self.path}: epoch {epoch} rows {rows_bad[:5].tolist()} are recorded complete "
-                    "but hold no data (shard truncated or deleted)"
-                )
-            # skipped views (unreadable images) keep NaN log-probs and id -1: never a fake target
+        t = self.targets(epoch, rows, kinds=("topk",))
+        logp, index = t["logp"], t["index"]
         if order == "desc":
             o = np.argsort(-logp, axis=1, kind="stable")
             logp = np.take_along_axis(logp, o, 1)
@@ -119,6 +132,13 @@ class ReadMixin:
         if names:
             return logp, index, self._class_name_table()[index]  # id -1 (skipped) -> None
         return logp, index
+
+    def attention(self, epoch: int, rows) -> np.ndarray:
+        """The teacher's attention maps of rows of one epoch: float32 [n, G, G], each summing to
+        1 (NaN for a skipped view). A one-line error when the store holds none."""
+        if self.kind("attention") is None:
+            raise StoreError(f"{self.path}: holds no attention maps (made without gen-logits --attention-grid)")
+        return self.targets(epoch, rows, kinds=("attention",))["attention"]
 
     def dense(self, epoch: int, rows, temperature: float = 1.0) -> np.ndarray:
         """Dense float32 [n, C] targets with TinyViT's smoothing (see :mod:`tinydistill.targets`)."""
@@ -154,7 +174,7 @@ class ReadMixin:
             for s in np.nonzero(mask[e])[0]:
                 rows = slice(*self.shard_bounds(int(s)))
                 try:
-                    self.topk(e, rows, order="stored")
+                    self.targets(e, rows)
                     self.seeds(e, rows)
                 except CorruptStoreError as err:
                     bad.append((int(e), int(s), str(err)))

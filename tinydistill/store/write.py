@@ -17,7 +17,7 @@ import zarr
 from zarr.core.sync import sync
 
 from ..errors import StoreError, one_line
-from .format import SEED_SKIPPED, ids_to_gaps, stored_logp
+from .format import SEED_SKIPPED
 
 
 def _fsync_path(path) -> None:
@@ -31,14 +31,16 @@ def _fsync_path(path) -> None:
 class WriteMixin:
     """:meth:`write_shard` and the durability of what it writes."""
 
-    def write_shard(self, epoch: int, shard: int, logp, index, seed, skipped=None) -> None:
+    def write_shard(self, epoch: int, shard: int, logp, index, seed, skipped=None, **targets) -> None:
         """Write one whole (epoch, shard) unit, then mark it complete.
 
         ``logp`` [n, K] are top-K log-probabilities (any order, any float dtype), ``index``
-        [n, K] their class ids, ``seed`` [n] the encoded view seeds, n = the shard's rows.
-        ``skipped`` (bool [n]) marks views whose image could not be read: they are stored with
-        NaN log-probs, ids -1 and seed ``SEED_SKIPPED``, whatever ``logp``/``index`` hold.
-        One writer per unit: concurrent writers must take disjoint (epoch, shard) units.
+        [n, K] their class ids, ``seed`` [n] the encoded view seeds, n = the shard's rows;
+        ``targets`` the values of the store's other target kinds by field name (e.g.
+        ``attention`` [n, G, G]). ``skipped`` (bool [n]) marks views whose image could not be
+        read: they are stored with NaN log-probs, ids -1, no map and seed ``SEED_SKIPPED``,
+        whatever the values hold. One writer per unit: concurrent writers must take disjoint
+        (epoch, shard) units.
         """
         if self.mode != "r+":
             raise StoreError(f"{self.path}: store is open read-only")
@@ -46,45 +48,34 @@ class WriteMixin:
             raise IndexError(f"{self.path}: epoch {epoch} out of range [0, {self.epochs})")
         start, stop = self.shard_bounds(shard)
         n = stop - start
-        logp = np.asarray(logp, dtype=np.float32)
-        index = np.asarray(index)
-        seed = np.asarray(seed)
         where = f"{self.path}: epoch {epoch} shard {shard}"
-        if logp.shape != (n, self.k) or index.shape != (n, self.k) or seed.shape != (n,):
-            raise StoreError(
-                f"{where}: expected logp/index [{n}, {self.k}] and seed [{n}], got "
-                f"{list(logp.shape)}, {list(index.shape)}, {list(seed.shape)}"
-            )
+        seed = np.asarray(seed)
+        if seed.shape != (n,):
+            raise StoreError(f"{where}: expected seed [{n}], got {list(seed.shape)}")
         skip = np.zeros(n, bool) if skipped is None else np.asarray(skipped, bool)
         if skip.shape != (n,):
             raise StoreError(f"{where}: skipped must be a bool mask of {n} rows")
         seed = np.where(skip, SEED_SKIPPED, seed.astype(np.uint64))
-        index = np.where(skip[:, None], np.arange(self.k), index)  # placeholders, replaced below
-        logp = np.where(skip[:, None], 0.0, logp)
-        if np.isnan(logp).any():
-            raise StoreError(f"{where}: log-probabilities contain NaN")
         if (seed[~skip] >= SEED_SKIPPED).any():
             raise StoreError(f"{where}: seed values 2**64-2 and 2**64-1 are reserved")
-        if ((index < 0) | (index >= self.num_classes)).any():
-            raise StoreError(f"{where}: class ids outside [0, {self.num_classes})")
-        order = np.argsort(index, axis=1, kind="stable")
-        index = np.take_along_axis(index, order, 1)
-        logp = np.take_along_axis(logp, order, 1)
-        if self.k > 1 and not (np.diff(index, axis=1) > 0).all():
-            raise StoreError(f"{where}: a row repeats a class id")
-        logp = stored_logp(logp)
-        logp[skip], index[skip] = np.nan, -1
-        if self._gaps:
-            index = ids_to_gaps(index)
-            index[skip] = -1
+        values = {"logp": logp, "index": index, **targets}
+        fields = [f for kind in self.kinds for f in kind.fields]
+        missing, extra = [f for f in fields if values.get(f) is None], sorted(set(values) - set(fields))
+        if missing or extra:
+            raise StoreError(f"{where}: the store holds {', '.join(fields)}; "
+                             + (f"missing {', '.join(missing)}" if missing else f"unknown {', '.join(extra)}"))
+        stored = {}
+        for kind in self.kinds:  # each kind's own encoding (and checks) of its values
+            stored.update(kind.encode({f: values[f] for f in kind.fields}, skip, where))
         marker = self._marker_key(epoch, shard)
+        arrays = [self._handle(name) for name in stored] + [self._seed]
         try:
             if self.is_complete(epoch, shard):  # rewriting: unmark first, never mark stale data
                 sync(self._group.store.delete(marker))
-            self._logp[epoch, start:stop] = logp
-            self._index[epoch, start:stop] = index.astype(self._index.dtype)
+            for name, data in stored.items():
+                self._handle(name)[epoch, start:stop] = data.astype(self._handle(name).dtype)
             self._seed[epoch, start:stop] = seed
-            self._fsync([self._shard_key(a, epoch, shard) for a in (self._logp, self._index, self._seed)])
+            self._fsync([self._shard_key(a, epoch, shard) for a in arrays])
             self._complete[epoch, shard] = 1
             self._fsync([marker])
         except Exception as e:

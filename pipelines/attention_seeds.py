@@ -1,0 +1,133 @@
+"""Does the teacher's attention help a ViT student? Offline against online, over seeds, on digits.
+
+    python pipelines/attention_seeds.py [--seeds 0 1 2 3 4] [--out runs/attention] [--epochs 30]
+                                        [--weight 1.0] [--plot docs/attention.png]
+
+Per seed, in the quickstart's manner (its views, optimiser and schedule; tinydistill.quickstart):
+
+1. a ViT teacher, timm ``test_vit`` (6 blocks, width 64, 16-px patches) at 128 px, so the
+   32-px views it sees make an 8 x 8 patch grid, trained supervised on ``digits:train``;
+2. ``gen-logits`` with K = 5 and ``--attention-grid 8``: top-5 and the class-token attention map
+   of every view of every epoch;
+3. a smaller ViT student, ``test_vit`` with 4-px patches and 3 blocks (also an 8 x 8 grid at
+   32 px), trained three ways on the same views and batches:
+   ``logits`` (offline, top-5 only), ``logits_attn_offline`` (plus ``--attention-weight W``
+   against the stored maps) and ``logits_attn_online`` (the same, the teacher run every step).
+
+Prints a markdown table (mean ± std and each seed), the offline-online per-step loss gaps at
+the start, and writes a plot. A seed whose results.json exists is reused.
+"""
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from tinydistill.generate import GenConfig, gen_logits
+from tinydistill.quickstart import SPEC, _curve, _final
+from tinydistill.train import TrainConfig, train_student
+
+TEACHER, TEACHER_SIZE, GRID, K = "test_vit", 128, 8, 5
+STUDENT, STUDENT_KWARGS = "test_vit", {"patch_size": 4, "depth": 3}
+METHODS = ["logits", "logits_attn_offline", "logits_attn_online"]
+
+
+def run_seed(out: Path, seed: int, epochs: int, weight: float) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    common = dict(data="digits", val_data="digits:val", batch_size=64, workers=1, device="cpu", seed=seed,
+                  progress=False, val_crop_pct=1.0, warmup_epochs=2.0, weight_decay=0.05)
+    secs = {}
+    t = time.time()
+    train_student(TrainConfig(student=TEACHER, out=str(out / "teacher"), no_kd=True, epochs=epochs, lr=2e-3,
+                              input_size=TEACHER_SIZE, spec=SPEC, view_seed=seed + 1000, **common))
+    secs["teacher"] = time.time() - t
+    weights, store = str(out / "teacher" / "best.pth"), str(out / "logits.zarr")
+    t = time.time()
+    gen = gen_logits(GenConfig(data="digits", teacher=TEACHER, teacher_weights=weights, teacher_input_size=TEACHER_SIZE,
+                               out=store, k=K, attention_grid=GRID, epochs=(0, epochs), seed=seed, batch_size=128,
+                               workers=1, device="cpu", spec=SPEC, overwrite=True, progress=False))
+    secs["gen_logits"] = time.time() - t
+    student = TrainConfig(student=STUDENT, out="", epochs=epochs, lr=1e-3, model_kwargs=STUDENT_KWARGS, **common)
+    online = dict(online_teacher=TEACHER, teacher_weights=weights, teacher_input_size=TEACHER_SIZE, k=K, like=store)
+    for name, extra in [("logits", dict(logits=store)),
+                        ("logits_attn_offline", dict(logits=store, attention_weight=weight)),
+                        ("logits_attn_online", dict(attention_weight=weight, **online))]:
+        t = time.time()
+        train_student(replace(student, out=str(out / name), **extra))
+        secs[name] = time.time() - t
+    steps = {m: [json.loads(line)["loss"] for line in (out / m / "steps.jsonl").read_text().splitlines()]
+             for m in METHODS}
+    gap = np.abs(np.array(steps["logits_attn_offline"][:20]) - np.array(steps["logits_attn_online"][:20]))
+    return {"seed": seed, "epochs": epochs, "weight": weight, "grid": GRID, "k": K,
+            "teacher_val_top1": _final(out / "teacher"), "students": {m: _final(out / m) for m in METHODS},
+            "curves": {m: _curve(out / m) for m in METHODS}, "first_steps_offline_online_max_gap": float(gap.max()),
+            "first_step_loss": {m: steps[m][0] for m in METHODS}, "views_stored": gen["views"],
+            "seconds": {k: round(v, 1) for k, v in secs.items()}}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument("--out", default="runs/attention")
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--weight", type=float, default=1.0, help="--attention-weight of the two attention runs")
+    ap.add_argument("--plot", default="docs/attention.png")
+    args = ap.parse_args()
+    runs = []
+    for s in args.seeds:
+        d = Path(args.out) / f"seed-{s}"
+        if not (d / "results.json").exists():
+            (d / "results.json").parent.mkdir(parents=True, exist_ok=True)
+            (d / "results.json").write_text(json.dumps(run_seed(d, s, args.epochs, args.weight), indent=1))
+        runs.append(json.loads((d / "results.json").read_text()))
+        print(f"seed {s}: {runs[-1]['students']} (teacher {runs[-1]['teacher_val_top1']:.2f})", flush=True)
+    report(runs, args.plot)
+
+
+def report(runs: list[dict], plot: str) -> None:
+    acc = {m: np.array([r["students"][m] for r in runs]) for m in METHODS}
+    teacher = np.array([r["teacher_val_top1"] for r in runs])
+    sd = (lambda a: a.std(ddof=1) if len(a) > 1 else 0.0)  # noqa: E731
+    print(f"\n| model | val top-1, mean ± std over {len(runs)} seeds | per seed | train s (mean) |")
+    print("|---|---|---|---|")
+    print(f"| teacher ({TEACHER} at {TEACHER_SIZE} px, supervised) | {teacher.mean():.2f} ± {sd(teacher):.2f} | "
+          f"{', '.join(f'{a:.2f}' for a in teacher)} | |")
+    for m in METHODS:
+        secs = np.mean([r["seconds"][m] for r in runs])
+        print(f"| student, {m.replace('_', ' ')} | {acc[m].mean():.2f} ± {sd(acc[m]):.2f} | "
+              f"{', '.join(f'{x:.2f}' for x in acc[m])} | {secs:.0f} |")
+    for a, b in [("logits_attn_offline", "logits"), ("logits_attn_offline", "logits_attn_online")]:
+        d = acc[a] - acc[b]
+        print(f"{a} - {b}: {d.mean():+.2f} (per seed {', '.join(f'{x:+.2f}' for x in d)})")
+    print("largest |offline - online| per-step loss over the first 20 steps, per seed: "
+          + ", ".join(f"{r['first_steps_offline_online_max_gap']:.2e}" for r in runs))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(12, 4.2))
+    colors = {"logits": "tab:blue", "logits_attn_offline": "tab:green", "logits_attn_online": "tab:orange"}
+    for i, m in enumerate(METHODS):
+        ax[0].scatter(np.full(len(runs), i) + np.linspace(-0.1, 0.1, len(runs)), acc[m], color=colors[m])
+        ax[0].errorbar(i + 0.25, acc[m].mean(), yerr=sd(acc[m]), fmt="o", color="black", capsize=4)
+        curves = np.array([r["curves"][m] for r in runs])
+        ax[1].plot(range(1, curves.shape[1] + 1), curves.mean(0), color=colors[m], label=m.replace("_", " "))
+    ax[0].set(xticks=range(len(METHODS)), xticklabels=[m.replace("_", "\n") for m in METHODS],
+              ylabel="digits:val top-1 (%)", title=f"final top-1, {len(runs)} seeds (mean ± std in black)")
+    ax[1].set(xlabel="epoch", ylabel="mean digits:val top-1 (%)", title="validation curves (mean over seeds)")
+    for a in ax:
+        a.grid(alpha=0.3)
+    ax[1].legend()
+    fig.tight_layout()
+    fig.savefig(plot, dpi=110)
+    plt.close(fig)
+    print(f"plot: {plot}")
+
+
+if __name__ == "__main__":
+    main()
