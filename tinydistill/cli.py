@@ -57,9 +57,13 @@ def main():
 @click.option("--check", is_flag=True, help="Also read every complete shard in full; exit 1 if any is corrupt.")
 @click.option("--params", "n_params", type=click.IntRange(min=1), metavar="N",
               help="Also print the parameter records of N views (needs --data): crop, flips, ops, erasing, mix.")
-@click.option("--data", help="SRC the store was made from (for --params).")
-@click.option("--epoch", type=click.IntRange(min=0), default=0, show_default=True, help="Epoch of the --params views.")
-def inspect(store, as_json, plot, max_views, check, n_params, data, epoch):
+@click.option("--attention", "attention_png", type=click.Path(dir_okay=False), metavar="PNG",
+              help="Stores with attention maps: write N views (--params N, default 8) with the teacher's map laid "
+                   "over each (needs --data).")
+@click.option("--data", help="SRC the store was made from (for --params and --attention).")
+@click.option("--epoch", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Epoch of the --params / --attention views.")
+def inspect(store, as_json, plot, max_views, check, n_params, attention_png, data, epoch):
     """Summarise a logit store: shape, teacher, completeness, size on disk, teacher statistics.
 
     STORE is a local path or an fsspec URL (s3://, gs://, file://, memory://).
@@ -88,21 +92,45 @@ def inspect(store, as_json, plot, max_views, check, n_params, data, epoch):
         for line in summary_lines(summary, check=check, plot=plot):
             click.echo(line)
     if n_params:
-        _print_params(st, data, epoch, n_params, as_json)
+        for r in _spread_rows(st, data, epoch, n_params, "--params"):
+            p = st.view(epoch, int(r), data=data).params
+            click.echo(json.dumps(p.to_dict()) if as_json else p.summary())
+    if attention_png:
+        _attention_sheet(st, data, epoch, n_params or 8, attention_png)
+        if not as_json:
+            click.echo(f"attention views: {attention_png}")
 
 
-def _print_params(st, data, epoch: int, n: int, as_json: bool) -> None:
-    """The parameter records of n views of one epoch, spread over the rows."""
+def _spread_rows(st, data, epoch: int, n: int, option: str):
+    """n rows spread over the store, after checking the options that views need."""
     if not data:
-        raise click.UsageError("--params needs --data SRC (the data the store was made from)")
+        raise click.UsageError(f"{option} needs --data SRC (the data the store was made from)")
     if epoch >= st.epochs:
         raise click.BadParameter(f"{epoch}: the store holds epochs 0..{st.epochs - 1}", param_hint="--epoch")
     import numpy as np
 
-    rows = np.unique(np.linspace(0, st.num_rows - 1, num=min(n, st.num_rows)).round().astype(int))
-    for r in rows:
-        p = st.view(epoch, int(r), data=data).params
-        click.echo(json.dumps(p.to_dict()) if as_json else p.summary())
+    return np.unique(np.linspace(0, st.num_rows - 1, num=min(n, st.num_rows)).round().astype(int))
+
+
+def _attention_sheet(st, data, epoch: int, n: int, path: str) -> None:
+    """A PNG of n views of one epoch, each beside itself under the teacher's attention map."""
+    import io
+
+    from PIL import Image
+
+    if st.kind("attention") is None:
+        raise click.ClickException(f"{st.path}: holds no attention maps (made without gen-logits --attention-grid)")
+    pics = [st.view(epoch, int(r), data=data) for r in _spread_rows(st, data, epoch, n, "--attention")]
+    tiles = [Image.open(io.BytesIO(v._repr_png_())) for v in pics]
+    cols = min(4, len(tiles))
+    w, h = max(t.width for t in tiles), max(t.height for t in tiles)
+    sheet = Image.new("RGB", (cols * w, -(-len(tiles) // cols) * h), "white")
+    for i, t in enumerate(tiles):
+        sheet.paste(t, ((i % cols) * w, (i // cols) * h))
+    try:
+        sheet.save(path, format="PNG")
+    except (OSError, ValueError) as e:
+        raise click.ClickException(f"{path}: cannot write the picture ({e})") from None
 
 
 # ---- shared options --------------------------------------------------------------------------
@@ -178,7 +206,7 @@ def verify(store, **opts):
     """Replay random stored views, re-run the teacher and compare with the store.
 
     Exits 1 when the agreement is below --min-id-agreement or the largest difference is above
-    --max-logp-diff. On the hardware, dtype and thread count that made the store the
+    --max-logp-diff (or, for a store with attention maps, --max-attention-diff). On the hardware, dtype and thread count that made the store the
     default tolerance (exact) holds.
     """
     from .verify import verify_store
@@ -189,11 +217,15 @@ def verify(store, **opts):
                      device=c.device or _default_device(), amp=c.amp, render=c.render,
                      allow_renderer_change=c.allow_renderer_change)
     click.echo(json.dumps(r))
-    if r["topk_id_agreement"] < c.min_id_agreement or r["max_abs_logp_diff"] > c.max_logp_diff:
+    maps = r.get("max_abs_attention_diff", 0.0)
+    if (r["topk_id_agreement"] < c.min_id_agreement or r["max_abs_logp_diff"] > c.max_logp_diff
+            or maps > c.max_attention_diff):
         raise click.ClickException(
             f"{store}: top-K ids agree on {100 * r['topk_id_agreement']:.2f}% of {r['views_checked']} views "
             f"(need {100 * c.min_id_agreement:.2f}%), largest |delta log-prob| {r['max_abs_logp_diff']:.3g} "
-            f"(allowed {c.max_logp_diff:g})")
+            f"(allowed {c.max_logp_diff:g})"
+            + (f", largest |delta attention| {maps:.3g} (allowed {c.max_attention_diff:g})"
+               if "max_abs_attention_diff" in r else ""))
 
 
 # ---- train-student -------------------------------------------------------------------------------

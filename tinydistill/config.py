@@ -162,6 +162,8 @@ class VerifyConfig:
     max_logp_diff: float = option(0.0, "Largest allowed |delta log-prob| (after fp16 rounding). 0 = exact: "
                                        "same hardware and dtype.")
     min_id_agreement: float = option(1.0, "Smallest allowed fraction of views with the same top-K class ids.")
+    max_attention_diff: float = option(0.0, "Stores with attention maps: largest allowed |delta| of a map cell, "
+                                            "in units of the map's mass (maps sum to 1). 0 = exact.")
     render: str | None = option(None, "Renderer of views [default: the store's].", type=click.Choice(RENDERERS))
     allow_renderer_change: bool = option(False, "Replay with another --render than the store's; the canary then "
                                                 "reports the pixel difference.")

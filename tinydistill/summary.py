@@ -63,8 +63,9 @@ def summarize(store: LogitStore, max_views: int = 200_000, seed: int = 0) -> dic
     rng = np.random.default_rng(seed)
     rng.shuffle(units)
     labels = store.labels
-    top1, mass, pred, lab, p_label = [], [], [], [], []
+    top1, mass, pred, lab, p_label, peak, entropy = [], [], [], [], [], [], []
     seen = skipped = 0
+    has_maps = store.kind("attention") is not None
     for e, c in units:
         if seen >= max_views:
             break
@@ -81,6 +82,11 @@ def summarize(store: LogitStore, max_views: int = 200_000, seed: int = 0) -> dic
         rest = np.clip(1 - total, 0, None) / max(store.num_classes - store.k, 1)
         p_label.append(np.where(hit.any(1), (p * hit).sum(1), rest))
         top1.append(p[:, 0]), mass.append(total), pred.append(idx[:, 0]), lab.append(y)
+        if has_maps:  # how concentrated the teacher's attention is: its largest cell, its entropy
+            a = store.attention(e, slice(lo, hi))[ok].reshape(int(ok.sum()), -1).astype(np.float64)
+            peak.append(a.max(1))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                entropy.append(-np.nansum(np.where(a > 0, a * np.log2(a), 0.0), 1))
         seen += int(ok.sum())
     stats: dict = {"views_sampled": int(seen), "views_skipped": skipped}
     arrays: dict = {}
@@ -100,6 +106,9 @@ def summarize(store: LogitStore, max_views: int = 200_000, seed: int = 0) -> dic
             with np.errstate(invalid="ignore", divide="ignore"):
                 per_class = sums / counts
         arrays = {"top1": top1_a, "mass": mass_a, "per_class": per_class}
+        if has_maps:
+            stats.update(mean_attention_peak=float(np.concatenate(peak).mean()),
+                         mean_attention_entropy_bits=float(np.concatenate(entropy).mean()))
         if np.isfinite(per_class).any():
             stats["least_sure_classes"] = [
                 {"class": name, "mean_true_class_prob": p} for name, p in least_sure(per_class, store.class_names, 10)]
@@ -147,6 +156,13 @@ def summary_lines(summary: dict, check: bool = False, plot: str | None = None) -
             ("agreement", "no labels" if stats["top1_agreement"] is None
              else f"teacher top-1 = label on {100 * stats['top1_agreement']:.2f}% of views"),
         ]
+        if "mean_attention_peak" in stats:
+            g = info["targets"]["attention"]["grid"]
+            cells = max(info["complete_views"], 1) * g * g
+            lines.append(("attention", f"{g}x{g} maps: largest cell {stats['mean_attention_peak']:.3f} on average "
+                                       f"(uniform {1 / (g * g):.3f}), entropy {stats['mean_attention_entropy_bits']:.2f}"
+                                       f" bits (uniform {np.log2(g * g):.2f}); "
+                                       f"{info['bytes_by_array'].get('attention', 0) / cells:.3f} bytes/cell on disk"))
         if stats.get("least_sure_classes"):
             lines.append(("least sure", ", ".join(f"{c['class']} ({c['mean_true_class_prob']:.2f})"
                                                   for c in stats["least_sure_classes"][:5])

@@ -3,7 +3,9 @@
 Each sampled view is recomputed inside the very batch gen-logits ran it in (batches are always
 the same shard-relative runs of ``batch_size`` rows), so on the same hardware, dtype and thread count the
 recomputed fp16 log-probabilities equal the stored ones bit for bit. Elsewhere, pass a
-tolerance: ``--max-logp-diff`` and ``--min-id-agreement``.
+tolerance: ``--max-logp-diff`` and ``--min-id-agreement``. A store with attention maps has them
+recomputed too, coded as the store codes them, and compared cell by cell
+(``--max-attention-diff``, in units of the map's mass).
 """
 
 from __future__ import annotations
@@ -56,24 +58,30 @@ def verify_store(path: str, data: str, teacher_name: str, weights: str | None = 
     batches = sorted({(e, s, (r - store.shard_bounds(s)[0]) // batch_size) for e, s, r in picks})
     core = Views(source, spec, store.base_seed, skip_bad=True, device=device)
     compiled = bool(t_attrs.get("compile", False))  # the store's own graph: compiled values differ from eager
-    teacher.place(device, amp, compile=compiled)
+    attention = store.kind("attention")
+    teacher.place(device, amp, compile=compiled, attention_grid=attention.grid if attention else 0)
     want = {(e, r) for e, _, r in picks}
-    got_rows, same_ids, max_diff = 0, 0, 0.0
+    got_rows, same_ids, max_diff, map_diff = 0, 0, 0.0, 0.0
     for e, s, bi in batches:
         a, b = store.shard_bounds(s)
         rows = range(a + bi * batch_size, min(a + (bi + 1) * batch_size, b))
         rendered = core.render(e, rows)
-        lp, ix = teacher.topk(rendered.image, store.k,
-                              pad_to=batch_size if compiled else None)
-        lp, ix = lp.cpu().numpy(), ix.cpu().numpy()
+        out = {k: v.cpu().numpy() for k, v in teacher.targets(rendered.image, store.kinds,
+                                                               pad_to=batch_size if compiled else None).items()}
+        lp, ix = out["logp"], out["index"]
         order = np.argsort(ix, axis=1)
         ix = np.take_along_axis(ix, order, 1)
         lp = stored_logp(np.take_along_axis(lp, order, 1)).astype(np.float32)  # as the store rounds them
-        s_lp, s_ix = store.topk(e, np.array(list(rows)), order="stored")
+        stored = store.targets(e, np.array(list(rows)))
+        s_lp, s_ix = stored["logp"], stored["index"]
+        if attention is not None:  # as the store codes them, then the largest |delta| of a cell (map mass)
+            new_maps = attention.from_codes(attention.to_codes(out["attention"]))
         for j, r in enumerate(rows):
             if (e, r) not in want or not bool(rendered.valid[j]):
                 continue
             got_rows += 1
+            if attention is not None:
+                map_diff = max(map_diff, float(np.abs(new_maps[j] - stored["attention"][j]).max()))
             new_ix, new_lp = ix[j], lp[j]
             if np.array_equal(new_ix, s_ix[j]):
                 same_ids += 1
@@ -82,5 +90,6 @@ def verify_store(path: str, data: str, teacher_name: str, weights: str | None = 
                 common, ia, ib = np.intersect1d(new_ix, s_ix[j], return_indices=True)
                 if len(common):
                     max_diff = max(max_diff, float(np.abs(new_lp[ia] - s_lp[j][ib]).max()))
+    extra = {"max_abs_attention_diff": map_diff} if attention is not None else {}
     return {"store": path, "views_checked": got_rows, "topk_id_agreement": same_ids / max(got_rows, 1),
-            "max_abs_logp_diff": max_diff, "amp": amp, "compile": compiled, "device": device, "renderer": spec.renderer}
+            "max_abs_logp_diff": max_diff, **extra, "amp": amp, "compile": compiled, "device": device, "renderer": spec.renderer}

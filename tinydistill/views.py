@@ -44,6 +44,7 @@ class View:
     partner_label: int
     lam: float  # weight of this row's image (1.0 when not mixed)
     params: ViewParams | None = None  # the record the pixels were rendered from
+    attention: np.ndarray | None = None  # the teacher's G x G map over the view (stores with maps)
 
     def to_pil(self):
         from torchvision.transforms.functional import to_pil_image
@@ -70,6 +71,10 @@ class View:
         scale = max(1, -(-160 // max(1, min(pic.size))))
         pic = pic.convert("RGB").resize((pic.width * scale, pic.height * scale), Image.NEAREST)
         lines = [f"epoch {self.epoch}, row {self.row}, label {self.label}"]
+        if self.attention is not None and np.isfinite(self.attention).all():
+            pic = _side_by_side(pic, attention_overlay(pic, self.attention))
+            lines.append(f"right: the teacher's {len(self.attention)}x{len(self.attention)} attention, max cell "
+                         f"{float(self.attention.max()):.3f}")
         if self.partner != self.row:
             lines.append(f"{self.lam:.2f} x this + {1 - self.lam:.2f} x row {self.partner} (label {self.partner_label})")
         width = max(pic.width, 7 * max(len(s) for s in lines) + 8)
@@ -81,6 +86,30 @@ class View:
         buf = io.BytesIO()
         canvas.save(buf, format="PNG")
         return buf.getvalue()
+
+
+def attention_overlay(pic, attention: np.ndarray):
+    """The picture under a G x G attention map: each cell of the view is tinted red in
+    proportion to its share of the map's largest cell (bilinear between cells), the rest dimmed."""
+    from PIL import Image
+
+    a = np.asarray(attention, np.float64)
+    top = a.max() if a.size and a.max() > 0 else 1.0
+    heat = Image.fromarray(np.uint8(np.clip(a / top, 0, 1) * 255)).resize(pic.size, Image.BILINEAR)
+    h = np.asarray(heat, np.float64)[..., None] / 255
+    base = np.asarray(pic.convert("RGB"), np.float64)
+    red = np.array([255.0, 40.0, 0.0])
+    out = base * (0.35 + 0.35 * (1 - h)) + red * 0.65 * h
+    return Image.fromarray(np.uint8(np.clip(out, 0, 255)))
+
+
+def _side_by_side(left, right):
+    from PIL import Image
+
+    out = Image.new("RGB", (left.width + right.width + 4, max(left.height, right.height)), "white")
+    out.paste(left, (0, 0))
+    out.paste(right, (left.width + 4, 0))
+    return out
 
 
 class Views:

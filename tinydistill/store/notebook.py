@@ -101,7 +101,9 @@ class NotebookMixin:
 
     def view(self, epoch: int, row: int, data):
         """The view (epoch, row) as the teacher saw it: a :class:`tinydistill.views.View`,
-        with its parameter record in ``.params``.
+        with its parameter record in ``.params`` and, when the store holds maps, the teacher's
+        attention over it in ``.attention`` (float32 [G, G], summing to 1; Jupyter shows it
+        laid over the view).
 
         ``data`` is the SRC string (or an opened source) the store was made from; the first
         call checks it and the replay canary, and refuses if the views no longer match.
@@ -115,4 +117,7 @@ class NotebookMixin:
         if name not in self._replay:
             source = data if isinstance(data, Source) else open_source(name)
             self._replay[name] = Views(source, check_replay(self, source), self.base_seed, skip_bad=True)
-        return self._replay[name].view(epoch, int(row))
+        view = self._replay[name].view(epoch, int(row))
+        if self.kind("attention") is not None:
+            view.attention = self.attention(epoch, [int(row)])[0]
+        return view
