@@ -202,15 +202,15 @@ def test_meter_counts_waiting_for_the_renderer(data, monkeypatch):
 def test_nonfinite_teacher_outputs_refused_or_stored_as_skipped(data, weights, tmp_path, monkeypatch):
     from tinydistill.teachers import Teacher
 
-    topk = Teacher.topk
+    targets = Teacher.targets
 
-    def overflowing(self, x, k, pad_to=None):
-        logp, idx = topk(self, x, k, pad_to=pad_to)
-        logp = logp.clone()
-        logp[::16] = float("nan")  # rows 0, 16, ... of every batch
-        return logp, idx
+    def overflowing(self, x, kinds, pad_to=None):
+        out = targets(self, x, kinds, pad_to=pad_to)
+        out["logp"] = out["logp"].clone()
+        out["logp"][::16] = float("nan")  # rows 0, 16, ... of every batch
+        return out
 
-    monkeypatch.setattr(Teacher, "topk", overflowing)
+    monkeypatch.setattr(Teacher, "targets", overflowing)
     with pytest.raises(TinydistillError, match="non-finite outputs for 2 view.*skip_bad") as e:
         _gen(data, weights, tmp_path / "a.zarr", epochs=(0, 1), workers=0)
     assert "\n" not in str(e.value)

@@ -169,8 +169,9 @@ def test_offline_no_kd_and_online_draw_the_same_batches(photos, teacher_weights,
     from tinydistill.verify import verify_store
 
     forwards = []
-    topk = Teacher.topk
-    monkeypatch.setattr(Teacher, "topk", lambda self, x, k, **kw: forwards.append(len(x)) or topk(self, x, k, **kw))
+    targets = Teacher.targets
+    monkeypatch.setattr(Teacher, "targets", lambda self, x, kinds, **kw: forwards.append(len(x))
+                        or targets(self, x, kinds, **kw))
     store = tmp_path / "s.zarr"
     gen_logits(GenConfig(data=photos, teacher="test_resnet", teacher_weights=teacher_weights, teacher_input_size=16,
                          out=str(store), k=12, epochs=(0, 2), workers=0, spec=SPEC, progress=False))
@@ -181,7 +182,7 @@ def test_offline_no_kd_and_online_draw_the_same_batches(photos, teacher_weights,
             seen[-1].append([(it.epoch, it.rows.tolist()) for it in items])
             super().__init__(views, items, **kw)
 
-    assert sum(forwards) == 2 * 2304  # gen-logits ran every view through Teacher.topk
+    assert sum(forwards) == 2 * 2304  # gen-logits ran every view through Teacher.targets
     v = verify_store(str(store), photos, "test_resnet", teacher_weights, samples=16)
     assert v["max_abs_logp_diff"] == 0.0 and v["topk_id_agreement"] == 1.0 and sum(forwards) > 2 * 2304
     monkeypatch.setattr(train_mod, "ViewStream", Recorder)
