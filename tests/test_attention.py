@@ -217,6 +217,9 @@ def test_notebook_and_inspect_show_the_map_over_the_view(vit_store, tmp_path):
     from PIL import Image
     import io
 
+    ds = st.to_xarray(rows=slice(0, 10))
+    assert ds["attention"].dims == ("epoch", "row", "y", "x")
+    np.testing.assert_array_equal(ds["attention"].values[0], st.attention(0, slice(0, 10)))
     png = Image.open(io.BytesIO(v._repr_png_()))
     assert png.width > 2 * 160  # the view and the view under its map, side by side
     r = run("inspect", vit_store / "s.zarr", "--data", "digits", "--attention", tmp_path / "a.png", "--params", "3")

@@ -50,6 +50,7 @@ class TopK:
 
     name = "topk"
     fields = ("logp", "index")
+    needs_maps = False
 
     def __init__(self, k: int, num_classes: int, id_layout: str = "gaps"):
         self.k, self.num_classes, self.gaps = int(k), int(num_classes), id_layout == "gaps"

@@ -59,6 +59,9 @@ class Teacher:
         self.model = self.model.to(self.device).eval()
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
+        if self.tap is not None:  # placed again: one set of hooks
+            self.tap.remove()
+            self.tap = None
         if attention_grid:
             self.tap = AttentionTap(self.model, attention_grid, name=f"teacher {self.name}")
         if compile:
@@ -89,7 +92,7 @@ class Teacher:
         maps = self.tap.pop()[:n] if self.tap is not None else None
         out = {}
         for kind in kinds:
-            if getattr(kind, "needs_maps", False) and maps is None:
+            if kind.needs_maps and maps is None:
                 raise AttentionError(f"teacher {self.name}: placed without an attention grid")
             out.update(kind.extract(logits[:n], maps))
         return out

@@ -33,6 +33,7 @@ from .batch import Batch
 from .ranktargets import RankTargets
 from .render_device import DeviceRenderer
 from .stream import Meter, ViewStream, epoch_order, train_items
+from .traintargets import target_provider
 from .views import Views, prepare
 
 log = logging.getLogger("tinydistill")
@@ -200,63 +201,6 @@ def _dropped(batch: Batch) -> tuple[torch.Tensor | None, int, int]:
     return keep.nonzero().squeeze(1), n_nan, int((~keep).sum()) - n_nan
 
 
-# ---- targets --------------------------------------------------------------------------------------
-
-class StoreTargets:
-    """Offline KD: the stored targets of every kind, joined to each batch in the rank's main
-    process (RankTargets)."""
-
-    def __init__(self, device):
-        self.device = device
-
-    def __call__(self, batch: Batch, images: torch.Tensor) -> dict:
-        return {name: t.to(self.device, non_blocking=True) for name, t in batch.targets.items()}
-
-
-class OnlineTargets:
-    """Online KD: the teacher's targets of ``kinds`` on the batch's views, with the forward
-    gen-logits uses."""
-
-    def __init__(self, teacher, kinds: list):
-        self.teacher, self.kinds = teacher, kinds
-
-    def __call__(self, batch: Batch, images: torch.Tensor) -> dict:
-        out = self.teacher.targets(images, self.kinds)
-        return {name: t.clone() for name, t in out.items()}  # out of inference mode: usable in the loss
-
-
-def label_targets(batch: Batch, images: torch.Tensor) -> dict:
-    """No KD: the loss uses the (mixed, smoothed) labels alone."""
-    return {}
-
-
-def _attention_kind(cfg: TrainConfig, store, teacher):
-    """The attention kind the loss compares (None with ``attention_weight`` 0), or a one-line
-    error naming what is missing."""
-    from .kinds import Attention
-
-    if not cfg.attention_weight:
-        return None
-    if cfg.no_kd:
-        raise TrainError("`attention_weight` needs a teacher's maps: offline KD from a store made with "
-                         "gen-logits --attention-grid, or `online_teacher`")
-    if store is not None:
-        kind = store.kind("attention")
-        if kind is None:
-            raise TrainError(f"{cfg.logits}: holds no attention maps (made without gen-logits --attention-grid); "
-                             "`attention_weight` needs them")
-        if cfg.attention_grid not in (None, kind.grid):
-            raise TrainError(f"{cfg.logits}: holds {kind.grid}x{kind.grid} maps, `attention_grid` asks for "
-                             f"{cfg.attention_grid}")
-        return kind
-    like = None
-    if cfg.like:
-        from .store import open_store
-
-        like = open_store(cfg.like).kind("attention")
-    return Attention(cfg.attention_grid or (like.grid if like is not None else 7))
-
-
 # ---- the loop ------------------------------------------------------------------------------------
 
 class StepLosses:
@@ -369,23 +313,8 @@ def _build(cfg: TrainConfig) -> tuple[_Run, int]:
                                             warmup_t=int(cfg.warmup_epochs * steps_per_epoch)),
              "scaler": torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16"),
              "ema": ModelEmaV3(model, decay=cfg.ema, device=device) if cfg.ema else None}
-    attention = _attention_kind(cfg, store, teacher)
-    tap = None
-    if attention is not None:  # after the EMA copy: the hooks stay on the trained model
-        from .attention import AttentionError, AttentionTap
-
-        try:
-            tap = AttentionTap(model, attention.grid, name=f"student {cfg.student}")
-        except AttentionError as e:
-            raise TrainError(f"{e}; `attention_weight` needs one") from None
-    if teacher is not None:
-        from .kinds import TopK
-
-        kinds = [TopK(cfg.k or num_classes, num_classes)] + ([attention] if attention is not None else [])
-        targets = OnlineTargets(teacher.place(device, cfg.amp, attention_grid=attention.grid if attention else 0),
-                                kinds)
-    else:
-        targets = StoreTargets(device) if store is not None else label_targets
+    # after the EMA copy: the student's attention hooks stay on the trained model
+    targets, attention, tap = target_provider(cfg, store, teacher, model, num_classes, device)
     objective = Objective(None if cfg.no_kd else
                           DistillLoss(num_classes, kind=cfg.loss, temperature=cfg.temperature, alpha=cfg.alpha),
                           terms=[(cfg.attention_weight, attention)] if attention is not None else None)

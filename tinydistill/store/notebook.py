@@ -57,7 +57,8 @@ class NotebookMixin:
     def to_xarray(self, epochs=None, rows=slice(None)):
         """An in-memory xarray Dataset of the top-K outputs, dims (epoch, row, rank).
 
-        Variables ``logp``, ``prob``, ``class_id`` and ``seed``; coordinates ``epoch``,
+        Variables ``logp``, ``prob``, ``class_id`` and ``seed`` (and ``attention``, dims epoch,
+        row, y, x, for a store with maps); coordinates ``epoch``,
         ``row``, ``rank`` (0 = top class), ``key``, ``label``, ``label_name`` per row and
         ``class_name`` per (epoch, row, rank). ``epochs`` defaults to every epoch whose
         selected rows are all written. It reads everything asked for into memory: select rows
@@ -76,9 +77,13 @@ class NotebookMixin:
         logp = np.empty((len(epochs), len(rows_), self.k), np.float32)
         ids = np.empty(logp.shape, np.int64)
         seed = np.empty((len(epochs), len(rows_)), np.uint64)
+        grid = self.kind("attention").grid if self.kind("attention") is not None else 0
+        maps = np.empty((len(epochs), len(rows_), grid, grid), np.float32) if grid else None
         for i, e in enumerate(epochs):
             logp[i], ids[i] = self.topk(e, sel)
             seed[i] = self.seeds(e, sel)
+            if grid:
+                maps[i] = self.attention(e, sel)
         names = self._class_name_table()
         labels = self.labels[rows_]
         keep = ("num_classes", "k", "epochs", "num_rows", "spec_hash", "dataset_fingerprint", "base_seed",
@@ -87,11 +92,13 @@ class NotebookMixin:
         attrs["teacher"] = str(self.teacher.get("name", ""))
         attrs["store"] = self.path
         dims = ("epoch", "row", "rank")
+        extra = {} if maps is None else {"attention": (("epoch", "row", "y", "x"), maps, {
+            "description": "the teacher's spatial attention map over the view, sums to 1; NaN = skipped view"})}
         return xr.Dataset(
             {"logp": (dims, logp, {"description": "teacher log-probability at T=1, by rank"}),
              "prob": (dims, np.exp(logp), {"description": "teacher probability, by rank"}),
              "class_id": (dims, ids, {"description": "class id; -1 = skipped view"}),
-             "seed": (("epoch", "row"), seed, {"description": "encoded view seed"})},
+             "seed": (("epoch", "row"), seed, {"description": "encoded view seed"}), **extra},
             coords={"epoch": epochs, "row": rows_, "rank": np.arange(self.k),
                     "key": ("row", self.keys[rows_]), "label": ("row", labels),
                     "label_name": ("row", names[labels]),
