@@ -86,10 +86,16 @@ def main():
             (d / "results.json").write_text(json.dumps(run_seed(d, s, args.epochs, args.teacher_epochs, args.weight), indent=1))
         runs.append(json.loads((d / "results.json").read_text()))
         print(f"seed {s}: {runs[-1]['students']} (teacher {runs[-1]['teacher_val_top1']:.2f})", flush=True)
-    report(runs, args.plot)
+    report(runs, args.plot, Path(args.out))
 
 
-def report(runs: list[dict], plot: str) -> None:
+def first_apart(out: Path, a: str, b: str, rel: float = 0.01) -> int | None:
+    """The first step at which the per-step losses of runs a and b differ by more than ``rel``."""
+    la, lb = ([json.loads(line)["loss"] for line in (out / m / "steps.jsonl").read_text().splitlines()] for m in (a, b))
+    return next((i + 1 for i, (x, y) in enumerate(zip(la, lb)) if abs(x - y) > rel * abs(y)), None)
+
+
+def report(runs: list[dict], plot: str, out: Path) -> None:
     acc = {m: np.array([r["students"][m] for r in runs]) for m in METHODS}
     teacher = np.array([r["teacher_val_top1"] for r in runs])
     sd = (lambda a: a.std(ddof=1) if len(a) > 1 else 0.0)  # noqa: E731
@@ -106,6 +112,10 @@ def report(runs: list[dict], plot: str) -> None:
         print(f"{a} - {b}: {d.mean():+.2f} (per seed {', '.join(f'{x:+.2f}' for x in d)})")
     print("largest |offline - online| per-step loss over the first 20 steps, per seed: "
           + ", ".join(f"{r['first_steps_offline_online_max_gap']:.2e}" for r in runs))
+    steps = len((out / f"seed-{runs[0]['seed']}" / "logits" / "steps.jsonl").read_text().splitlines())
+    print(f"first step (of {steps}) at which offline and online losses differ by more than 1 %, per seed: "
+          + ", ".join(str(first_apart(out / f"seed-{r['seed']}", "logits_attn_offline", "logits_attn_online"))
+                      for r in runs))
 
     import matplotlib
 

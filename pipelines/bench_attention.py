@@ -11,7 +11,9 @@
    ``sum |stored - teacher|`` in units of the map's mass (maps sum to 1): mean, p99, max.
    The same maps through a linear code (``round(255 * map / max)``) and a square-root code,
    for comparison with the store's cube-root code.
-3. The same three codes on synthetic maps, softmax of Gaussian logits at grids 7, 14 and 16 and
+3. Forward cost: ``Teacher.targets`` on the same batches with top-K alone and with top-K and
+   maps, in alternating rounds (median ratio over rounds, [min, max]).
+4. The same three codes on synthetic maps, softmax of Gaussian logits at grids 7, 14 and 16 and
    four sharpness levels (largest cell from ~0.02 to ~0.7), 2,000 maps each: the worst case
    over map shapes a teacher might give.
 """
@@ -43,20 +45,37 @@ def stats(err: np.ndarray) -> str:
     return f"{100 * err.mean():.3f} % / {100 * np.quantile(err, 0.99):.3f} % / {100 * err.max():.3f} %"
 
 
-def teacher_maps(store_path: str, data: str, weights: str, views: int) -> tuple[np.ndarray, np.ndarray]:
-    """(the teacher's float32 maps, the store's) for the first rows of epoch 0."""
+def forward_cost(teacher, kinds, images: list, rounds: int = 5) -> list[float]:
+    """Per round, seconds of ``targets`` with the maps / seconds with top-K alone."""
+    import time
+
+    ratios = []
+    for _ in range(rounds):
+        secs = []
+        for ks in (kinds[:1], kinds):
+            t = time.perf_counter()
+            for x in images:
+                teacher.targets(x, ks)
+            secs.append(time.perf_counter() - t)
+        ratios.append(secs[1] / secs[0])
+    return ratios
+
+
+def teacher_maps(store_path: str, data: str, weights: str, views: int):
+    """(the teacher's float32 maps, the store's, the forward-cost ratios) for the first rows of epoch 0."""
     st = td.open_store(store_path)
     t = st.teacher
     teacher = load_teacher(t["name"], weights, input_size=t.get("input_size"))
     torch.set_num_threads(int(t.get("cpu_threads", torch.get_num_threads())))
     teacher.place("cpu", t.get("amp", "none"), attention_grid=st.kind("attention").grid)
     core = Views(open_source(data), st.spec, st.base_seed, skip_bad=True)
-    bs, got, ref = int(t.get("batch_size", 64)), [], []
+    bs, got, ref, images = int(t.get("batch_size", 64)), [], [], []
     for lo in range(0, min(views, st.shard_rows, st.num_rows), bs):  # gen-logits' batches: shard-relative runs
         rows = range(lo, min(lo + bs, st.num_rows))
-        got.append(teacher.targets(core.render(0, rows).image, st.kinds)["attention"].numpy())
+        images.append(core.render(0, rows).image)
+        got.append(teacher.targets(images[-1], st.kinds)["attention"].numpy())
         ref.append(st.attention(0, np.array(list(rows))))
-    return np.concatenate(got), np.concatenate(ref)
+    return np.concatenate(got), np.concatenate(ref), forward_cost(teacher, st.kinds, images)
 
 
 def main():
@@ -77,7 +96,7 @@ def main():
           f"{info['bytes_by_array']['attention'] / info['complete_views']:.1f} bytes/view "
           f"(whole store {info['bytes_per_view']:.1f} bytes/view)")
 
-    maps, stored = teacher_maps(args.store, args.data, args.teacher_weights, args.views)
+    maps, stored, cost = teacher_maps(args.store, args.data, args.teacher_weights, args.views)
     peak = maps.reshape(len(maps), -1).max(1)
     print(f"\nteacher {st.teacher['name']}: {len(maps)} maps, largest cell mean {peak.mean():.3f} "
           f"(max {peak.max():.3f}; uniform {1 / (g * g):.3f})")
@@ -85,6 +104,8 @@ def main():
     print(f"  stored (cube-root code)   {stats(l1(stored, maps))}")
     print(f"  square-root code          {stats(l1(code(maps, 0.5), maps))}")
     print(f"  linear code               {stats(l1(code(maps, 1.0), maps))}")
+    print(f"teacher forward with maps / without: {np.median(cost):.3f} [{min(cost):.3f}, {max(cost):.3f}] "
+          f"over {len(cost)} rounds of {len(maps)} views")
 
     print("\nsynthetic maps (softmax of Gaussian logits x s), L1 % mean / p99 / max")
     rng = np.random.default_rng(0)

@@ -275,7 +275,7 @@ def gen_logits(cfg: GenConfig, on_step: Callable[[dict], None] | None = None) ->
         "units_written": written, "views": views, "skipped_views": skipped, "nonfinite_views": nonfinite,
         "seconds": round(secs, 2), "views_per_s": round(views / secs, 1) if secs else None,
         "complete": [round(float(f), 4) for f in store.completed()],
-        "teacher": teacher.name, "k": cfg.k, "num_classes": teacher.num_classes,
+        "teacher": teacher.name, "k": cfg.k, "num_classes": teacher.num_classes, "attention_grid": cfg.attention_grid,
         "item_rows": plan.item_rows, "items": len(plan.items), "load": load,
     }
 

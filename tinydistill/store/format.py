@@ -7,6 +7,8 @@ Layout of format 2 (E epochs, N rows, K kept classes, S = ceil(N / shard_rows) s
                                   id[j] - id[j-1]; ids = cumsum over the last axis (int32 when
                                   num_classes > 32767), fill -1 (never written or skipped)
       or index (E, N, K)          the class ids themselves (``id_layout="ids"``, ~7 % larger)
+    attention  (E, N, G, G) uint8 the teacher's G x G attention map per view, cube-root coded
+                                  (only with gen-logits --attention-grid G; see tinydistill.kinds)
     seed       (E, N)    uint64   encoded per-view seed (fill 2**64-1 = never written,
                                   2**64-2 = view skipped: unreadable image, NaN log-probs)
     key        (N, L)    uint8    sample keys, UTF-8, zero-padded to the longest key
