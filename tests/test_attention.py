@@ -73,6 +73,16 @@ def test_cnn_map_is_the_energy_of_the_last_feature_map_resized_by_area():
     assert m.shape == (1, 7, 7) and abs(float(m.sum()) - 1) < 1e-6
 
 
+def test_channels_last_models_give_the_energy_over_channels():
+    torch.manual_seed(0)
+    model = timm.create_model("test_mambaout", num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        got = _maps(model, 2, x)
+        f = model.forward_features(x)  # [2, H, W, C]
+    torch.testing.assert_close(got, area_resize(f.pow(2).mean(3), 2))
+
+
 def test_models_without_a_map_are_refused_in_one_line():
     vit = timm.create_model("test_vit", img_size=32, class_token=False, global_pool="avg", num_classes=10)
     with pytest.raises(AttentionError, match="without a class token"):
@@ -263,3 +273,14 @@ def test_attention_weight_is_refused_without_maps(vit_store, tmp_path):
         r = run("train-student", *STUDENT, *extra, "--attention-weight", "1", "--out", tmp_path / "x")
         assert r.exit_code == 1 and message in r.output, r.output
         assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
+
+
+def test_a_teacher_without_a_map_is_refused_before_the_store_exists(tmp_path):
+    torch.save(timm.create_model("vit_wee_patch16_reg1_gap_256", img_size=32, num_classes=10).state_dict(),
+               tmp_path / "gap.pth")
+    args = [a if a != "test_vit" else "vit_wee_patch16_reg1_gap_256" for a in GEN]
+    args[args.index("--teacher-input-size") + 1] = "32"
+    r = run("gen-logits", *args, "--teacher-weights", tmp_path / "gap.pth", "--attention-grid", "2",
+            "--out", tmp_path / "s.zarr")
+    assert r.exit_code == 1 and "without a class token" in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "s.zarr").exists()

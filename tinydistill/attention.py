@@ -7,8 +7,10 @@ One definition serves the teacher (gen-logits, online KD, verify) and the studen
   is recomputed from the block's ``qkv`` output, which every attention path computes, so fused
   attention (``scaled_dot_product_attention``, which never forms the weights) is kept on;
   prefix tokens (class, distillation, registers) are dropped and the patches renormalised;
-- a CNN (a model whose ``global_pool`` or ``head`` takes a [B, C, H, W] map): the map's
+- a CNN or a hybrid without a class token (a model whose ``global_pool`` or ``head`` takes a
+  spatial map, [B, C, H, W], or [B, H, W, C] for timm's ``output_fmt`` NHWC models): the map's
   spatial energy, the mean over channels of the squared activations (attention transfer).
+  A ViT built without a class token has neither and is refused.
 
 Either way the map is resized to G x G by area (``adaptive_avg_pool2d``) and normalised to sum
 to 1. The hooks keep the autograd graph, so a student's map trains its weights.
@@ -55,13 +57,14 @@ class AttentionTap:
         self.grid, self.name = int(grid), name
         self.maps: torch.Tensor | None = None
         attn = _last_attention(model)
-        if attn is not None:
-            if getattr(model, "cls_token", None) is None:
-                raise AttentionError(f"{name}: a ViT without a class token yields no class-token attention map")
+        if attn is not None and getattr(model, "cls_token", None) is not None:
             self.kind, self.attn = "vit", attn
             self.prefix = int(getattr(model, "num_prefix_tokens", 1))
             self.handle = attn.qkv.register_forward_hook(self._from_qkv)
             return
+        if hasattr(model, "cls_token"):  # a ViT built without one (global average pooling)
+            raise AttentionError(f"{name}: a ViT without a class token yields no class-token attention map")
+        self.channels_last = getattr(model, "output_fmt", "NCHW") == "NHWC"  # e.g. Swin, MambaOut
         pool = getattr(model, "global_pool", None)
         target = pool if isinstance(pool, torch.nn.Module) else getattr(model, "head", None)
         if not isinstance(target, torch.nn.Module):
@@ -88,7 +91,7 @@ class AttentionTap:
         if f.ndim != 4:
             raise AttentionError(f"{self.name}: its {type(module).__name__} takes {f.ndim}-D features, "
                                  "not a [B, C, H, W] map: no attention map")
-        self.maps = area_resize(f.float().pow(2).mean(1), self.grid)
+        self.maps = area_resize(f.float().pow(2).mean(3 if self.channels_last else 1), self.grid)
 
     def pop(self) -> torch.Tensor:
         """The [B, G, G] maps of the last forward (float32, each summing to 1)."""

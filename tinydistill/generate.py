@@ -221,6 +221,10 @@ def gen_logits(cfg: GenConfig, on_step: Callable[[dict], None] | None = None) ->
                         cpu_threads=torch.get_num_threads(), compile=bool(cfg.compile))
     if not 1 <= cfg.k <= teacher.num_classes:
         raise TinydistillError(f"`k` {cfg.k}: must be between 1 and the teacher's {teacher.num_classes} classes")
+    if cfg.attention_grid:  # a teacher without a map is refused before any store exists
+        from .attention import AttentionTap
+
+        AttentionTap(teacher.model, cfg.attention_grid, name=f"teacher {cfg.teacher}").remove()
     shard_rows = cfg.shard_rows or cfg.chunk_rows * DEFAULT_SHARD_CHUNKS
     cfg = replace(cfg, shard_rows=shard_rows)
     store = _prepare_store(cfg, teacher, source, rank, device)
