@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from quickstart_seeds import plot_seeds
 from tinydistill.generate import GenConfig, gen_logits
 from tinydistill.quickstart import SPEC, _curve, _final
 from tinydistill.train import TrainConfig, train_student
@@ -82,8 +83,9 @@ def main():
     for s in args.seeds:
         d = Path(args.out) / f"seed-{s}"
         if not (d / "results.json").exists():
-            (d / "results.json").parent.mkdir(parents=True, exist_ok=True)
-            (d / "results.json").write_text(json.dumps(run_seed(d, s, args.epochs, args.teacher_epochs, args.weight), indent=1))
+            d.mkdir(parents=True, exist_ok=True)
+            res = run_seed(d, s, args.epochs, args.teacher_epochs, args.weight)
+            (d / "results.json").write_text(json.dumps(res, indent=1))
         runs.append(json.loads((d / "results.json").read_text()))
         print(f"seed {s}: {runs[-1]['students']} (teacher {runs[-1]['teacher_val_top1']:.2f})", flush=True)
     report(runs, args.plot, Path(args.out))
@@ -117,29 +119,8 @@ def report(runs: list[dict], plot: str, out: Path) -> None:
           + ", ".join(str(first_apart(out / f"seed-{r['seed']}", "logits_attn_offline", "logits_attn_online"))
                       for r in runs))
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(1, 2, figsize=(12, 4.2))
-    colors = {"logits": "tab:blue", "logits_attn_offline": "tab:green", "logits_attn_online": "tab:orange"}
-    for i, m in enumerate(METHODS):
-        ax[0].scatter(np.full(len(runs), i) + np.linspace(-0.1, 0.1, len(runs)), acc[m], color=colors[m])
-        ax[0].errorbar(i + 0.25, acc[m].mean(), yerr=sd(acc[m]), fmt="o", color="black", capsize=4)
-        curves = np.array([r["curves"][m] for r in runs])
-        ax[1].plot(range(1, curves.shape[1] + 1), curves.mean(0), color=colors[m], label=m.replace("_", " "))
-    ax[0].set(xticks=range(len(METHODS)), xticklabels=[m.replace("_", "\n") for m in METHODS],
-              ylabel="digits:val top-1 (%)", title=f"final top-1, {len(runs)} seeds (mean ± std in black)")
-    ax[1].set(xlabel="epoch", ylabel="mean digits:val top-1 (%)", title="validation curves (mean over seeds)")
-    for a in ax:
-        a.grid(alpha=0.3)
-    ax[1].legend()
-    fig.tight_layout()
-    fig.savefig(plot, dpi=110)
-    plt.close(fig)
-    print(f"plot: {plot}")
-
+    plot_seeds(runs, METHODS, {"logits": "tab:blue", "logits_attn_offline": "tab:green",
+                               "logits_attn_online": "tab:orange"}, teacher, plot, ylim=(30, 100))
 
 if __name__ == "__main__":
     main()

@@ -51,35 +51,43 @@ def main():
     print(f"offline - no KD:  {d_off_no.mean():+.2f} (per seed {', '.join(f'{x:+.2f}' for x in d_off_no)})")
     print(f"total quickstart seconds per seed: {', '.join(str(r['total_seconds']) for r in runs)}")
 
+    plot_seeds(runs, METHODS, {"no_kd": "tab:gray", "offline_kd": "tab:blue", "online_kd": "tab:orange"},
+               teacher, args.plot)
+
+
+def plot_seeds(runs: list[dict], methods: list[str], colors: dict, teacher: np.ndarray, path: str,
+               ylim=(50, 100)) -> None:
+    """Final top-1 per method (mean ± std, every seed a dot) and the validation curves (mean,
+    min-max band) of runs, each a results.json with ``students`` and ``curves`` per method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    acc = {m: np.array([r["students"][m] for r in runs]) for m in methods}
     fig, ax = plt.subplots(1, 2, figsize=(12, 4.2))
-    colors = {"no_kd": "tab:gray", "offline_kd": "tab:blue", "online_kd": "tab:orange"}
-    for i, m in enumerate(METHODS):
-        ax[0].errorbar(i, acc[m].mean(), yerr=acc[m].std(ddof=1), fmt="o", color=colors[m], capsize=6, ms=8)
+    for i, m in enumerate(methods):
+        ax[0].errorbar(i, acc[m].mean(), yerr=acc[m].std(ddof=1) if len(runs) > 1 else 0, fmt="o", color=colors[m],
+                       capsize=6, ms=8)
         ax[0].scatter(np.full(len(runs), i) + 0.12, acc[m], color=colors[m], alpha=0.5, s=18)
     ax[0].axhline(teacher.mean(), color="black", ls="--", lw=1, label=f"teacher {teacher.mean():.1f}%")
-    ax[0].set_xticks(range(3), [m.replace("_", " ") for m in METHODS])
+    ax[0].set_xticks(range(len(methods)), [m.replace("_", " ") for m in methods])
     ax[0].set(ylabel="digits:val top-1 (%)", title=f"final top-1, mean ± std over {len(runs)} seeds (dots: seeds)")
     ax[0].legend()
-    for m in METHODS:
+    for m in methods:
         c = np.array([r["curves"][m] for r in runs])
         x = np.arange(1, c.shape[1] + 1)
         ax[1].plot(x, c.mean(0), color=colors[m], label=m.replace("_", " "))
         ax[1].fill_between(x, c.min(0), c.max(0), color=colors[m], alpha=0.15)
     ax[1].set(xlabel="epoch", ylabel="top-1 (%)", title="validation curves (mean, band: min-max over seeds)",
-              ylim=(50, 100))
+              ylim=ylim)
     ax[1].legend()
     for a in ax:
         a.grid(alpha=0.3)
     fig.tight_layout()
-    Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.plot, dpi=110)
-    print("plot:", args.plot)
-
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print("plot:", path)
 
 if __name__ == "__main__":
     main()
