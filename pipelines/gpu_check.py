@@ -16,8 +16,10 @@ later stages that need it are skipped; the script then exits 1):
                    the weights file; batch sizes, workers and the store path removed so the
                    CLI defaults apply (chunk sizes are not in it); --smoke also shrinks the view
                    size and swaps in a tiny teacher; on cpu, --amp none. Passed as --config.
-  teacher forward  the project's Teacher.topk (load_teacher(...).place(device, amp)), eager and
-                   compiled (place(..., compile=True)), timed by benchlib.forward_ceiling on device
+  teacher forward  the project's Teacher.topk (load_teacher(...).place(device, amp)), eager, eager
+                   with the attention maps of --attention-grid G (G = the patch grid; the hooks
+                   run in every forward) and compiled (place(..., compile=True)), timed by
+                   benchlib.forward_ceiling on device
                    tensors shaped like
                    gen-logits' batches ([64, 3, 224, 224] views in [0, 1]), K=100, timed with
                    cuda syncs: the ceiling gen-logits would reach if views were free.
@@ -253,9 +255,12 @@ def teacher_forward(c: Check) -> None:
     x = torch.rand(g["batch_size"], 3, size, size, device=dev)
     out = {"batch": g["batch_size"], "view_size": size, "teacher_input": teacher.input_size, "k": g["k"],
            "amp": c.amp("gen-logits")}
-    for mode in ("eager", "compiled"):
-        if mode == "compiled":  # eager first, then compiled in place
-            teacher.place(dev, c.amp("gen-logits"), compile=True)
+    grid = getattr(getattr(teacher.model, "patch_embed", None), "grid_size", (7,))[0]  # --attention-grid G
+    out["attention_grid"] = int(grid)
+    for mode in ("eager", "eager_maps", "compiled"):
+        if mode != "eager":  # eager, then with its attention maps kept (hooks), then compiled in place
+            teacher.place(dev, c.amp("gen-logits"), compile=mode == "compiled",
+                          attention_grid=grid if mode == "eager_maps" else 0)
         r = forward_ceiling(teacher, [x], g["k"], min_s=c.args.min_s, warm=3, chunk=5, copy_back=False)
         out[mode] = _rate(r, g["batch_size"])
         print(f"   {mode}: {out[mode]['per_s']:.0f} views/s (first call {out[mode]['first_call_s']} s)")
@@ -432,6 +437,8 @@ def figures(c: Check) -> list[dict]:
     img = {m: get("train", m, "img_per_s") for m in MODES}
     add("teacher forward, eager (views/s)", eager)
     add("teacher forward, compiled (views/s)", comp)
+    add("teacher forward with attention maps / without (eager)",
+        ratio(get("teacher_forward", "eager_maps", "per_s"), eager), "{:.3f}")
     add("gen-logits (views/s)", gen)
     add("gen-logits / compiled forward", ratio(gen, comp), "{:.3f}", "gen_vs_compiled")
     add("gen-logits / eager forward", ratio(gen, eager), "{:.3f}")
