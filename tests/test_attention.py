@@ -284,3 +284,25 @@ def test_a_teacher_without_a_map_is_refused_before_the_store_exists(tmp_path):
             "--out", tmp_path / "s.zarr")
     assert r.exit_code == 1 and "without a class token" in r.output, r.output
     assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "s.zarr").exists()
+
+
+def test_node_mirror_carries_the_maps(tmp_path, monkeypatch):
+    """A store on object storage (memory:// stands in) is read through the node mirror: the
+    maps come along with the logits, and only the epoch in use is downloaded."""
+    from tinydistill import nodecache
+
+    monkeypatch.setenv("TINYDISTILL_CACHE", str(tmp_path / "cache"))
+    st = td.create_store(f"memory://td-att/{tmp_path.name}.zarr", num_classes=10, k=3, epochs=2,
+                         keys=[f"k{i}" for i in range(16)], chunk_rows=8, shard_rows=16,
+                         targets={"attention": {"grid": 2}})
+    rng = np.random.default_rng(0)
+    for e in range(2):
+        logp, idx = fake_topk(16, 10, 3, e)
+        st.write_shard(e, 0, logp, idx, np.arange(16), attention=rng.dirichlet(np.ones(4), 16).reshape(16, 2, 2))
+    remote = td.open_store(st.path)
+    assert nodecache.target_arrays(remote) == ("logp", "index_gap", "attention")
+    mirror = nodecache.node_local(remote, 1)
+    assert mirror.path != remote.path and not any(o.startswith("attention/c/0") for o in
+                                                  nodecache.fetch_epoch(remote, 1)["objects"])
+    for name, v in remote.targets(1, slice(None)).items():
+        np.testing.assert_array_equal(mirror.targets(1, slice(None))[name], v)

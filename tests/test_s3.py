@@ -217,7 +217,7 @@ def test_targets_cross_the_network_once_per_node(s3, weights, local_ref):
     parts = [nodecache.fetch_epoch(remote, 0, r, 2) for r in (0, 1)]
     target_bytes = sum(p["fetched_bytes"] for p in parts) - sum(
         len(fs.cat_file(f"{url.split('://', 1)[1]}/{rel}")) for rel in parts[0]["objects"]
-        if rel.split("/")[0] not in nodecache.TARGET_ARRAYS)
+        if rel.split("/")[0] not in nodecache.target_arrays(remote))
     assert target_bytes == parts[0]["epoch_bytes"] > 0  # each target byte fetched once by the node
     mirror = nodecache.node_local(remote, 0)  # local rank 0 alone now: everything is on disk
     assert mirror.path == parts[0]["root"] and nodecache.fetch_epoch(remote, 0)["fetched_bytes"] == 0

@@ -3,7 +3,8 @@
 With a fresh random order every epoch, every rank needs nearly every chunk of the epoch's
 targets. Read straight from object storage, a node would download each epoch's targets once
 per local rank. Here the local ranks of a node split the epoch's target objects (the store's
-own compressed shard files of ``logp`` and the class ids), each downloads its share into a
+own compressed shard files of every target array: ``logp``, the class ids, the attention
+maps), each downloads its share into a
 node-local mirror directory, and after a barrier every rank reads the epoch from local disk
 (:func:`node_local`). Each stored byte crosses the network about once per node per epoch.
 
@@ -28,8 +29,12 @@ from pathlib import Path
 from . import dist
 from .errors import StoreError, one_line
 
-TARGET_ARRAYS = ("logp", "index_gap", "index")  # per-view target arrays, (epoch, row, K)
 SMALL_ARRAYS = ("complete",)  # copied whole: what reading targets checks
+
+
+def target_arrays(store) -> tuple[str, ...]:
+    """The store's per-view target arrays, (epoch, row, ...): every array of its target kinds."""
+    return tuple(a.name for kind in store.kinds for a in kind.arrays())
 
 
 def cache_root() -> Path:
@@ -46,13 +51,13 @@ def local_rank_world() -> tuple[int, int]:
     return int(os.environ.get("LOCAL_RANK", 0)), max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
-def _wanted(rel: str, epoch: int) -> bool:
+def _wanted(rel: str, epoch: int, targets: tuple[str, ...]) -> bool:
     parts = rel.split("/")
     if parts[-1] == "zarr.json":
         return True
     if parts[0] in SMALL_ARRAYS:
         return True
-    return parts[0] in TARGET_ARRAYS and len(parts) > 2 and parts[1] == "c" and parts[2] == str(epoch)
+    return parts[0] in targets and len(parts) > 2 and parts[1] == "c" and parts[2] == str(epoch)
 
 
 def _version(info: dict) -> str:
@@ -70,16 +75,17 @@ def fetch_epoch(store, epoch: int, local_rank: int = 0, local_world: int = 1) ->
     fs, root = fsspec.core.url_to_fs(url, **(store._storage_options or {}))
     root = root.rstrip("/")
     mirror = cache_root() / hashlib.sha256(url.encode()).hexdigest()[:24]
+    targets = target_arrays(store)
     listing: dict = {}
     try:  # the metadata, the small arrays and this epoch's targets: never the other epochs' objects
         listing.update(fs.find(root, maxdepth=2, detail=True))
-        for prefix in [*SMALL_ARRAYS, *(f"{a}/c/{epoch}" for a in TARGET_ARRAYS)]:
+        for prefix in [*SMALL_ARRAYS, *(f"{a}/c/{epoch}" for a in targets)]:
             listing.update(fs.find(f"{root}/{prefix}", detail=True))
     except Exception as e:
         raise StoreError(f"{url}: cannot list the store for the node cache ({one_line(e)})") from e
     objects = sorted((p[len(root) + 1:], info) for p, info in listing.items()
                      if p.startswith(root + "/") and info.get("type", "file") == "file")
-    wanted = [(rel, info) for rel, info in objects if _wanted(rel, epoch)]
+    wanted = [(rel, info) for rel, info in objects if _wanted(rel, epoch, targets)]
     versions_f = mirror / f".versions.{local_rank}.json"
     versions = json.loads(versions_f.read_text()) if versions_f.exists() else {}
     fetched = 0
@@ -98,14 +104,14 @@ def fetch_epoch(store, epoch: int, local_rank: int = 0, local_world: int = 1) ->
         versions[rel] = ver
         fetched += len(data)
     # this rank's share of other epochs' targets is no longer needed
-    for rel in [r for r in versions if r.split("/")[0] in TARGET_ARRAYS and not _wanted(r, epoch)]:
+    for rel in [r for r in versions if r.split("/")[0] in targets and not _wanted(r, epoch, targets)]:
         (mirror / rel).unlink(missing_ok=True)
         del versions[rel]
     mirror.mkdir(parents=True, exist_ok=True)
     tmp = versions_f.with_name(versions_f.name + f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(versions))
     os.replace(tmp, versions_f)
-    epoch_bytes = sum(int(info.get("size") or 0) for rel, info in wanted if rel.split("/")[0] in TARGET_ARRAYS)
+    epoch_bytes = sum(int(info.get("size") or 0) for rel, info in wanted if rel.split("/")[0] in targets)
     return {"root": str(mirror), "objects": [rel for rel, _ in wanted], "fetched_bytes": fetched,
             "epoch_bytes": epoch_bytes}
 
