@@ -256,6 +256,11 @@ def test_attention_loss_offline_equals_online_at_the_start(vit_store, tmp_path):
     # the same views, targets and maps up to the store's fp16 / uint8 rounding
     assert np.abs(np.array(off[:5]) - np.array(on[:5])).max() < 2e-3
     assert off[0] - plain[0] > 0.01  # the attention term is in the loss
+    line = json.loads((tmp_path / "off" / "steps.jsonl").read_text().splitlines()[0])
+    assert abs(line["loss"] - line["attention_loss"] - plain[0]) < 1e-4  # logged beside it: the same first step
+    row = json.loads((tmp_path / "off" / "metrics.jsonl").read_text())
+    assert 0 < row["train_attention_loss"] < row["train_loss"] and "attention_loss" not in json.loads(
+        (tmp_path / "plain" / "steps.jsonl").read_text().splitlines()[0])
 
 
 def test_attention_weight_is_refused_without_maps(vit_store, tmp_path):

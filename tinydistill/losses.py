@@ -89,9 +89,10 @@ class Objective:
         return self.kd is None or self.kd.needs_labels or two_heads
 
     def __call__(self, out, labels: torch.Tensor | None, targets: dict | None = None,
-                 maps: torch.Tensor | None = None) -> torch.Tensor:
+                 maps: torch.Tensor | None = None, parts: dict | None = None) -> torch.Tensor:
         """``targets``: the teacher's values by field (``logp``, ``index``, ``attention``);
-        ``maps``: the student's attention maps, for ``terms``."""
+        ``maps``: the student's attention maps, for ``terms``. ``parts`` (a dict, optional)
+        receives each term's weighted value by name, e.g. ``attention_loss``."""
         targets = targets or {}
         logp, index = targets.get("logp"), targets.get("index")
         if isinstance(out, tuple):
@@ -103,5 +104,8 @@ class Objective:
         else:
             loss = self.kd(out, logp, index, labels)
         for weight, kind in self.terms:
-            loss = loss + weight * kind.loss(maps, targets)
+            term = weight * kind.loss(maps, targets)
+            if parts is not None:
+                parts[f"{kind.name}_loss"] = term
+            loss = loss + term
         return loss

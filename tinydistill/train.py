@@ -207,40 +207,50 @@ class StepLosses:
     """Each step's loss, kept on the device and read back every ``log_interval`` steps in one
     host sync (a read every step would keep the CPU from queueing work ahead of the GPU). A read
     writes the steps' lines to steps.jsonl and raises the one-line error at the first non-finite
-    loss (under DDP every rank raises when any rank saw one: the ranks read at the same steps)."""
+    loss (under DDP every rank raises when any rank saw one: the ranks read at the same steps).
+    Named terms of the loss (``parts``, e.g. ``attention_loss``) are read with it and written
+    beside it; :attr:`part_sums` adds them up over the epoch."""
 
     def __init__(self, epoch: int, steps_f, world: int = 1):
         self.epoch, self.steps_f, self.world = epoch, steps_f, world
-        self.losses: list[torch.Tensor] = []  # 0-dim device tensors, not yet read
+        self.losses: list[torch.Tensor] = []  # device tensors (the loss, then its parts), not yet read
         self.meta: list[tuple[int, float]] = []  # (step, lr) of each
+        self.names: list[str] = []  # the parts' names
         self.sum, self.count, self.last = 0.0, 0, float("nan")
+        self.part_sums: dict[str, float] = {}
 
     def __len__(self) -> int:
         return len(self.losses)
 
-    def add(self, loss: torch.Tensor, step: int, lr: float) -> None:
-        self.losses.append(loss.detach())
+    def add(self, loss: torch.Tensor, step: int, lr: float, parts: dict | None = None) -> None:
+        self.names = list(parts or {})
+        self.losses.append(torch.stack([loss.detach().float(), *(p.detach().float() for p in parts.values())])
+                           if parts else loss.detach().float().reshape(1))
         self.meta.append((step, lr))
 
     def read(self) -> float:
         """Read the pending losses (the host sync); returns the last step's loss."""
         if not self.losses:
             return self.last
-        values = torch.stack(self.losses).float().cpu().tolist()
+        rows = torch.stack(self.losses).cpu().tolist()
+        values = [r[0] for r in rows]
         meta, self.losses, self.meta = self.meta, [], []
         bad = next(((s, v) for (s, _), v in zip(meta, values) if not math.isfinite(v)), None)
         elsewhere = self.world > 1 and dist.all_reduce([float(bad is not None)])[0] > 0
-        for (s, lr), v in zip(meta, values):
+        for (s, lr), r in zip(meta, rows):
             if bad is not None and s == bad[0]:
                 break
             if self.steps_f:
-                self.steps_f.write(json.dumps({"epoch": self.epoch, "step": s, "loss": v, "lr": lr}) + "\n")
+                line = {"epoch": self.epoch, "step": s, "loss": r[0], **dict(zip(self.names, r[1:])), "lr": lr}
+                self.steps_f.write(json.dumps(line) + "\n")
         if bad is not None:
             raise TrainError(f"epoch {self.epoch} step {bad[0]}: loss is {bad[1]}; lower `lr` or check the store")
         if elsewhere:
             raise TrainError(f"epoch {self.epoch}: another rank's loss is not finite by step {meta[-1][0]}; "
                              "lower `lr` or check the store")
         self.sum, self.count, self.last = self.sum + sum(values), self.count + len(values), values[-1]
+        for j, name in enumerate(self.names):
+            self.part_sums[name] = self.part_sums.get(name, 0.0) + sum(r[1 + j] for r in rows)
         return self.last
 
 
@@ -335,8 +345,9 @@ def _build(cfg: TrainConfig) -> tuple[_Run, int]:
                 targets, objective, use_labels, distilled, mean, std, val, step, best), start
 
 
-def _step(run: _Run, batch: Batch) -> torch.Tensor:
-    """One optimizer step on a batch; returns its loss, on the device (nothing waits for it)."""
+def _step(run: _Run, batch: Batch) -> tuple[torch.Tensor, dict]:
+    """One optimizer step on a batch; returns its loss and the loss's named terms
+    (``attention_loss``), on the device (nothing waits for them)."""
     cfg, dev, p = run.cfg, run.device, run.parts
     amp = dist.amp_dtype(cfg.amp)
     images = batch.image.to(dev, non_blocking=True)
@@ -349,8 +360,9 @@ def _step(run: _Run, batch: Batch) -> torch.Tensor:
     with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
         outputs = run.ddp(prepare(images, run.input_size, run.mean, run.std))
     maps = run.tap.pop() if run.tap is not None else None
+    parts: dict = {}
     if len(batch):
-        loss = run.objective(outputs, labels, targets, maps)
+        loss = run.objective(outputs, labels, targets, maps, parts=parts)
     else:  # DDP: zero gradients, so this rank's all-reduce goes along with the others'
         loss = sum(o.float().sum() for o in (outputs if isinstance(outputs, tuple) else (outputs,))) * 0.0
     p["optimizer"].zero_grad(set_to_none=True)
@@ -364,7 +376,7 @@ def _step(run: _Run, batch: Batch) -> torch.Tensor:
     p["scheduler"].step_update(num_updates=run.step)
     if p["ema"] is not None:
         p["ema"].update(run.model, step=run.step)
-    return loss
+    return loss, parts
 
 
 def _epoch(run: _Run, epoch: int, logs: "_Logs", on_step) -> dict:
@@ -402,9 +414,9 @@ def _epoch(run: _Run, epoch: int, logs: "_Logs", on_step) -> dict:
                     bar.update(1)
                     continue
                 batch = batch.select(keep)  # under DDP an empty batch still steps, with the other ranks
-            loss = _step(run, batch)
+            loss, parts = _step(run, batch)
             lr = run.parts["optimizer"].param_groups[0]["lr"]
-            losses.add(loss, run.step, lr)  # no host sync: read every `log_interval` steps
+            losses.add(loss, run.step, lr, parts)  # no host sync: read every `log_interval` steps
             views += len(batch)
             bar.update(1)
             info = {"epoch": epoch, "step": run.step, "views": len(batch)}
@@ -425,6 +437,7 @@ def _epoch(run: _Run, epoch: int, logs: "_Logs", on_step) -> dict:
                     "%d with images unreadable now", cfg.logits or cfg.data, epoch, nan_views + bad_views,
                     nan_views, bad_views)
     return {"epoch": epoch, "step": run.step, "train_loss": losses.sum / max(losses.count, 1),
+            **{f"train_{name}": v / max(losses.count, 1) for name, v in losses.part_sums.items()},
             "lr": run.parts["optimizer"].param_groups[0]["lr"], "views": views,
             "dropped_views": nan_views + bad_views, "nan_target_views": nan_views, "unreadable_views": bad_views,
             "seconds": round(time.time() - t0, 2), "load": meter.report()}
