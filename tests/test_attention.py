@@ -71,6 +71,7 @@ def test_cnn_map_is_the_energy_of_the_last_feature_map_resized_by_area():
     torch.testing.assert_close(got, want / want.sum((1, 2), keepdim=True))
     m = area_resize(torch.rand(1, 3, 3), 7)  # upsampling by area keeps the shape and the sum
     assert m.shape == (1, 7, 7) and abs(float(m.sum()) - 1) < 1e-6
+    assert torch.equal(area_resize(torch.zeros(1, 4, 4), 2), torch.full((1, 2, 2), 0.25))  # no energy: uniform
 
 
 def test_channels_last_models_give_the_energy_over_channels():

@@ -31,9 +31,11 @@ class AttentionError(TinydistillError):
 
 
 def area_resize(maps: torch.Tensor, grid: int) -> torch.Tensor:
-    """[B, h, w] non-negative maps -> [B, G, G] float32 maps that sum to 1 (resized by area)."""
+    """[B, h, w] non-negative maps -> [B, G, G] float32 maps that sum to 1 (resized by area). A
+    map of zeros (a feature map with no energy at all) becomes the uniform map: no preference."""
     m = F.adaptive_avg_pool2d(maps.float()[:, None], grid)[:, 0]
-    return m / m.sum((1, 2), keepdim=True).clamp_min(1e-30)
+    total = m.sum((1, 2), keepdim=True)
+    return torch.where(total > 0, m / total.clamp_min(1e-30), torch.full_like(m, 1.0 / (grid * grid)))
 
 
 def _last_attention(model: torch.nn.Module):
