@@ -16,7 +16,8 @@ Per seed, in the quickstart's manner (its views, optimiser and schedule; tinydis
    against the stored maps) and ``logits_attn_online`` (the same, the teacher run every step).
 
 Prints a markdown table (mean ± std and each seed), the offline-online per-step loss gaps at
-the start, and writes a plot. A seed whose results.json exists is reused.
+the start, and writes a plot. A seed whose results.json exists is reused; ``--extra-weights``
+adds offline students at other attention weights to finished seeds (their stores are reused).
 """
 
 import argparse
@@ -37,14 +38,33 @@ STUDENT, STUDENT_KWARGS = "test_vit", {"patch_size": 4, "depth": 3}
 METHODS = ["logits", "logits_attn_offline", "logits_attn_online"]
 
 
+def common(seed: int) -> dict:
+    return dict(data="digits", val_data="digits:val", batch_size=64, workers=1, device="cpu", seed=seed,
+                progress=False, val_crop_pct=1.0, warmup_epochs=2.0, weight_decay=0.05)
+
+
+def student_config(seed: int, epochs: int) -> TrainConfig:
+    return TrainConfig(student=STUDENT, out="", epochs=epochs, lr=1e-3, model_kwargs=STUDENT_KWARGS, **common(seed))
+
+
+def extra_weight(out: Path, res: dict, weight: float) -> None:
+    """One more offline student of a finished seed, with attention weight ``weight``, into ``res``."""
+    name = f"logits_attn_offline_w{weight:g}"
+    if name in res["students"]:
+        return
+    t = time.time()
+    train_student(replace(student_config(res["seed"], res["epochs"]), out=str(out / name),
+                          logits=str(out / "logits.zarr"), attention_weight=weight))
+    res["seconds"][name] = round(time.time() - t, 1)
+    res["students"][name], res["curves"][name] = _final(out / name), _curve(out / name)
+
+
 def run_seed(out: Path, seed: int, epochs: int, teacher_epochs: int, weight: float) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    common = dict(data="digits", val_data="digits:val", batch_size=64, workers=1, device="cpu", seed=seed,
-                  progress=False, val_crop_pct=1.0, warmup_epochs=2.0, weight_decay=0.05)
     secs = {}
     t = time.time()
     train_student(TrainConfig(student=TEACHER, out=str(out / "teacher"), no_kd=True, epochs=teacher_epochs, lr=1e-3,
-                              input_size=TEACHER_SIZE, spec=SPEC, view_seed=seed + 1000, **common))
+                              input_size=TEACHER_SIZE, spec=SPEC, view_seed=seed + 1000, **common(seed)))
     secs["teacher"] = time.time() - t
     weights, store = str(out / "teacher" / "best.pth"), str(out / "logits.zarr")
     t = time.time()
@@ -52,7 +72,7 @@ def run_seed(out: Path, seed: int, epochs: int, teacher_epochs: int, weight: flo
                                out=store, k=K, attention_grid=GRID, epochs=(0, epochs), seed=seed, batch_size=128,
                                workers=1, device="cpu", spec=SPEC, overwrite=True, progress=False))
     secs["gen_logits"] = time.time() - t
-    student = TrainConfig(student=STUDENT, out="", epochs=epochs, lr=1e-3, model_kwargs=STUDENT_KWARGS, **common)
+    student = student_config(seed, epochs)
     online = dict(online_teacher=TEACHER, teacher_weights=weights, teacher_input_size=TEACHER_SIZE, k=K, like=store)
     for name, extra in [("logits", dict(logits=store)),
                         ("logits_attn_offline", dict(logits=store, attention_weight=weight)),
@@ -78,6 +98,8 @@ def main():
     ap.add_argument("--teacher-epochs", type=int, default=60)
     ap.add_argument("--weight", type=float, default=1.0, help="--attention-weight of the two attention runs")
     ap.add_argument("--plot", default="docs/attention.png")
+    ap.add_argument("--extra-weights", type=float, nargs="*", default=[],
+                    help="also train an offline student at each of these attention weights (per seed)")
     args = ap.parse_args()
     runs = []
     for s in args.seeds:
@@ -86,9 +108,13 @@ def main():
             d.mkdir(parents=True, exist_ok=True)
             res = run_seed(d, s, args.epochs, args.teacher_epochs, args.weight)
             (d / "results.json").write_text(json.dumps(res, indent=1))
-        runs.append(json.loads((d / "results.json").read_text()))
+        res = json.loads((d / "results.json").read_text())
+        for w in args.extra_weights:
+            extra_weight(d, res, w)
+            (d / "results.json").write_text(json.dumps(res, indent=1))
+        runs.append(res)
         print(f"seed {s}: {runs[-1]['students']} (teacher {runs[-1]['teacher_val_top1']:.2f})", flush=True)
-    report(runs, args.plot, Path(args.out))
+    report(runs, args.plot, Path(args.out), [f"logits_attn_offline_w{w:g}" for w in args.extra_weights])
 
 
 def first_apart(out: Path, a: str, b: str, rel: float = 0.01) -> int | None:
@@ -97,19 +123,20 @@ def first_apart(out: Path, a: str, b: str, rel: float = 0.01) -> int | None:
     return next((i + 1 for i, (x, y) in enumerate(zip(la, lb)) if abs(x - y) > rel * abs(y)), None)
 
 
-def report(runs: list[dict], plot: str, out: Path) -> None:
-    acc = {m: np.array([r["students"][m] for r in runs]) for m in METHODS}
+def report(runs: list[dict], plot: str, out: Path, extra: list[str] = ()) -> None:
+    acc = {m: np.array([r["students"][m] for r in runs]) for m in METHODS + list(extra)}
     teacher = np.array([r["teacher_val_top1"] for r in runs])
     sd = (lambda a: a.std(ddof=1) if len(a) > 1 else 0.0)  # noqa: E731
     print(f"\n| model | val top-1, mean ± std over {len(runs)} seeds | per seed | train s (mean) |")
     print("|---|---|---|---|")
     print(f"| teacher ({TEACHER} at {TEACHER_SIZE} px, supervised) | {teacher.mean():.2f} ± {sd(teacher):.2f} | "
           f"{', '.join(f'{a:.2f}' for a in teacher)} | |")
-    for m in METHODS:
+    for m in METHODS + list(extra):
         secs = np.mean([r["seconds"][m] for r in runs])
         print(f"| student, {m.replace('_', ' ')} | {acc[m].mean():.2f} ± {sd(acc[m]):.2f} | "
               f"{', '.join(f'{x:.2f}' for x in acc[m])} | {secs:.0f} |")
-    for a, b in [("logits_attn_offline", "logits"), ("logits_attn_offline", "logits_attn_online")]:
+    for a, b in [("logits_attn_offline", "logits"), ("logits_attn_offline", "logits_attn_online")] + [
+            (m, "logits") for m in extra]:
         d = acc[a] - acc[b]
         print(f"{a} - {b}: {d.mean():+.2f} (per seed {', '.join(f'{x:+.2f}' for x in d)})")
     print("largest |offline - online| per-step loss over the first 20 steps, per seed: "
@@ -119,8 +146,9 @@ def report(runs: list[dict], plot: str, out: Path) -> None:
           + ", ".join(str(first_apart(out / f"seed-{r['seed']}", "logits_attn_offline", "logits_attn_online"))
                       for r in runs))
 
-    plot_seeds(runs, METHODS, {"logits": "tab:blue", "logits_attn_offline": "tab:green",
-                               "logits_attn_online": "tab:orange"}, teacher, plot, ylim=(30, 100))
+    colors = {"logits": "tab:blue", "logits_attn_offline": "tab:green", "logits_attn_online": "tab:orange"}
+    colors.update(zip(extra, ["tab:purple", "tab:red", "tab:brown", "tab:pink"]))
+    plot_seeds(runs, METHODS + list(extra), colors, teacher, plot, ylim=(30, 100))
 
 if __name__ == "__main__":
     main()

@@ -11,6 +11,7 @@ validation curves.
 import argparse
 import json
 import subprocess
+import textwrap
 import sys
 from pathlib import Path
 
@@ -71,7 +72,7 @@ def plot_seeds(runs: list[dict], methods: list[str], colors: dict, teacher: np.n
                        capsize=6, ms=8)
         ax[0].scatter(np.full(len(runs), i) + 0.12, acc[m], color=colors[m], alpha=0.5, s=18)
     ax[0].axhline(teacher.mean(), color="black", ls="--", lw=1, label=f"teacher {teacher.mean():.1f}%")
-    ax[0].set_xticks(range(len(methods)), [m.replace("_", " ") for m in methods])
+    ax[0].set_xticks(range(len(methods)), [textwrap.fill(m.replace("_", " "), 14) for m in methods])
     ax[0].set(ylabel="digits:val top-1 (%)", title=f"final top-1, mean ± std over {len(runs)} seeds (dots: seeds)")
     ax[0].legend()
     for m in methods:
