@@ -37,3 +37,18 @@ def test_recipe_errors_are_one_line(tmp_path):
     assert r.exit_code == 2 and "unknown option(s) ['batchsize']" in r.output
     r = CliRunner().invoke(main, ["gen-logits", "--config", str(tmp_path / "none.yaml")])
     assert r.exit_code == 2 and "none.yaml" in r.output
+
+
+def test_attention_recipe_reaches_both_stages(monkeypatch):
+    import tinydistill.generate as gen
+    import tinydistill.train as train
+
+    seen = {}
+    monkeypatch.setattr(gen, "gen_logits", lambda cfg: seen.setdefault("gen", cfg) and {"rank": 1})
+    monkeypatch.setattr(train, "train_student", lambda cfg: seen.setdefault("train", cfg) and {"rank": 1})
+    recipe = str(next(r for r in RECIPES if r.name == "deit_attention.yaml"))
+    for command in ("gen-logits", "train-student"):
+        r = CliRunner().invoke(main, [command, "--config", recipe])
+        assert r.exit_code == 0, r.output
+    assert seen["gen"].attention_grid == 14 and seen["gen"].teacher.startswith("deit_base")
+    assert seen["train"].attention_weight == 0.1 and seen["train"].logits == seen["gen"].out
