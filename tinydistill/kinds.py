@@ -55,6 +55,10 @@ class TopK:
     def __init__(self, k: int, num_classes: int, id_layout: str = "gaps"):
         self.k, self.num_classes, self.gaps = int(k), int(num_classes), id_layout == "gaps"
 
+    @classmethod
+    def from_settings(cls, settings: dict, k: int, num_classes: int, id_layout: str) -> "TopK":
+        return cls(k, num_classes, id_layout)  # the store's own shape attributes
+
     def settings(self) -> dict:
         return {"k": self.k}
 
@@ -122,6 +126,10 @@ class Attention:
             raise ValueError(f"attention grid must be >= 1, got {grid}")
         self.grid = int(grid)
 
+    @classmethod
+    def from_settings(cls, settings: dict, k: int, num_classes: int, id_layout: str) -> "Attention":
+        return cls(int(settings["grid"]))
+
     def settings(self) -> dict:
         return {"grid": self.grid, "encoding": "uint8 cube root: code = round(255 * (map / max) ** (1/3)); "
                                                "map = code**3 / sum(code**3)"}
@@ -182,20 +190,10 @@ KINDS = {"topk": TopK, "attention": Attention}
 def store_kinds(attrs: dict, k: int, num_classes: int, id_layout: str) -> list:
     """The kinds of a store, from its ``targets`` attribute (older stores: top-K alone)."""
     recorded = attrs.get("targets") or {"topk": {"k": k}}
-    out = []
-    for name, settings in recorded.items():
-        if name == "topk":
-            out.append(TopK(k, num_classes, id_layout))
-        elif name == "attention":
-            out.append(Attention(int(settings["grid"])))
-        else:
-            raise StoreError(f"unknown target kind {name!r} (this tinydistill knows {', '.join(KINDS)})")
-    return out
-
-
-def run_kinds(k: int, num_classes: int, attention_grid: int = 0, id_layout: str = "gaps") -> list:
-    """The kinds a gen-logits run stores."""
-    return [TopK(k, num_classes, id_layout)] + ([Attention(attention_grid)] if attention_grid else [])
+    unknown = [name for name in recorded if name not in KINDS]
+    if unknown:
+        raise StoreError(f"unknown target kind {unknown[0]!r} (this tinydistill knows {', '.join(KINDS)})")
+    return [KINDS[name].from_settings(settings, k, num_classes, id_layout) for name, settings in recorded.items()]
 
 
 def targets_attr(kinds) -> dict:
