@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .cuda import select_device
 from .dist import keeps_threads
 from .errors import TinydistillError
 from .sources import open_source
@@ -26,6 +27,7 @@ from .views import Views
 def verify_store(path: str, data: str, teacher_name: str, weights: str | None = None, samples: int = 64,
                  seed: int = 0, device: str = "cpu", amp: str | None = None, render: str | None = None,
                  allow_renderer_change: bool = False, decode: str = "auto") -> dict:
+    device = str(select_device(device))  # cuda:N made the current device: events and nvjpeg go there
     store = open_store(path)
     source = open_source(data)
     spec = check_replay(store, source, render, allow_renderer_change, device, decode)
