@@ -306,7 +306,8 @@ def test_decode_option_on_every_command():
     for cmd in ("gen-logits", "train-student", "verify"):
         out = CliRunner().invoke(main, [cmd, "--help"]).output
         assert "--decode [auto|device|worker]" in out, cmd
-    bad = CliRunner().invoke(main, ["gen-logits", "--data", "digits", "--teacher", "x", "--out", "o", "--decode", "gpu"])
+    bad = CliRunner().invoke(main, ["gen-logits", "--data", "digits", "--teacher", "x", "--out", "o",
+                                    "--decode", "gpu"])
     assert bad.exit_code != 0 and "'gpu' is not one of 'auto', 'device', 'worker'" in bad.output
 
 

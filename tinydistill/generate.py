@@ -87,7 +87,8 @@ def _prepare_store(cfg: GenConfig, teacher, source, rank: int, device) -> LogitS
                                    seed=cfg.seed, epochs=cfg.epochs, total_epochs=cfg.total_epochs,
                                    attention_grid=cfg.attention_grid)
                 if err is None:
-                    check_replay(existing, source, device=device, decode=cfg.decode)  # the views the run that started it made
+                    # the views the run that started it made (its JPEGs decoded where they were then)
+                    check_replay(existing, source, device=device, decode=cfg.decode)
                     log.info("resuming %s: %d of %d units complete", cfg.out,
                              int(existing.complete_mask().sum()), existing.complete_mask().size)
             else:

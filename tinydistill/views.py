@@ -179,7 +179,8 @@ class Views:
         out = self.render_encoded(raw, self.device)
         out.image = out.image.cpu()
         if with_params:  # none for an image that failed to decode, here or in render_encoded
-            out.params = [raw.params[s] if s >= 0 and v else None for s, v in zip(raw.slot.tolist(), out.valid.tolist())]
+            out.params = [raw.params[s] if s >= 0 and v else None
+                          for s, v in zip(raw.slot.tolist(), out.valid.tolist())]
         return out
 
     def encode(self, epoch: int, rows: Sequence[int]) -> Encoded:
