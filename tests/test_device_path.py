@@ -5,6 +5,7 @@ compares it with the workers decoding or rendering the pixels themselves, or che
 
 import io
 import json
+import logging
 import threading
 
 import numpy as np
@@ -294,6 +295,31 @@ def test_decode_device_ships_jpegs_and_gives_the_workers_pixels(data):
     assert decoded_on(SPEC, "cpu", "device") == decoded_on(SPEC, "cpu", "worker") == "cpu"
     with pytest.raises(TinydistillError, match="`decode` gpu: expected auto, device or worker"):
         Views(src, SPEC, 5, decode="gpu")
+
+
+def test_store_records_where_its_jpegs_were_decoded(data, tmp_path, caplog, monkeypatch):
+    """The canary is rendered with the run's --decode and the store records where its JPEGs
+    were decoded. The same decoder must reproduce the canary exactly; another one (nvjpeg
+    against the CPU's, on a GPU) is checked as a replay on another device: PSNR, not bits."""
+    import zarr
+
+    from tinydistill.generate import create_view_store
+    from tinydistill.replay import check_replay
+    from tinydistill.views import ReplayError
+
+    src = open_source(data)
+    st = create_view_store(tmp_path / "v.zarr", src, SPEC, base_seed=5, epochs=2, k=3, chunk_rows=96, decode="device")
+    assert st.attrs["decode_device"] == "cpu" and st.attrs["render_device"] == "cpu"
+    assert check_replay(td.open_store(st.path), src, decode="worker") == SPEC  # the same decoder on the CPU
+    g = zarr.open_group(str(st.path), mode="r+")
+    g.attrs["canary"] = {**g.attrs["canary"], "digest": "0" * 64}  # pixels as another decoder made them
+    with pytest.raises(ReplayError, match="canary views differ"):
+        check_replay(td.open_store(st.path), src, decode="device")
+    g.attrs["decode_device"] = "cuda:NVIDIA H200"  # a store whose JPEGs nvjpeg decoded
+    monkeypatch.setattr(logging.getLogger("tinydistill"), "propagate", True)  # the CLI's handler may be on
+    with caplog.at_level("WARNING", logger="tinydistill"):
+        assert check_replay(td.open_store(st.path), src, decode="device") == SPEC
+    assert "JPEGs decoded on cpu (the store was rendered on cpu, its JPEGs decoded on cuda:NVIDIA H200)" in caplog.text
 
 
 def test_decode_option_on_every_command():
