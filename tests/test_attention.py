@@ -47,6 +47,34 @@ def test_vit_map_is_the_class_token_attention_with_fused_attention_on():
     assert torch.allclose(got.sum((1, 2)), torch.ones(3))
 
 
+def test_maps_are_float32_under_autocast():
+    """Under bf16 autocast (--amp bf16) the map is computed in float32 from the forward's own
+    activations: for a ViT, the fp32 formula on the block's (bf16) qkv output, bit for bit; for
+    a CNN, the fp32 energy of its (bf16) features."""
+    torch.manual_seed(0)
+    vit = timm.create_model("test_vit", img_size=64, num_classes=10).eval()
+    cnn = timm.create_model("test_resnet", num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    seen = {}
+    last = vit.blocks[-1].attn
+    last.qkv.register_forward_hook(lambda m, i, o: seen.setdefault("qkv", o))
+    cnn.global_pool.register_forward_pre_hook(lambda m, i: seen.setdefault("features", i[0]))
+    vit_tap, cnn_tap = AttentionTap(vit, 4), AttentionTap(cnn, 2)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        vit(x)
+        cnn(x)
+    got_vit, got_cnn = vit_tap.pop(), cnn_tap.pop()
+    assert seen["qkv"].dtype == torch.bfloat16 and seen["features"].dtype == torch.bfloat16  # autocast ran
+    qkv = seen["qkv"].float()
+    b, n, _ = qkv.shape
+    qkv = qkv.reshape(b, n, 3, last.num_heads, -1)
+    q, k = qkv[:, :1, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2)
+    w = torch.softmax((q * last.scale) @ k.transpose(-2, -1), dim=-1).mean(1)[:, 0, 1:]
+    assert got_vit.dtype == got_cnn.dtype == torch.float32
+    assert torch.equal(got_vit, area_resize(w.reshape(b, 4, 4), 4))
+    assert torch.equal(got_cnn, area_resize(seen["features"].float().pow(2).mean(1), 2))
+
+
 def test_distillation_token_and_registers_are_not_patches():
     torch.manual_seed(0)
     model = timm.create_model("deit_tiny_distilled_patch16_224", img_size=32, num_classes=10).eval()

@@ -239,6 +239,104 @@ def test_decode_inputs(photos):
         rt.decode([3.0], "cpu")
 
 
+def _jpeg(img, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90, **kw)
+    return buf.getvalue()
+
+
+def _bad_huffman(data: bytes) -> bytes:
+    """A JPEG whose header reads (size, mode) but whose Huffman table does not: fails to decode."""
+    b = bytearray(data)
+    i = b.find(b"\xff\xc4")
+    b[i + 5:i + 21] = b"\xff" * 16
+    return bytes(b)
+
+
+@pytest.fixture
+def decoder_calls(monkeypatch):
+    """How many times each file reaches a decoder (torchvision's JPEG and generic ones, PIL)."""
+    import torchvision.io as tio
+
+    calls: dict[bytes, int] = {}
+    seen = lambda t: calls.__setitem__(bytes(t.numpy()), calls.get(bytes(t.numpy()), 0) + 1)  # noqa: E731
+    jpeg, image, pil_open = tio.decode_jpeg, tio.decode_image, Image.open
+
+    def decode_jpeg(x, *a, **k):
+        for t in (x if isinstance(x, list) else [x]):
+            seen(t)
+        return jpeg(x, *a, **k)
+
+    def decode_image(x, *a, **k):
+        seen(x)
+        return image(x, *a, **k)
+
+    def open_(f, *a, **k):
+        if isinstance(f, io.BytesIO):
+            calls[f.getvalue()] = calls.get(f.getvalue(), 0) + 1
+        return pil_open(f, *a, **k)
+
+    monkeypatch.setattr(tio, "decode_jpeg", decode_jpeg)
+    monkeypatch.setattr(tio, "decode_image", decode_image)
+    monkeypatch.setattr(Image, "open", open_)
+    return calls
+
+
+def test_one_bad_file_costs_only_its_own_retry(photos, decoder_calls):
+    """ImageNet-1k's odd files (CMYK JPEGs, a PNG named .JPEG) and unreadable ones (a cut
+    body, a broken Huffman table) among good JPEGs: each good file is decoded once, in the one
+    batched call; CMYK and PNG decode as PIL makes them; each failure is its own error."""
+    good = [_jpeg(p) for p in photos]
+    cmyk = _jpeg(photos[1].convert("CMYK"))
+    png = _png(photos[2])
+    cut = good[0][:len(good[0]) // 2]
+    huff = _bad_huffman(good[3])
+    items = good[:2] + [cmyk, cut] + good[2:] + [png, huff]
+    assert rt.batchable(good[0]) and not rt.batchable(cmyk) and not rt.batchable(cut) and not rt.batchable(png)
+    assert rt.batchable(huff)  # its header is fine: it enters the batch, which then fails
+    out = rt.decode_each(items, "cpu")
+    for d, t in zip(items, out):
+        if d in (cut, huff):
+            assert isinstance(t, Exception), "unreadable file decoded"
+            continue
+        ref = torch.from_numpy(np.array(Image.open(io.BytesIO(d)).convert("RGB"))).permute(2, 0, 1)
+        assert t.dtype == torch.uint8 and t.shape == ref.shape
+        if d in (cmyk, png):
+            assert torch.equal(t, ref)  # CMYK: the CPU decoder's Adobe conversion, as PIL's
+    decoder_calls.clear()
+    rt.decode_each(good + [cmyk, png, cut], "cpu")  # no failure inside the batch
+    assert all(decoder_calls[g] == 1 for g in good), "a good JPEG was decoded twice"
+    assert decoder_calls[cmyk] == 1 and decoder_calls[png] == 1  # straight to the CPU decoders
+    with pytest.raises(OSError, match="truncated"):  # decode: the first failure raises
+        rt.decode([good[1], cut], "cpu")
+
+
+def test_a_failing_batch_is_halved_down_to_the_bad_file(photos, decoder_calls, monkeypatch):
+    """A batched decoder that fails whole (as nvjpeg's does) on a file it rejects: the batch is
+    redone by halves, so the good files come back from batched calls and only the rejected
+    one goes to the CPU decoders, in log2(n) rounds, not n calls one by one."""
+    import torchvision.io as tio
+
+    good = [_jpeg(photos[i % len(photos)].rotate(7 * i)) for i in range(16)]
+    rejected = good[11]
+    batch_calls = []
+    jpeg = tio.decode_jpeg
+
+    def picky(x, *a, **k):  # rejects the whole list when it holds `rejected`
+        batch_calls.append(len(x))
+        if any(bytes(t.numpy()) == rejected for t in x):
+            raise RuntimeError("Error while decoding JPEG images: unsupported")
+        return jpeg(x, *a, **k)
+
+    monkeypatch.setattr(tio, "decode_jpeg", picky)
+    out = rt.decode_each(good, "cpu")
+    for d, t in zip(good, out):
+        ref = jpeg(torch.frombuffer(bytearray(d), dtype=torch.uint8), mode=tio.ImageReadMode.RGB)
+        assert torch.equal(t, ref)
+    assert batch_calls == [16, 8, 8, 4, 2, 2, 1, 1, 4]  # halves, depth first; never one call per file
+    assert batch_calls.count(1) == 2
+
+
 # ---- host dispatch: packed inputs, erase data, op counts ------------------------------------------
 
 def test_count_aten_ops_counts_top_level_ops_only():

@@ -13,7 +13,9 @@ One definition serves the teacher (gen-logits, online KD, verify) and the studen
   A ViT built without a class token has neither and is refused.
 
 Either way the map is resized to G x G by area (``adaptive_avg_pool2d``) and normalised to sum
-to 1. The hooks keep the autograd graph, so a student's map trains its weights.
+to 1, computed in float32 from the forward's (possibly bf16/fp16) activations: autocast is off
+inside the hooks, so an ``--amp`` forward does not compute the map in half precision. The hooks
+keep the autograd graph, so a student's map trains its weights.
 """
 
 from __future__ import annotations
@@ -76,6 +78,10 @@ class AttentionTap:
         self.handle = target.register_forward_pre_hook(self._from_features)
 
     def _from_qkv(self, module, inputs, out) -> None:
+        with torch.autocast(out.device.type, enabled=False):  # the map in float32 under --amp too
+            self._map_from_qkv(out.float())
+
+    def _map_from_qkv(self, out: torch.Tensor) -> None:
         a = self.attn
         b, n, _ = out.shape
         qkv = out.reshape(b, n, 3, a.num_heads, -1)
@@ -93,7 +99,8 @@ class AttentionTap:
         if f.ndim != 4:
             raise AttentionError(f"{self.name}: its {type(module).__name__} takes {f.ndim}-D features, "
                                  "not a [B, C, H, W] map: no attention map")
-        self.maps = area_resize(f.float().pow(2).mean(3 if self.channels_last else 1), self.grid)
+        with torch.autocast(f.device.type, enabled=False):  # float32 under --amp too
+            self.maps = area_resize(f.float().pow(2).mean(3 if self.channels_last else 1), self.grid)
 
     def pop(self) -> torch.Tensor:
         """The [B, G, G] maps of the last forward (float32, each summing to 1)."""

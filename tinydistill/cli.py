@@ -215,7 +215,7 @@ def verify(store, **opts):
     c = from_options(VerifyConfig, opts)
     r = verify_store(store, c.data, c.teacher, c.teacher_weights, samples=c.samples, seed=c.seed,
                      device=c.device or _default_device(), amp=c.amp, render=c.render,
-                     allow_renderer_change=c.allow_renderer_change)
+                     allow_renderer_change=c.allow_renderer_change, decode=c.decode)
     click.echo(json.dumps(r))
     maps = r.get("max_abs_attention_diff", 0.0)
     if (r["topk_id_agreement"] < c.min_id_agreement or r["max_abs_logp_diff"] > c.max_logp_diff

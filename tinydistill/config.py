@@ -32,6 +32,16 @@ def parse_epochs(text: str) -> tuple[int, int]:
     return a, b
 
 
+DECODES = ("auto", "device", "worker")
+
+
+def decode_option():
+    """``--decode``, the same field in gen-logits, train-student and verify."""
+    return option("auto", "Where the torch renderer's JPEGs are decoded: device (bytes to the main process, "
+                          "decoded in batches on --device: nvjpeg on CUDA) or worker (DataLoader workers, on the "
+                          "CPU); auto: device on cuda, worker elsewhere.", type=click.Choice(DECODES))
+
+
 @dataclass
 class GenConfig:
     """Options of ``gen-logits`` (each field is one command-line option; see :mod:`tinydistill.config`)."""
@@ -56,6 +66,7 @@ class GenConfig:
     batch_size: int = option(64, "Teacher batch size (per rank).", type=click.IntRange(min=1))
     workers: int = option(4, "DataLoader workers (per rank).", type=click.IntRange(min=0))
     device: str | None = option(None, "cpu or cuda [default: cuda when available].")
+    decode: str = decode_option()
     amp: str | None = option(None, "[default: bf16 on cuda, none on cpu]", type=click.Choice(["bf16", "fp16", "none"]))
     compile: bool = option(False, "torch.compile the teacher.")
     chunk_rows: int = option(DEFAULT_CHUNK_ROWS, "Rows per store chunk (storage layout only).", type=click.IntRange(min=2))
@@ -106,6 +117,7 @@ class TrainConfig:
     amp: str | None = option(None, "[default: bf16 on cuda, none on cpu]", type=click.Choice(["bf16", "fp16", "none"]))
     workers: int = option(4, "DataLoader workers (per rank).", type=click.IntRange(min=0))
     device: str | None = option(None, "cpu or cuda [default: cuda when available].")
+    decode: str = decode_option()
     seed: int = option(0, "Student init and the order of every epoch.")
     resume: bool = option(False, "Continue from DIR/last.pth (model, optimizer, scheduler, EMA, epoch, step).")
     cycle_epochs: bool = option(False, "Reuse the store's epochs when --epochs exceeds them.")
@@ -158,6 +170,7 @@ class VerifyConfig:
                           type=click.IntRange(min=1))
     seed: int = option(0, "Which random views.")
     device: str | None = option(None, "[default: cuda when available]")
+    decode: str = decode_option()
     amp: str | None = option(None, "[default: the store's]", type=click.Choice(["bf16", "fp16", "none"]))
     max_logp_diff: float = option(0.0, "Largest allowed |delta log-prob| (after fp16 rounding). 0 = exact: "
                                        "same hardware and dtype.")

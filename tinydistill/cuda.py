@@ -10,12 +10,41 @@ import contextlib
 import torch
 
 
+def select_device(device, world: int = 1, local_rank: int = 0) -> torch.device:
+    """The device this process runs on, made CUDA's current device when it is a GPU: under
+    torchrun (``world`` > 1) cuda:``local_rank``, else ``device`` as given (``cuda`` alone: the
+    current one). Calls that take no device (events, nvjpeg's decoder, ``torch.cuda.*``) then
+    go to it, not to cuda:0. Other devices are returned as they are."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return dev
+    if world > 1:
+        dev = torch.device("cuda", int(local_rank))
+    elif dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    torch.cuda.set_device(dev)
+    return dev
+
+
 class SideStream:
     """The CUDA-only part of device rendering, in one place: a side stream to render on, an
     event per unit that the consumer's stream waits on, ``record_stream`` so the caching
     allocator does not reuse an image's memory while the consumer still reads it, and an
     explicit wait before each unit so images decoded by nvjpeg (which may use its own
-    stream) never land in blocks the previous unit still reads. Elsewhere every call is a no-op."""
+    stream) never land in blocks the previous unit still reads. Elsewhere every call is a no-op.
+
+    Take it with :meth:`of`: one per device for the whole process, since the caching allocator
+    keeps each stream's blocks apart (a new stream per epoch would grow reserved memory)."""
+
+    _made: dict = {}
+
+    @classmethod
+    def of(cls, device) -> "SideStream":
+        """This process's side stream on ``device`` (made on first use)."""
+        device = torch.device(device)
+        if device not in cls._made:
+            cls._made[device] = cls(device)
+        return cls._made[device]
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
@@ -62,7 +91,7 @@ class HostCopy:
         if tensors and tensors[0].is_cuda:
             self.tensors = tuple(t.to("cpu", non_blocking=True) for t in tensors)
             self.ready = torch.cuda.Event()
-            self.ready.record()
+            self.ready.record(torch.cuda.current_stream(tensors[0].device))  # where the copies queue
         else:
             self.tensors = tuple(t.detach() for t in tensors)
 

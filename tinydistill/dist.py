@@ -47,14 +47,13 @@ def setup(device: str, workers: int = 0) -> tuple[int, int, torch.device]:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(int(os.environ.get("LOCAL_WORLD_SIZE", 1)), 1) - workers))
     if cuda and not torch.cuda.is_available():
         raise TinydistillError(f"--device {device}: no CUDA device is available here")
+    from .cuda import select_device
+
+    dev = select_device(device, world, int(os.environ.get("LOCAL_RANK", 0)))  # before NCCL: its rank's GPU
     if world > 1 and not active():
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timeout())
     rank, world = rank_world()
-    if cuda and world > 1:
-        return rank, world, torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
-    return rank, world, torch.device(device)
+    return rank, world, dev
 
 
 def amp_dtype(amp: str | None) -> torch.dtype | None:

@@ -52,7 +52,8 @@ def resolve(cfg: GenConfig) -> GenConfig:
 # ---- store set-up --------------------------------------------------------------------------------
 
 def create_view_store(path, source, spec: AugSpec, *, base_seed: int, epochs: int, k: int,
-                      num_classes: int | None = None, teacher: dict | None = None, device="cpu", **kwargs):
+                      num_classes: int | None = None, teacher: dict | None = None, device="cpu", decode="auto",
+                      **kwargs):
     """Create a store for the views of ``source`` under ``spec``: keys, labels, class names,
     the spec and its hash, the base seed, the view format and the replay canary come from here."""
     spec = spec.for_device(device)  # a store always records a renderer
@@ -63,7 +64,7 @@ def create_view_store(path, source, spec: AugSpec, *, base_seed: int, epochs: in
     names = kwargs.pop("class_names", None)
     if names is None:
         names = source.class_names if len(source.class_names) == num_classes else None
-    attrs, arrays = view_store_attrs(source, spec, base_seed, epochs, device)
+    attrs, arrays = view_store_attrs(source, spec, base_seed, epochs, device, decode)
     return create_store(path, num_classes=num_classes, k=k, epochs=epochs, keys=source.keys,
                         labels=source.labels, class_names=names, teacher=teacher,
                         augmentation=spec.to_dict(), base_seed=base_seed, chunk_rows=chunk_rows,
@@ -86,13 +87,15 @@ def _prepare_store(cfg: GenConfig, teacher, source, rank: int, device) -> LogitS
                                    seed=cfg.seed, epochs=cfg.epochs, total_epochs=cfg.total_epochs,
                                    attention_grid=cfg.attention_grid)
                 if err is None:
-                    check_replay(existing, source, device=device)  # same views as the run that started it
+                    # the views the run that started it made (its JPEGs decoded where they were then)
+                    check_replay(existing, source, device=device, decode=cfg.decode)
                     log.info("resuming %s: %d of %d units complete", cfg.out,
                              int(existing.complete_mask().sum()), existing.complete_mask().size)
             else:
                 from_data = source.num_classes == teacher.num_classes
                 create_view_store(
                     cfg.out, source, cfg.spec, base_seed=cfg.seed, epochs=cfg.total_epochs or cfg.epochs[1], device=device,
+                    decode=cfg.decode,
                     k=cfg.k, num_classes=teacher.num_classes, teacher=teacher.describe(),
                     class_names=None if from_data else teacher.class_names,
                     chunk_rows=cfg.chunk_rows, shard_rows=cfg.shard_rows, overwrite=cfg.overwrite,
@@ -233,7 +236,7 @@ def gen_logits(cfg: GenConfig, on_step: Callable[[dict], None] | None = None) ->
     todo = [(e, s) for e in range(*cfg.epochs) for s in range(store.num_shards) if not mask[e, s]]
     plan = gen_plan(todo, store.shard_bounds, store.num_rows, cfg.spec.mix_group, cfg.batch_size,
                     cfg.workers, world, rank)
-    core = Views(source, cfg.spec, cfg.seed, skip_bad=cfg.skip_bad, device=device)
+    core = Views(source, cfg.spec, cfg.seed, skip_bad=cfg.skip_bad, device=device, decode=cfg.decode)
     stream = ViewStream(core, plan.items)  # the torch renderer: workers ship bytes + records
     loader = torch.utils.data.DataLoader(
         stream, batch_size=None, num_workers=cfg.workers, pin_memory=device.type == "cuda",

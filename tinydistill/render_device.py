@@ -45,7 +45,7 @@ class DeviceRenderer:
         self.units = 0
 
     def __call__(self, loader) -> Iterator[Batch]:
-        streams = SideStream(self.device)
+        streams = SideStream.of(self.device)  # one per device for the run, not per epoch
         q: queue.Queue = queue.Queue(maxsize=self.depth)
         stop = threading.Event()
         end = object()

@@ -19,7 +19,7 @@ from .augment import AugSpec
 from .errors import TinydistillError
 from .sources import Source
 from .batch import Batch
-from .views import VIEW_FORMAT, ReplayError, render_views
+from .views import VIEW_FORMAT, ReplayError, render_views, resolve_decode
 
 
 def canary_views(num_rows: int, epochs: int) -> list[tuple[int, int]]:
@@ -38,11 +38,12 @@ def views_digest(views: Batch) -> str:
     return h.hexdigest()
 
 
-def make_canary(source: Source, spec: AugSpec, base_seed: int, epochs: int, device="cpu") -> tuple[dict, np.ndarray]:
+def make_canary(source: Source, spec: AugSpec, base_seed: int, epochs: int, device="cpu",
+                decode="auto") -> tuple[dict, np.ndarray]:
     """The canary a new store keeps: which views, the digest of their pixels (exact replay),
     and the pixels themselves as float16 (to measure how far another renderer or device is)."""
     views = canary_views(len(source), epochs)
-    rendered = render_views(source, spec, base_seed, views, skip_bad=True, device=device)
+    rendered = render_views(source, spec, base_seed, views, skip_bad=True, device=device, decode=decode)
     pixels = rendered.image.numpy().astype(np.float16)
     return {"views": [list(v) for v in views], "digest": views_digest(rendered)}, pixels
 
@@ -55,6 +56,14 @@ def device_name(device) -> str:
     if device.type == "cuda":
         return "cuda:" + torch.cuda.get_device_name(device)
     return device.type
+
+
+def decoded_on(spec: AugSpec, device, decode="auto") -> str:
+    """Where a run's JPEGs are decoded (:func:`device_name`): the run's device under ``decode``
+    device with the torch renderer, else the CPU. The two decoders are the same function on
+    the CPU; on CUDA (nvjpeg against libjpeg-turbo) their pixels may differ slightly."""
+    torch_dev = spec.renderer == "torch" and resolve_decode(decode, device) == "device"
+    return device_name(device) if torch_dev else "cpu"
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -84,14 +93,15 @@ def store_spec(store) -> AugSpec:
 
 
 def check_replay(store, source: Source, renderer: str | None = None, allow_renderer_change: bool = False,
-                 device="cpu") -> AugSpec:
+                 device="cpu", decode="auto") -> AugSpec:
     """Refuse to replay a store whose data, spec or rendered canary views no longer match.
 
     Returns the spec to render with: the store's, or with ``renderer`` in place of the
     store's renderer. Another renderer needs ``allow_renderer_change``; its pixel difference
     from the canary (PSNR) is then logged instead of refused. The store's own renderer must
     reproduce the canary exactly, except on another kind of device than the one that made the
-    store (the torch renderer on another GPU model, or on the CPU), where the difference is
+    store (the torch renderer on another GPU model, or on the CPU), or with its JPEGs decoded
+    on another device (``decode``: nvjpeg against the CPU's decoder), where the difference is
     logged and refused below 30 dB.
     """
     import dataclasses
@@ -119,11 +129,13 @@ def check_replay(store, source: Source, renderer: str | None = None, allow_rende
         raise ReplayError(f"{store.path}: its views were rendered by the {spec.renderer} renderer; replaying them with "
                           f"--render {renderer} needs --allow-renderer-change (pixels will differ slightly)")
     use = dataclasses.replace(spec, renderer=renderer) if other else spec
-    rendered = render_views(source, use, store.base_seed, views, skip_bad=True, device=device)
+    rendered = render_views(source, use, store.base_seed, views, skip_bad=True, device=device, decode=decode)
     made_on, here = attrs.get("render_device", "cpu"), device_name(device)
+    jpegs_then = attrs.get("decode_device", made_on)  # stores before --decode: on the render device
+    jpegs_now = decoded_on(use, device, decode)
     if not other and views_digest(rendered) == canary["digest"]:
         return spec
-    if not other and (spec.renderer == "pil" or made_on == here):
+    if not other and (spec.renderer == "pil" or (made_on == here and jpegs_then == jpegs_now)):
         then, now = attrs.get("versions", {}), library_versions()
         diff = [f"{k} {then.get(k)} -> {now.get(k)}" for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k)]
         raise ReplayError(
@@ -135,8 +147,8 @@ def check_replay(store, source: Source, renderer: str | None = None, allow_rende
         raise ReplayError(f"{store.path}: has no canary pixels to compare another renderer or device with")
     got = rendered.image.numpy()
     db = psnr(got, ref)
-    what = (f"the {renderer} renderer on {here}" if other else f"the {spec.renderer} renderer on {here} "
-            f"(the store was rendered on {made_on})")
+    what = (f"the {renderer} renderer on {here}" if other else f"the {spec.renderer} renderer on {here}, JPEGs "
+            f"decoded on {jpegs_now} (the store was rendered on {made_on}, its JPEGs decoded on {jpegs_then})")
     if not other and db < 30:
         raise ReplayError(f"{store.path}: canary views rendered by {what} are {db:.1f} dB from the stored ones "
                           "(below 30 dB): refusing to replay")
@@ -175,10 +187,13 @@ def run_mismatch(store, *, out: str, teacher, k: int, spec: AugSpec, source: Sou
     return None
 
 
-def view_store_attrs(source: Source, spec: AugSpec, base_seed: int, epochs: int, device="cpu") -> tuple[dict, dict]:
+def view_store_attrs(source: Source, spec: AugSpec, base_seed: int, epochs: int, device="cpu",
+                     decode="auto") -> tuple[dict, dict]:
     """What a new store keeps so that replay can check itself later: attributes (data, view
-    format, renderer and the device it ran on, the canary) and arrays (the canary's pixels)."""
-    canary, pixels = make_canary(source, spec, base_seed, epochs, device)
+    format, renderer and the device it ran on, where its JPEGs were decoded, the canary) and
+    arrays (the canary's pixels)."""
+    canary, pixels = make_canary(source, spec, base_seed, epochs, device, decode)
     attrs = {"data": source.name, "view_format": VIEW_FORMAT, "renderer": spec.renderer,
-             "render_device": device_name(device) if spec.renderer == "torch" else "cpu", "canary": canary}
+             "render_device": device_name(device) if spec.renderer == "torch" else "cpu",
+             "decode_device": decoded_on(spec, device, decode), "canary": canary}
     return attrs, {"canary_pixels": (pixels, ("view", "channel", "y", "x"))}

@@ -74,7 +74,7 @@ def _views_and_targets(cfg: TrainConfig, source, device="cpu"):
                 raise TrainError("`view_seed` and `like` exclude each other: `like` takes the store's seed")
             if cfg.no_kd:  # the store's head too (a 21k-class teacher's store over 1k-class data)
                 num_classes = max(num_classes, like.num_classes)
-            spec = check_replay(like, source, cfg.render, cfg.allow_renderer_change, device)
+            spec = check_replay(like, source, cfg.render, cfg.allow_renderer_change, device, cfg.decode)
             return None, spec, like.base_seed, num_classes, teacher
         seed = cfg.seed if cfg.view_seed is None else cfg.view_seed
         spec = dataclasses.replace(cfg.spec, renderer=cfg.render or cfg.spec.renderer).for_device(device)
@@ -87,7 +87,7 @@ def _views_and_targets(cfg: TrainConfig, source, device="cpu"):
     from .store import open_store
 
     store = open_store(cfg.logits)
-    spec = check_replay(store, source, cfg.render, cfg.allow_renderer_change, device)  # keys, spec, canary
+    spec = check_replay(store, source, cfg.render, cfg.allow_renderer_change, device, cfg.decode)  # keys, spec, canary
     changed = sorted(k for k, v in cfg.spec.to_dict().items() if spec.to_dict().get(k) != v and k != "renderer")
     if cfg.expect_spec and changed:  # the renderer is --render's business
         raise TrainError(f"{cfg.logits}: the recipe's augmentation differs from the store's in {changed}")
@@ -340,7 +340,7 @@ def _build(cfg: TrainConfig) -> tuple[_Run, int]:
     val = None
     if cfg.val_data:
         val, _ = _val_loader(cfg, input_size, mean, std, cfg.val_crop_pct or data_cfg.get("crop_pct", 0.875), world, rank)
-    core = Views(source, spec, view_seed, skip_bad=store is not None, device=device)
+    core = Views(source, spec, view_seed, skip_bad=store is not None, device=device, decode=cfg.decode)
     return _Run(cfg, rank, world, device, out, source, store, tap, core, num_classes, input_size, model, ddp, parts,
                 targets, objective, use_labels, distilled, mean, std, val, step, best), start
 

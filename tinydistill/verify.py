@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .cuda import select_device
 from .dist import keeps_threads
 from .errors import TinydistillError
 from .sources import open_source
@@ -25,10 +26,11 @@ from .views import Views
 @keeps_threads
 def verify_store(path: str, data: str, teacher_name: str, weights: str | None = None, samples: int = 64,
                  seed: int = 0, device: str = "cpu", amp: str | None = None, render: str | None = None,
-                 allow_renderer_change: bool = False) -> dict:
+                 allow_renderer_change: bool = False, decode: str = "auto") -> dict:
+    device = str(select_device(device))  # cuda:N made the current device: events and nvjpeg go there
     store = open_store(path)
     source = open_source(data)
-    spec = check_replay(store, source, render, allow_renderer_change, device)
+    spec = check_replay(store, source, render, allow_renderer_change, device, decode)
     t_attrs = store.attrs.get("teacher", {})
     teacher = load_teacher(teacher_name, weights, class_names=source.class_names,
                            input_size=t_attrs.get("input_size"))
@@ -56,7 +58,7 @@ def verify_store(path: str, data: str, teacher_name: str, weights: str | None = 
         picks.append((int(done[u][0]), int(done[u][1]), bounds[u][0] + f - int(ends[u] - sizes[u])))
     # the batches gen-logits ran these views in: (epoch, shard, batch index within the unit)
     batches = sorted({(e, s, (r - store.shard_bounds(s)[0]) // batch_size) for e, s, r in picks})
-    core = Views(source, spec, store.base_seed, skip_bad=True, device=device)
+    core = Views(source, spec, store.base_seed, skip_bad=True, device=device, decode=decode)
     compiled = bool(t_attrs.get("compile", False))  # the store's own graph: compiled values differ from eager
     attention = store.kind("attention")
     teacher.place(device, amp, compile=compiled, attention_grid=attention.grid if attention else 0)

@@ -115,9 +115,11 @@ def _side_by_side(left, right):
 class Views:
     """The views of one source under one spec and base seed."""
 
-    def __init__(self, source: Source, spec: AugSpec, base_seed: int, skip_bad: bool = False, device="cpu"):
+    def __init__(self, source: Source, spec: AugSpec, base_seed: int, skip_bad: bool = False, device="cpu",
+                 decode: str = "auto"):
         self.source, self.spec, self.base_seed, self.skip_bad = source, spec, int(base_seed), skip_bad
         self.device = device  # where :meth:`render` runs the torch renderer
+        self.decode = resolve_decode(decode, device)  # "device": JPEGs travel as bytes (the torch renderer)
         self.num_rows = len(source)
         self._policy: Policy | None = None
         self._pairs: dict[tuple[int, int], dict[int, int]] = {}
@@ -176,8 +178,9 @@ class Views:
         raw = self.encode(epoch, rows)
         out = self.render_encoded(raw, self.device)
         out.image = out.image.cpu()
-        if with_params:
-            out.params = [raw.params[s] if s >= 0 else None for s in raw.slot.tolist()]
+        if with_params:  # none for an image that failed to decode, here or in render_encoded
+            out.params = [raw.params[s] if s >= 0 and v else None
+                          for s, v in zip(raw.slot.tolist(), out.valid.tolist())]
         return out
 
     def encode(self, epoch: int, rows: Sequence[int]) -> Encoded:
@@ -185,8 +188,9 @@ class Views:
         renderer, :mod:`tinydistill.render_device`): each image the rows need, once, with its
         record, and per row which image it is and which it mixes with.
 
-        Per-view work stays here, in the worker: JPEGs travel as bytes when the renderer's
-        device is a GPU (its decoder takes them); every other image is decoded here and packed
+        Per-view work stays here, in the worker: with ``decode`` "device" the JPEGs the batched
+        decoder takes (:func:`~tinydistill.render_torch.batchable`) travel as bytes and are
+        decoded in the main process, on its device; every other image is decoded here and packed
         into one uint8 buffer (``pixels``, CHW per image at ``pix_off``), so the main process
         moves a batch's pixels in one copy. Erasing's noise and pixel positions are drawn
         here too (``erase_*``: one scatter on the device).
@@ -194,12 +198,12 @@ class Views:
         from . import render_torch
 
         rows, partner, need = self._needed(epoch, rows)
-        gpu_jpeg = torch.device(self.device).type == "cuda"
+        ship = self.decode == "device"
         size = self.spec.img_size
         params, keys, jpeg, arrays, array_of, slot_of = [], [], [], [], [], {}
         e_slot, e_idx, e_val = [], [], []
         for r, item, src_size in self.source.read_encoded(need):
-            if not isinstance(item, BadSampleError) and not (gpu_jpeg and _is_jpeg(item)):
+            if not isinstance(item, BadSampleError) and not (ship and _is_jpeg(item) and render_torch.batchable(item)):
                 item = _decode_here(self.source, r, item)  # CHW uint8, or the error
             if isinstance(item, BadSampleError):
                 if not self.skip_bad:
@@ -253,13 +257,18 @@ class Views:
         device = torch.device(device)
         size = self.spec.img_size
         n = len(raw)
+        frames = None
+        if (raw.slot >= 0).any():
+            frames, bad = self._frames(raw, device)
+            if bad:  # unreadable JPEGs (skip_bad): as if the worker had found them unreadable
+                raw = _without(raw, bad)
         out = dataclasses.replace(raw.views)  # the pixels go into a copy
         rows = np.flatnonzero(raw.slot >= 0)
         if not len(rows):
             out.image = torch.zeros((n, 3, size, size), device=device)
             return out
         erase = (raw.erase_slot * (3 * size * size) + raw.erase_idx, raw.erase_val)
-        base = render_torch.render_base(self._frames(raw, device), raw.params, size, erase=erase)
+        base = render_torch.render_base(frames, raw.params, size, erase=erase)
         own, has = raw.slot[rows], raw.pslot[rows] >= 0
         rec = [raw.params[s] for s in own.tolist()]
         rec = [p if h or p.mix == "none" else _unmixed(p) for p, h in zip(rec, has.tolist())]
@@ -272,46 +281,39 @@ class Views:
         return out
 
     def _frames(self, raw: Encoded, device):
-        """The unit's images on ``device`` as one packed buffer: worker-decoded pixels moved
-        in one copy, JPEGs decoded by the device's decoder; a JPEG that fails or decodes to
-        another size than its header names its key."""
+        """(the unit's images on ``device`` as one packed buffer, the slots of JPEGs that could
+        not be decoded): worker-decoded pixels moved in one copy, JPEGs decoded by the device's
+        decoder. A JPEG that fails stops the unit naming its key, or with ``skip_bad`` is left
+        out of the buffer (its slot is returned); one that decodes to another size than its
+        header always stops it."""
         from . import render_torch
 
         widths = np.array([p.src_size[0] for p in raw.params], np.int64)
         heights = np.array([p.src_size[1] for p in raw.params], np.int64)
         parts = [raw.pixels.to(device, non_blocking=True)]
         off = raw.pix_off.copy()
+        bad: list[int] = []
         if raw.jpeg:
             at = np.flatnonzero(off < 0)
-            keys = [raw.keys[i] for i in at]
-            images = self._decode(raw.jpeg, keys, device)
             n_pix = len(raw.pixels)
-            for i, im, key in zip(at, images, keys):
+            for i, im, key in zip(at, render_torch.decode_each(raw.jpeg, device), [raw.keys[i] for i in at]):
+                if isinstance(im, Exception):
+                    err = BadSampleError(f"{self.source.name}: {key}: cannot read image ({one_line(im)})")
+                    if not self.skip_bad:
+                        raise err from im
+                    bad.append(int(i))
+                    continue
                 if (im.shape[0], im.shape[2], im.shape[1]) != (3, widths[i], heights[i]):
                     raise BadSampleError(f"{self.source.name}: {key}: decoded size {im.shape[2]}x{im.shape[1]} "
                                          f"differs from its header's {widths[i]}x{heights[i]}")
                 off[i] = n_pix
                 n_pix += im.numel()
-            parts += [im.reshape(-1) for im in images]
+                parts.append(im.reshape(-1))
             parts.append(torch.zeros(int(widths.max()), dtype=torch.uint8, device=device))  # crop windows' tail
         flat = torch.cat(parts) if len(parts) > 1 else parts[0]
-        return render_torch.Frames(flat=flat, offsets=off, heights=heights, widths=widths)
-
-    def _decode(self, datas: list, keys: list, device) -> list[torch.Tensor]:
-        """Decode JPEGs on ``device``; a file that decodes wrong names its key."""
-        from . import render_torch
-
-        try:
-            return render_torch.decode(datas, device)
-        except Exception:
-            pass
-        out = []
-        for key, d in zip(keys, datas):
-            try:
-                out.append(render_torch.decode([d], device)[0])
-            except Exception as e:
-                raise BadSampleError(f"{self.source.name}: {key}: cannot decode image ({one_line(e)})") from e
-        return out
+        keep = np.setdiff1d(np.arange(len(off)), bad)
+        frames = render_torch.Frames(flat=flat, offsets=off[keep], heights=heights[keep], widths=widths[keep])
+        return frames, bad
 
     def _render_pil(self, epoch: int, rows: Sequence[int], with_params: bool) -> Batch:
         from . import render_pil
@@ -387,14 +389,47 @@ def _decode_here(source: Source, row: int, data) -> "np.ndarray | BadSampleError
         return BadSampleError(f"{source.name}: {source.keys[row]}: cannot read image ({one_line(e)})")
 
 
+def resolve_decode(decode: str, device) -> str:
+    """Where JPEGs are decoded: "device" (bytes to the main process, decoded in batches on
+    the run's device) or "worker" (in the DataLoader workers); "auto" is device on CUDA and
+    worker elsewhere. The torch renderer only: the PIL renderer decodes in its workers."""
+    if decode not in ("auto", "device", "worker"):
+        raise TinydistillError(f"`decode` {decode}: expected auto, device or worker")
+    if decode == "auto":
+        return "device" if torch.device(device).type == "cuda" else "worker"
+    return decode
+
+
+def _without(raw: Encoded, bad: list[int]) -> Encoded:
+    """``raw`` as :meth:`Views.encode` would have made it had the images in slots ``bad`` been
+    unreadable in the worker: their rows invalid (no slot), rows mixing with them unmixed."""
+    keep = np.setdiff1d(np.arange(len(raw.params)), bad)
+    new = np.full(len(raw.params) + 1, -1, np.int64)  # old slot -> new slot; index -1 -> -1
+    new[keep] = np.arange(len(keep))
+    slot = new[raw.slot]
+    pslot = np.where(slot >= 0, new[raw.pslot], -1)
+    alone = torch.from_numpy(pslot < 0)
+    v = raw.views
+    views = dataclasses.replace(v, valid=torch.from_numpy(slot >= 0), partner=torch.where(alone, v.row, v.partner),
+                                partner_label=torch.where(alone, v.label, v.partner_label),
+                                lam=torch.where(alone, torch.ones_like(v.lam), v.lam))
+    kept_e = new[raw.erase_slot] >= 0
+    jpeg_slots = np.flatnonzero(raw.pix_off < 0)
+    return dataclasses.replace(
+        raw, views=views, slot=slot, pslot=pslot, params=[raw.params[i] for i in keep],
+        keys=[raw.keys[i] for i in keep], pix_off=raw.pix_off[keep],
+        jpeg=[d for i, d in zip(jpeg_slots.tolist(), raw.jpeg) if i not in set(bad)],
+        erase_slot=new[raw.erase_slot][kept_e], erase_idx=raw.erase_idx[kept_e], erase_val=raw.erase_val[kept_e])
+
+
 def _unmixed(p: ViewParams) -> ViewParams:
     return dataclasses.replace(p, mix="none", lam=1.0, box=None, partner=p.row)
 
 
 def render_views(source: Source, spec: AugSpec, base_seed: int, views: Sequence[tuple[int, int]],
-                 skip_bad: bool = False, device="cpu") -> Batch:
+                 skip_bad: bool = False, device="cpu", decode: str = "auto") -> Batch:
     """Specific (epoch, row) views as one :class:`Batch`, in the order asked (pixels on the CPU)."""
-    core = Views(source, spec, base_seed, skip_bad=skip_bad, device=device)
+    core = Views(source, spec, base_seed, skip_bad=skip_bad, device=device, decode=decode)
     by_epoch: dict[int, list[int]] = {}
     for e, r in views:
         if not 0 <= int(r) < len(source):

@@ -25,13 +25,13 @@ import torch
 
 from ..params import ViewParams
 from ._device import _const, _update_rows
-from .decode import Frames, _as_frames, _check_sizes, decode, decode_frames, pack, pack_numpy
+from .decode import Frames, _as_frames, _check_sizes, batchable, decode, decode_each, decode_frames, pack, pack_numpy
 from .mix import _write_erase, erase_fill, erase_fills, mix
 from .ops import _augmix, _jitter, _run_op_lists, apply_ops
 from .resample import _crop_resize, crop_resize
 
-__all__ = ["Frames", "apply_ops", "crop_resize", "decode", "decode_frames", "erase_fill", "erase_fills", "mix",
-           "pack", "pack_numpy", "render_base"]
+__all__ = ["Frames", "apply_ops", "batchable", "crop_resize", "decode", "decode_each", "decode_frames", "erase_fill",
+           "erase_fills", "mix", "pack", "pack_numpy", "render_base"]
 
 
 def render_base(images, params: Sequence[ViewParams], size: int, erase=None) -> torch.Tensor:

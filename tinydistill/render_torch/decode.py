@@ -15,10 +15,6 @@ import torch
 from ..params import ViewParams
 
 
-def _is_jpeg(b) -> bool:
-    return len(b) >= 3 and bytes(b[:3]) == b"\xff\xd8\xff"
-
-
 def _to_rgb3(t: torch.Tensor) -> torch.Tensor:
     """[C, H, W] uint8 with C in 1..4 -> [3, H, W] the way PIL's convert("RGB") does."""
     if t.shape[0] == 3:
@@ -35,20 +31,30 @@ def _from_pil(img) -> torch.Tensor:
 
 
 def decode(datas: list, device) -> list[torch.Tensor]:
-    """Decode images to uint8 [3, H, W] tensors on ``device``.
+    """Decode images to uint8 [3, H, W] tensors on ``device``; the first image that cannot be
+    decoded raises (:func:`decode_each` keeps each failure in its place instead).
 
-    Items are encoded bytes (JPEGs decoded batched on the GPU with
-    ``torchvision.io.decode_jpeg(list, device=...)`` when ``device`` is CUDA; other formats and
-    CPU devices through ``torchvision.io.decode_image`` on the CPU, then moved), PIL images or
-    numpy uint8 arrays (HxW, HxWx1/3/4). Grey, grey+alpha, RGBA and palette images become RGB
-    as PIL's ``convert("RGB")`` makes them (grey replicated, alpha dropped). CMYK JPEGs and
-    other modes torchvision cannot read go through PIL.
+    Items are encoded bytes, PIL images or numpy uint8 arrays (HxW, HxWx1/3/4). Grey, grey+alpha,
+    RGBA and palette images become RGB as PIL's ``convert("RGB")`` makes them (grey replicated,
+    alpha dropped). JPEGs are decoded together by torchvision's ``decode_jpeg(list, device=...)``
+    (nvjpeg on CUDA, libjpeg-turbo on the CPU); other formats, CMYK JPEGs and files the batch
+    does not take one at a time on the CPU (torchvision, then PIL), then moved.
     """
-    import torchvision.io as tio
+    out = decode_each(datas, device)
+    for t in out:
+        if isinstance(t, Exception):
+            raise t
+    return out
 
+
+def decode_each(datas: list, device) -> list:
+    """:func:`decode`, with each image that cannot be decoded as its exception in its place:
+    one bad file costs its own retry, never the batch's. JPEG bytes that :func:`batchable`
+    accepts are decoded in one batched call; when that call fails (it returns nothing then),
+    each half is decoded again, down to the files that fail, which get the CPU decoders."""
     device = torch.device(device)
-    out: list[torch.Tensor | None] = [None] * len(datas)
-    gpu_jpeg = []
+    out: list = [None] * len(datas)
+    batch = []
     for i, d in enumerate(datas):
         if isinstance(d, torch.Tensor):
             if d.dtype != torch.uint8 or d.dim() != 3:
@@ -60,37 +66,84 @@ def decode(datas: list, device) -> list[torch.Tensor]:
             a = d[:, :, None] if d.ndim == 2 else d
             out[i] = _to_rgb3(torch.from_numpy(np.array(a, copy=True)).permute(2, 0, 1))
         elif isinstance(d, (bytes, bytearray, memoryview)):
-            if device.type == "cuda" and _is_jpeg(d):
-                gpu_jpeg.append(i)
-                continue
-            data = torch.frombuffer(bytearray(d), dtype=torch.uint8)
-            try:
-                t = tio.decode_image(data, mode=tio.ImageReadMode.RGB)
-            except RuntimeError:  # e.g. CMYK / odd JPEGs, formats torchvision lacks: PIL decides
-                from io import BytesIO
-
-                from PIL import Image
-
-                t = _from_pil(Image.open(BytesIO(bytes(d))))
-            out[i] = _to_rgb3(t)
+            if batchable(d):
+                batch.append(i)
+            else:
+                out[i] = _decode_one(d)
         elif hasattr(d, "convert") and hasattr(d, "mode"):  # PIL image
             out[i] = _from_pil(d)
         else:
             raise TypeError(f"item {i}: cannot decode a {type(d).__name__}")
-    if gpu_jpeg:
-        tensors = [torch.frombuffer(bytearray(datas[i]), dtype=torch.uint8) for i in gpu_jpeg]
+    if batch:
+        tensors = [torch.frombuffer(bytearray(datas[i]), dtype=torch.uint8) for i in batch]
+        for i, t in zip(batch, _decode_jpegs(tensors, device)):
+            out[i] = t if isinstance(t, Exception) else _to_rgb3(t)
+    return [t if isinstance(t, Exception) or _on(t, device) else t.to(device, non_blocking=True) for t in out]
+
+
+def _decode_jpegs(tensors: list[torch.Tensor], device: torch.device) -> list:
+    """JPEGs in one ``decode_jpeg`` call; if it fails, each half again (so only the halves
+    holding a bad file are redone), and a lone file that fails goes to :func:`_decode_one`."""
+    import torchvision.io as tio
+
+    try:
+        return list(tio.decode_jpeg(tensors, mode=tio.ImageReadMode.RGB, device=device))
+    except RuntimeError:
+        if len(tensors) == 1:
+            return [_decode_one(tensors[0].numpy().tobytes(), torchvision=device.type != "cpu")]
+        mid = len(tensors) // 2
+        return _decode_jpegs(tensors[:mid], device) + _decode_jpegs(tensors[mid:], device)
+
+
+def _decode_one(d, torchvision: bool = True):
+    """One file on the CPU: torchvision's decoder (unless it has just failed on this file),
+    else PIL (CMYK JPEGs, formats torchvision lacks); PIL's exception when neither reads it."""
+    import torchvision.io as tio
+
+    if torchvision:
         try:
-            dec = tio.decode_jpeg(tensors, mode=tio.ImageReadMode.RGB, device=device)
-        except RuntimeError:  # one odd JPEG fails the batch: decode those one by one on the CPU
-            dec = []
-            for t in tensors:
-                try:
-                    dec.append(tio.decode_jpeg(t, mode=tio.ImageReadMode.RGB, device=device))
-                except RuntimeError:
-                    dec.append(decode([bytes(t.numpy())], "cpu")[0])
-        for i, t in zip(gpu_jpeg, dec):
-            out[i] = _to_rgb3(t)
-    return [t if _on(t, device) else t.to(device, non_blocking=True) for t in out]
+            return _to_rgb3(tio.decode_image(torch.frombuffer(bytearray(d), dtype=torch.uint8),
+                                             mode=tio.ImageReadMode.RGB))
+        except RuntimeError:
+            pass
+    from io import BytesIO
+
+    from PIL import Image
+
+    try:
+        with Image.open(BytesIO(bytes(d))) as img:
+            return _from_pil(img)
+    except Exception as e:
+        return e
+
+
+def batchable(data) -> bool:
+    """JPEG bytes the batched decoder takes: a baseline or progressive JPEG with 1 or 3
+    components (not CMYK/YCCK, which need the CPU decoders' colour conversion) that ends with
+    its end-of-image marker (a cut file would make the batched call fail, or on some decoders
+    decode to grey instead of failing as the CPU decoder does). Reads the markers only."""
+    if len(data) < 4 or bytes(data[:3]) != b"\xff\xd8\xff":
+        return False
+    if not bytes(data[-64:]).rstrip(b"\0").endswith(b"\xff\xd9"):
+        return False
+    b = memoryview(data)
+    i, n = 2, len(b)
+    while i + 4 <= n:
+        if b[i] != 0xFF:
+            return False
+        m = b[i + 1]
+        if m == 0xFF:  # fill byte
+            i += 1
+            continue
+        if m in _SOF:
+            return i + 9 < n and b[i + 9] in (1, 3)
+        if m == 0xDA or m == 0xD9:  # scan or end before any frame header
+            return False
+        i += 2 + (b[i + 2] << 8 | b[i + 3])
+    return False
+
+
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
 
 def _on(t: torch.Tensor, device: torch.device) -> bool:
