@@ -220,35 +220,47 @@ HELD = """
 import pathlib, sys, time
 from tinydistill.store import LogitStore
 from tinydistill.cli import main
-go, real = pathlib.Path(sys.argv[1]), LogitStore.write_shard
-def held(self, *a, **kw):  # the first unit waits until the test says go: the run is surely live
-    while not go.exists():
+go, hold, real, calls = pathlib.Path(sys.argv[1]), int(sys.argv[2]), LogitStore.write_shard, []
+def held(self, *a, **kw):  # write number `hold` waits until the test says go: the run is surely live
+    calls.append(1)
+    while len(calls) == hold and not go.exists():
         time.sleep(0.02)
     return real(self, *a, **kw)
 LogitStore.write_shard = held
-main(sys.argv[2:])
+main(sys.argv[3:])
 """
 
 
-@pytest.mark.slow
-def test_a_second_process_on_the_same_epochs_is_refused(weights, reference, tmp_path):
-    out, go = tmp_path / "two.zarr", tmp_path / "go"
-    args = ["gen-logits", *ARGS, "--teacher-weights", weights, "--out", str(out)]
-    first = subprocess.Popen([sys.executable, "-c", HELD, str(go), *args], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+def held_run(out, go, hold, weights, workers="0", **kw):
+    """gen-logits on one epoch (6 units) in a child process whose write number ``hold`` waits for ``go``."""
+    args = list(ARGS)
+    args[args.index("--epochs") + 1], args[args.index("--workers") + 1] = "1", workers
+    args = ["gen-logits", *args, "--teacher-weights", weights, "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-c", HELD, str(go), str(hold), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+    return proc, args
+
+
+def wait_for(proc, cond):
     deadline = time.time() + 120
-    while not leases(out):  # the first run holds its lease (and waits at its first unit)
-        assert first.poll() is None, first.stderr.read()
+    while not cond():
+        assert proc.poll() is None, proc.stderr.read()
         assert time.time() < deadline
         time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_a_second_process_on_the_same_epochs_is_refused(weights, tmp_path):
+    out, go = tmp_path / "two.zarr", tmp_path / "go"
+    first, args = held_run(out, go, 1, weights)
+    wait_for(first, lambda: leases(out))  # the first run holds its lease (and waits at its first unit)
     second = subprocess.run([sys.executable, "-m", "tinydistill", *args], capture_output=True, text=True)
     go.write_text("go")
     assert first.wait(120) == 0, first.stderr.read()
     assert second.returncode == 1 and "Traceback" not in second.stderr
     err = second.stderr.strip().splitlines()
-    assert len(err) == 1 and "another gen-logits run is writing epochs that overlap 0:2" in err[0], err
-    assert json.loads(first.stdout.read())["units_written"] == 12
-    assert same(arrays(reference), arrays(out)) and leases(out) == []
+    assert len(err) == 1 and "another gen-logits run is writing epochs that overlap 0:1" in err[0], err
+    assert json.loads(first.stdout.read())["units_written"] == 6 and leases(out) == []
 
 
 # ---- SIGTERM / SIGINT ------------------------------------------------------------------------------
@@ -291,28 +303,20 @@ def test_cli_exit_status_of_a_stopped_run(weights, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_sigterm_to_the_process_group_with_workers(weights, reference, tmp_path):
+def test_sigterm_to_the_process_group_with_workers(weights, tmp_path):
     """As SLURM does it: every process of the job (main and DataLoader workers) gets SIGTERM."""
-    out = tmp_path / "slurm.zarr"
-    args = list(ARGS)
-    args[args.index("--workers") + 1] = "1"
-    cmd = [sys.executable, "-m", "tinydistill", "gen-logits", *args, "--teacher-weights", weights, "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    out, go = tmp_path / "slurm.zarr", tmp_path / "go"
+    proc, _ = held_run(out, go, 3, weights, workers="1", start_new_session=True)
     marks = out / "complete" / "c"
-    deadline = time.time() + 120
-    while not (marks.exists() and sum(1 for p in marks.rglob("*") if p.is_file()) >= 2):
-        assert proc.poll() is None, proc.stderr.read()
-        assert time.time() < deadline
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGTERM)
+    wait_for(proc, lambda: marks.exists() and sum(1 for p in marks.rglob("*") if p.is_file()) == 2)
+    os.killpg(proc.pid, signal.SIGTERM)  # the third unit is held: the run cannot have ended
+    go.write_text("go")
     _, err = proc.communicate(timeout=120)
     lines = [l for l in err.strip().splitlines() if not l.startswith("tinydistill: ")]  # log lines aside
     assert proc.returncode == 143 and len(lines) == 1 and "stopped by SIGTERM" in lines[0], err
     done = int(td.open_store(out).complete_mask(refresh=True).sum())
-    assert f"keeps {done} of 12 units" in lines[0] and leases(out) == []
-    p = subprocess.run(cmd, capture_output=True, text=True)  # resume (same worker count: same threads)
-    assert p.returncode == 0, p.stderr
-    assert json.loads(p.stdout)["units_written"] == 12 - done and same(arrays(reference), arrays(out))
+    assert 2 <= done < 6 and f"keeps {done} of 6 units" in lines[0] and leases(out) == []
+    assert td.open_store(out).check() == []  # what it kept is whole
 
 
 # ---- 23.8: one listing of the completion markers per writer ----------------------------------------
