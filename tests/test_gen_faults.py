@@ -115,6 +115,27 @@ def test_failed_creation_is_finished_by_the_next_run(weights, reference, tmp_pat
     assert same(arrays(reference), arrays(out))
 
 
+def test_full_disk_mid_unit_keeps_the_units_before_and_resume_is_identical(weights, reference, tmp_path,
+                                                                            monkeypatch):
+    out, real, calls = tmp_path / "mid.zarr", zarr.Array.__setitem__, []
+
+    def setitem(self, key, value):  # the disk fills up in the middle of the third unit
+        if self.basename in ("logp", "index_gap", "seed"):
+            calls.append(1)
+            if len(calls) == 8:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, key, value)
+
+    monkeypatch.setattr(zarr.Array, "__setitem__", setitem)
+    code, output = cli("gen-logits", *ARGS, "--teacher-weights", weights, "--out", str(out))
+    line = one_error_line(output)
+    assert code == 1 and "epoch 0 shard 2: write failed, unit left incomplete" in line and "No space" in line
+    monkeypatch.setattr(zarr.Array, "__setitem__", real)
+    assert td.open_store(out).complete_mask(refresh=True).sum() == 2 and leases(out) == []
+    s = gen_logits(config(weights, out))
+    assert s["units_written"] == 10 and same(arrays(reference), arrays(out))
+
+
 def test_a_foreign_group_names_overwrite(weights, tmp_path):
     out = tmp_path / "g.zarr"
     zarr.open_group(str(out), mode="w", zarr_format=3).create_array("x", shape=(3,), dtype="i4")
