@@ -158,9 +158,10 @@ def foreign(st, epochs, expires_in=100.0, **rec):
     return key
 
 
-@pytest.mark.parametrize("where", ["local", "memory"])
-def test_lease_refuses_an_overlapping_run_and_allows_disjoint_epochs(tmp_path, where):
-    path = str(tmp_path / "l.zarr") if where == "local" else f"memory://td-lease-{tmp_path.name}/l.zarr"
+@pytest.mark.parametrize("where", ["local", "memory", pytest.param("s3", marks=pytest.mark.slow)])
+def test_lease_refuses_an_overlapping_run_and_allows_disjoint_epochs(tmp_path, where, request):
+    path = {"local": str(tmp_path / "l.zarr"), "memory": f"memory://td-lease-{tmp_path.name}/l.zarr"}.get(where) \
+        or request.getfixturevalue("s3") + "/l.zarr"  # the test S3 API server
     td.create_store(path, num_classes=5, k=2, epochs=4, keys=[f"k{i}" for i in range(10)], chunk_rows=2, shard_rows=4)
     a = td.open_store(path, mode="r+").lease((0, 2)).take()
     try:

@@ -325,8 +325,8 @@ def _gen_logits(cfg: GenConfig, on_step, run: _Run, t_start: float) -> dict[str,
     counts = {"views": 0, "skipped": 0, "nonfinite": 0}
     bar = _progress(stream.num_views, enabled=cfg.progress and rank == 0, desc=f"gen-logits ({world} rank(s))")
     pad_to = cfg.batch_size if cfg.compile else None  # one shape for a compiled teacher, tails included
-    source = iter(loader)  # this run's DataLoader iterator (what renderer and meter iterate)
-    batches = meter(renderer(source) if renderer else source)
+    loader_it = iter(loader)  # this run's DataLoader iterator (what renderer and meter iterate)
+    batches = meter(renderer(loader_it) if renderer else loader_it)
     try:
         pending = None
         for batch in batches:
@@ -342,7 +342,7 @@ def _gen_logits(cfg: GenConfig, on_step, run: _Run, t_start: float) -> dict[str,
     finally:
         bar.close()
         batches.close()
-        shutdown = getattr(source, "_shutdown_workers", None)
+        shutdown = getattr(loader_it, "_shutdown_workers", None)
         if shutdown is not None:  # stop the workers now, not when a traceback that holds them is freed
             shutdown()
         if writer.thread.is_alive():  # an error or a stop above: write the shards it holds, then stop
