@@ -204,7 +204,11 @@ class Lease:
 
     def check(self, where: str = "") -> None:
         """Refuse to write a unit once this run no longer holds its lease."""
-        rec = self._read(self.key)
+        try:
+            rec = self._read(self.key)
+        except Exception as e:  # the store is unreachable: so would the unit be
+            raise StoreError(f"{self.path}: {where or 'next unit'}: cannot read the writer's lease, unit left "
+                             f"incomplete ({one_line(e)})") from None
         if self.lost or rec is None or rec.get("run") != self.run:
             raise LeaseError(
                 f"{self.path}: this run's lease on epochs {self.epochs[0]}:{self.epochs[1]} was lost "
