@@ -216,8 +216,10 @@ def test_lease_renewal_loss_and_release(small_store):
     assert not a.renew() and a.lost
     with pytest.raises(LeaseError, match="lost.*stopped before epoch 1 shard 2"):
         a.check("epoch 1 shard 2")
+    beat = a._thread
+    assert beat.is_alive()
     a.release()
-    assert not a._stop.wait(0) or a._thread is None  # the heartbeat thread is joined
+    assert not beat.is_alive()  # the heartbeat thread is joined
 
 
 def test_gen_logits_refuses_a_store_another_run_is_filling(weights, reference, tmp_path):

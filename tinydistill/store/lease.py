@@ -114,7 +114,8 @@ class Lease:
 
     def _write(self) -> None:
         now = time.time()
-        rec = {"run": self.run, "host": socket.gethostname(), "pid": os.getpid(), "machine": _machine(), "epochs": list(self.epochs),
+        rec = {"run": self.run, "host": socket.gethostname(), "pid": os.getpid(), "machine": _machine(),
+               "epochs": list(self.epochs),
                "renewed": now, "expires": now + self.ttl, "ttl_s": self.ttl,
                "renewed_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))}
         sync(self.store.set(self.key, default_buffer_prototype().buffer.from_bytes(json.dumps(rec).encode())))
