@@ -31,7 +31,9 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except TinydistillError as e:
-            raise click.ClickException(flags_in(_one_line(e))) from None
+            err = click.ClickException(flags_in(_one_line(e)))
+            err.exit_code = getattr(e, "exit_code", 1)  # 128 + signal for a run stopped by one
+            raise err from None
         except OSError as e:
             where = f"{e.filename}: " if getattr(e, "filename", None) else ""
             raise click.ClickException(f"{where}{e.strerror or e}") from None

@@ -96,6 +96,15 @@ def broadcast_error(msg: str | None) -> None:
         raise TinydistillError(msg)
 
 
+def broadcast(obj, src: int = 0):
+    """Rank ``src``'s ``obj`` on every rank (through the gloo group); ``obj`` without torch.distributed."""
+    if not active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=_objects_group())
+    return box[0]
+
+
 _cpu_group = None
 
 

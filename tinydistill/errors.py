@@ -17,6 +17,10 @@ class NotAStoreError(StoreError):
     """The path does not exist or holds no tinydistill store."""
 
 
+class UnfinishedStoreError(NotAStoreError):
+    """A store whose creation never finished (a full disk or a killed run while creating it)."""
+
+
 class FormatVersionError(StoreError):
     """The store was written in a format this version cannot read."""
 

@@ -5,7 +5,10 @@ default). The (epoch, shard) units still to do are cut into small items that kee
 DataLoader worker of every rank busy (:func:`tinydistill.stream.gen_plan`), top-K
 log-softmax runs on the device, and each shard, once all its rows are in, is gathered on the
 one rank that writes it and goes to a background writer thread, so disk I/O overlaps compute.
-A killed run loses at most the shards in flight.
+A killed run loses at most the shards in flight; SIGTERM (a cluster's preemption notice) or
+SIGINT writes the shards already assembled and says what the store keeps. Rank 0 holds a lease
+on the run's epochs in the store (:mod:`tinydistill.store.lease`), so a second run on the same
+epochs is refused instead of writing every unit again.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import json
 import logging
 import os
 import queue
+import signal
 import sys
 import threading
 import time
@@ -25,11 +29,12 @@ import torch
 
 from .augment import AugSpec
 from .config import GenConfig, parse_epochs  # noqa: F401  (GenConfig is this stage's config)
-from . import dist
-from .errors import NotAStoreError, StoreError, TinydistillError
+from . import dist, signals
+from .errors import NotAStoreError, StoreError, TinydistillError, UnfinishedStoreError
 from .sources import open_source
 from .replay import check_replay, run_mismatch, view_store_attrs
 from .store import DEFAULT_CHUNK_ROWS, DEFAULT_SHARD_CHUNKS, LogitStore, create_store, open_store
+from .store.lease import Lease, lease_at
 from .batch import Batch
 from .cuda import HostCopy
 from .render_device import DeviceRenderer
@@ -45,6 +50,9 @@ def resolve(cfg: GenConfig) -> GenConfig:
     device = cfg.device or dist.default_device()
     cuda = device.startswith("cuda")
     epochs = parse_epochs(cfg.epochs) if isinstance(cfg.epochs, (str, int)) else tuple(int(e) for e in cfg.epochs)
+    if cfg.total_epochs is not None and epochs[1] > cfg.total_epochs:  # before any store is made
+        raise TinydistillError(f"`epochs` {epochs[0]}:{epochs[1]} goes past `total_epochs` {cfg.total_epochs} "
+                               f"(the store holds epochs 0..{cfg.total_epochs - 1})")
     return replace(cfg, device=device, amp=cfg.amp or ("bf16" if cuda else "none"), epochs=epochs,
                    spec=cfg.spec.for_device(device))
 
@@ -71,17 +79,21 @@ def create_view_store(path, source, spec: AugSpec, *, base_seed: int, epochs: in
                         attrs={**attrs, **kwargs.pop("attrs", {})}, arrays=arrays, **kwargs)
 
 
-def _prepare_store(cfg: GenConfig, teacher, source, rank: int, device) -> LogitStore:
+def _prepare_store(cfg: GenConfig, teacher, source, rank: int, device, run: "_Run") -> LogitStore:
+    """Rank 0 resumes, creates (or finishes creating) the store and takes the run's lease on
+    its epochs; every rank then opens it, knowing the lease's run id."""
     err = None
     if rank == 0:
         try:
-            existing = None
+            existing, unfinished = None, False
             if not cfg.overwrite:
                 try:
                     existing = open_store(cfg.out, mode="r+")
-                except NotAStoreError:
+                except UnfinishedStoreError:
+                    unfinished = True  # nothing was written yet: create it again
+                except NotAStoreError as e:
                     if os.path.isdir(cfg.out) and os.listdir(cfg.out):
-                        raise
+                        raise NotAStoreError(f"{e}; use `overwrite` to replace it") from None
             if existing is not None:
                 err = run_mismatch(existing, out=cfg.out, teacher=teacher, k=cfg.k, spec=cfg.spec, source=source,
                                    seed=cfg.seed, epochs=cfg.epochs, total_epochs=cfg.total_epochs,
@@ -89,24 +101,39 @@ def _prepare_store(cfg: GenConfig, teacher, source, rank: int, device) -> LogitS
                 if err is None:
                     # the views the run that started it made (its JPEGs decoded where they were then)
                     check_replay(existing, source, device=device, decode=cfg.decode)
+                    run.lease = existing.lease(cfg.epochs).take()
                     log.info("resuming %s: %d of %d units complete", cfg.out,
                              int(existing.complete_mask().sum()), existing.complete_mask().size)
             else:
+                old = lease_at(cfg.out, (0, 1 << 62)) if cfg.overwrite or unfinished else None
+                held = old.others() if old is not None else []
+                if held:  # never replace a store another run is writing
+                    raise old.refusal(held[0], "cannot replace it:")
+                if unfinished:
+                    log.info("%s: an earlier run did not finish creating it; creating it again", cfg.out)
+                run.creating = True
                 from_data = source.num_classes == teacher.num_classes
                 create_view_store(
                     cfg.out, source, cfg.spec, base_seed=cfg.seed, epochs=cfg.total_epochs or cfg.epochs[1], device=device,
                     decode=cfg.decode,
                     k=cfg.k, num_classes=teacher.num_classes, teacher=teacher.describe(),
                     class_names=None if from_data else teacher.class_names,
-                    chunk_rows=cfg.chunk_rows, shard_rows=cfg.shard_rows, overwrite=cfg.overwrite,
+                    chunk_rows=cfg.chunk_rows, shard_rows=cfg.shard_rows, overwrite=cfg.overwrite or unfinished,
                     attrs={"class_names_source": "data" if from_data else "teacher"},
                     targets={"attention": {"grid": cfg.attention_grid}} if cfg.attention_grid else None,
                 )
+                run.creating = False
+                run.lease = open_store(cfg.out, mode="r+").lease(cfg.epochs).take()
                 log.info("created %s", cfg.out)
         except TinydistillError as e:
             err = str(e)
     dist.broadcast_error(err)
-    return open_store(cfg.out, mode="r+")
+    run_id = dist.broadcast(run.lease.run if run.lease else None)
+    store = open_store(cfg.out, mode="r+")
+    run.store = store
+    if run.lease is None:  # ranks > 0 check the lease rank 0 holds for the run
+        run.lease = store.lease(cfg.epochs, run_id)
+    return store
 
 
 # ---- the run -------------------------------------------------------------------------------------
@@ -135,8 +162,8 @@ class Outputs:
 class _ShardWriter:
     """Writes finished shards from a background thread; at most ``depth`` waiting."""
 
-    def __init__(self, store: LogitStore, depth: int = 2):
-        self.store, self.q = store, queue.Queue(maxsize=depth)
+    def __init__(self, store: LogitStore, lease: Lease | None = None, depth: int = 2):
+        self.store, self.lease, self.q = store, lease, queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
         self.written = 0
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -150,8 +177,10 @@ class _ShardWriter:
             if self.error is None:
                 try:
                     o = shard
-                    self.store.write_shard(o.epoch, int(o.rows[0]) // self.store.shard_rows, seed=o.seed,
-                                           skipped=o.skipped, **o.targets)
+                    unit = int(o.rows[0]) // self.store.shard_rows
+                    if self.lease is not None:  # only while this run holds the store's epochs
+                        self.lease.check(f"epoch {o.epoch} shard {unit}")
+                    self.store.write_shard(o.epoch, unit, seed=o.seed, skipped=o.skipped, **o.targets)
                     self.written += 1
                 except BaseException as e:  # surfaced to the main thread on the next put/close
                     self.error = e
@@ -208,15 +237,61 @@ class _Rounds:
         return got.take(np.argsort(got.rows))
 
 
+@dataclass
+class _Run:
+    """What a stopped run needs to say what it kept."""
+
+    cfg: GenConfig
+    store: LogitStore | None = None
+    lease: Lease | None = None
+    writer: "_ShardWriter | None" = None
+    creating: bool = False
+    world: int = 1
+
+    def stopped(self, exc: BaseException) -> str:
+        """The one line for a run stopped by SIGINT / SIGTERM, after it kept what it could."""
+        sig, out = signals.name(signals.signum_of(exc)), self.cfg.out
+        if self.store is None:
+            what = "while creating it; re-run the same command to create it again" if self.creating else \
+                "before it wrote anything; re-run the same command to start"
+            return f"gen-logits stopped by {sig}: {out} {what}"
+        a, b = self.cfg.epochs
+        written = self.writer.written if self.writer else 0
+        by = "this run" if self.world == 1 else "this rank"
+        try:
+            mask = self.store.complete_mask(refresh=True)[a:b]
+            kept = f"{int(mask.sum())} of {mask.size} units of epochs {a}:{b} complete"
+        except Exception:
+            kept = f"every unit recorded complete (epochs {a}:{b})"
+        return (f"gen-logits stopped by {sig}: {out} keeps {kept} ({written} written by {by}); units still being "
+                "computed were dropped; re-run the same command to resume")
+
+
 @dist.keeps_threads
 def gen_logits(cfg: GenConfig, on_step: Callable[[dict], None] | None = None) -> dict[str, Any]:
     """Fill epochs [cfg.epochs) of the store at cfg.out; returns the run summary.
 
     ``on_step`` (optional) is called after every teacher batch with ``{"views", "seconds"}``.
+    SIGTERM (a cluster's preemption notice) and SIGINT stop the run the same way: the shards
+    already assembled are written, the rest dropped, and :class:`tinydistill.signals.Stopped`
+    says what the store keeps.
     """
     t_start = time.time()
     cfg = resolve(cfg)
+    run = _Run(cfg)
+    with signals.stop_on(signal.SIGTERM):
+        try:
+            return _gen_logits(cfg, on_step, run, t_start)
+        except KeyboardInterrupt as e:  # SIGINT, or SIGTERM (signals.Terminated)
+            raise signals.Stopped(run.stopped(e), signals.signum_of(e)) from None
+        finally:
+            if run.lease is not None:
+                run.lease.release()
+
+
+def _gen_logits(cfg: GenConfig, on_step, run: _Run, t_start: float) -> dict[str, Any]:
     rank, world, device = dist.setup(cfg.device, cfg.workers)
+    run.world = world
     source = open_source(cfg.data)
     teacher = load_teacher(cfg.teacher, cfg.teacher_weights, class_names=source.class_names,
                            input_size=cfg.teacher_input_size)
@@ -230,7 +305,7 @@ def gen_logits(cfg: GenConfig, on_step: Callable[[dict], None] | None = None) ->
         AttentionTap(teacher.model, cfg.attention_grid, name=f"teacher {cfg.teacher}").remove()
     shard_rows = cfg.shard_rows or cfg.chunk_rows * DEFAULT_SHARD_CHUNKS
     cfg = replace(cfg, shard_rows=shard_rows)
-    store = _prepare_store(cfg, teacher, source, rank, device)
+    store = _prepare_store(cfg, teacher, source, rank, device, run)
 
     mask = store.complete_mask(refresh=True)
     todo = [(e, s) for e in range(*cfg.epochs) for s in range(store.num_shards) if not mask[e, s]]
@@ -241,20 +316,23 @@ def gen_logits(cfg: GenConfig, on_step: Callable[[dict], None] | None = None) ->
     loader = torch.utils.data.DataLoader(
         stream, batch_size=None, num_workers=cfg.workers, pin_memory=device.type == "cuda",
         persistent_workers=False, prefetch_factor=4 if cfg.workers else None,
+        worker_init_fn=signals.ignore_in_worker,  # the main process stops them (SIGINT / SIGTERM)
     )
 
     teacher.place(device, cfg.amp, compile=cfg.compile, attention_grid=cfg.attention_grid)
 
-    writer = _ShardWriter(store)
+    writer = run.writer = _ShardWriter(store, run.lease)
     rounds = _Rounds(plan, store, writer, rank, world)
     renderer = DeviceRenderer(core, device) if stream.encoded else None
     meter = Meter(cfg.workers, renderer)
     counts = {"views": 0, "skipped": 0, "nonfinite": 0}
     bar = _progress(stream.num_views, enabled=cfg.progress and rank == 0, desc=f"gen-logits ({world} rank(s))")
     pad_to = cfg.batch_size if cfg.compile else None  # one shape for a compiled teacher, tails included
+    loader_it = iter(loader)  # this run's DataLoader iterator (what renderer and meter iterate)
+    batches = meter(renderer(loader_it) if renderer else loader_it)
     try:
         pending = None
-        for batch in meter(renderer(loader) if renderer else loader):
+        for batch in batches:
             out = teacher.targets(batch.image, store.kinds, pad_to=pad_to)
             # the copies back are queued now and waited for one batch later: the device keeps working
             done, pending = pending, _InFlight(batch, list(out), HostCopy(*out.values()))
@@ -266,7 +344,11 @@ def gen_logits(cfg: GenConfig, on_step: Callable[[dict], None] | None = None) ->
         writer.close()
     finally:
         bar.close()
-        if writer.thread.is_alive():  # an error above: stop the writer after the shards it holds
+        batches.close()
+        shutdown = getattr(loader_it, "_shutdown_workers", None)
+        if shutdown is not None:  # stop the workers now, not when a traceback that holds them is freed
+            shutdown()
+        if writer.thread.is_alive():  # an error or a stop above: write the shards it holds, then stop
             writer.q.put(None)
             writer.thread.join()
     load = meter.report()

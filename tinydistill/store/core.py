@@ -7,6 +7,7 @@ Reading rows (:mod:`.read`), writing shards (:mod:`.write`) and the notebook tab
 from __future__ import annotations
 
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -18,7 +19,8 @@ from zarr.core.sync import sync
 from .. import __version__
 from .._util import keys_fingerprint, library_versions
 from ..kinds import store_kinds, targets_attr, views_hash
-from ..errors import CorruptStoreError, FormatVersionError, NotAStoreError, StoreError, UnknownKeyError, one_line
+from ..errors import (CorruptStoreError, FormatVersionError, NotAStoreError, StoreError, UnfinishedStoreError,
+                      UnknownKeyError, one_line)
 from .format import (
     DEFAULT_CHUNK_ROWS,
     DEFAULT_SHARD_CHUNKS,
@@ -40,14 +42,18 @@ from .read import ReadMixin
 from .write import WriteMixin
 
 _LISTING_CACHES = ("s3", "s3a", "gs", "gcs")  # fsspec backends that cache directory listings
+# the group's first attribute while it is being created; the format marker replaces it at the end
+CREATING_KEY = "tinydistill_creating"
 
 
-def _open_group(path: str, mode: str, storage_options: dict | None):
+def _open_group(path: str, mode: str, storage_options: dict | None, attributes: dict | None = None):
     if _is_url(path) and _local(path).split("://", 1)[0] in _LISTING_CACHES:
         # s3fs/gcsfs answer an object's size from a cached listing: an object written since the
         # listing (a unit another rank completed) would read as missing, i.e. as fill values
         storage_options = {"use_listings_cache": False, **(storage_options or {})}
     kwargs = {"storage_options": storage_options} if storage_options else {}
+    if attributes:
+        kwargs["attributes"] = attributes
     return zarr.open_group(_local(path), mode=mode, zarr_format=3, **kwargs)
 
 
@@ -165,7 +171,9 @@ def create_store(
         path, num_classes=num_classes, k=k, epochs=epochs, keys=keys, labels=labels, class_names=class_names,
         chunk_rows=chunk_rows, shard_rows=shard_rows, overwrite=overwrite, id_layout=id_layout)
     try:
-        g = _open_group(path, "w" if overwrite else "w-", storage_options)
+        g = _open_group(path, "w" if overwrite else "w-", storage_options,
+                        attributes={CREATING_KEY: {"version": __version__, "host": socket.gethostname(),
+                                                   "pid": os.getpid(), "started": time.time()}})
         kinds = store_kinds({"targets": {"topk": {}, **(targets or {})}}, k, num_classes, id_layout)
         _create_arrays(g, epochs=epochs, n=len(keys), kinds=kinds, chunk_rows=chunk_rows, shard_rows=shard_rows,
                        key_bytes=key_bytes, labels=labels_arr, arrays=arrays)
@@ -189,9 +197,9 @@ def create_store(
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **(attrs or {}),
         }
-        # the format marker goes in last: a creation that died half way is not a store
-        g.attrs.update(meta)
-        g.attrs[FORMAT_KEY] = FORMAT_VERSION
+        # the format marker goes in last, replacing the creation marker in one write: a creation
+        # that died half way is not a store, and says so (UnfinishedStoreError)
+        g.attrs.put({**meta, FORMAT_KEY: FORMAT_VERSION})
     except StoreError:
         raise
     except Exception as e:  # permission denied, disk full, existing group, bad URL ...
@@ -220,6 +228,10 @@ def _open_attrs(path: str, mode: str, storage_options: dict | None):
                              "(e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or anonymous access)") from None
         raise NotAStoreError(f"{path}: not a tinydistill store ({one_line(e)})") from None
     version = attrs.get(FORMAT_KEY)
+    if version is None and CREATING_KEY in attrs:
+        raise UnfinishedStoreError(
+            f"{path}: its creation did not finish (a full disk, or the run was killed while creating it); "
+            "gen-logits creates it again when re-run (or use `overwrite`)")
     if version is None:
         raise NotAStoreError(f"{path}: not a tinydistill store (no '{FORMAT_KEY}' attribute)")
     if version not in READABLE_FORMATS:
@@ -297,6 +309,12 @@ class LogitStore(ReadMixin, WriteMixin, NotebookMixin):
     _index = property(lambda self: self._handle("index_gap" if self._gaps else "index"))
     _seed = property(lambda self: self._handle("seed"))
     _complete = property(lambda self: self._handle("complete"))
+
+    def lease(self, epochs: tuple[int, int], run: str | None = None):
+        """A writer's lease on ``epochs`` of this store (:mod:`.lease`): gen-logits takes one per run."""
+        from .lease import Lease
+
+        return Lease(self._group.store, self.path, epochs, run)
 
     def kind(self, name: str):
         """The store's target kind ``name`` (:mod:`tinydistill.kinds`), or None when it has none."""

@@ -4,7 +4,8 @@ Writers always write whole (epoch, shard) units, one writer per unit, so any num
 processes or nodes can fill disjoint shards of one store at once. The ``complete`` marker of
 a unit is written only after its data is written (and fsynced on local disks), so a writer
 killed mid-shard leaves a unit that reads as incomplete, never one that reads as complete
-but is not. :class:`WriteMixin` is part of :class:`tinydistill.store.LogitStore`.
+but is not. A writer lists the markers once and keeps the set, so writing E x S units costs
+one listing, not E x S. :class:`WriteMixin` is part of :class:`tinydistill.store.LogitStore`.
 """
 
 from __future__ import annotations
@@ -70,8 +71,11 @@ class WriteMixin:
         marker = self._marker_key(epoch, shard)
         arrays = [self._handle(name) for name in stored] + [self._seed]
         try:
-            if self.is_complete(epoch, shard):  # rewriting: unmark first, never mark stale data
+            # rewriting: unmark first, never mark stale data. The markers are listed once, by the
+            # first write (or complete_mask), and kept up to date here: no listing per unit
+            if self.complete_mask()[epoch, shard]:
                 sync(self._group.store.delete(marker))
+                self._mask[epoch, shard] = False
             for name, data in stored.items():
                 self._handle(name)[epoch, start:stop] = data.astype(self._handle(name).dtype)
             self._seed[epoch, start:stop] = seed
@@ -80,8 +84,7 @@ class WriteMixin:
             self._fsync([marker])
         except Exception as e:
             raise StoreError(f"{where}: write failed, unit left incomplete ({one_line(e)})") from None
-        if self._mask is not None:
-            self._mask[epoch, shard] = True
+        self._mask[epoch, shard] = True
 
     @staticmethod
     def _shard_key(arr, epoch: int, shard: int) -> str:
