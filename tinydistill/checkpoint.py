@@ -47,12 +47,13 @@ def save(path: Path, obj: dict) -> None:
 
 
 def _reason(e: BaseException) -> str:
+    """An OSError's reason; torch's writer reports a failed write (ENOSPC) as a RuntimeError
+    with its C++ location ("[enforce fail at inline_container.cc:...] . file write failed")."""
     if isinstance(e, OSError) and e.strerror:
         return e.strerror
-    text = str(e)
-    if "write failed" in text or "No space" in text:
-        return "write failed: is the disk full?"
-    return one_line(e)
+    text = " ".join(str(e).split())
+    text = text.split("] . ", 1)[-1] if text.startswith("[enforce fail") else text
+    return f"write failed: {text}; is the disk full?"
 
 
 def seed_rng(seed: int) -> None:
