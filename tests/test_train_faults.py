@@ -281,6 +281,22 @@ def test_second_ctrl_c_ends_at_once_naming_what_was_kept(unlabeled, epoch0, tmp_
     assert "kept last.pth (end of epoch 0, step 6)" in str(e.value) and "`resume`" in str(e.value), str(e.value)
 
 
+def test_a_mid_epoch_checkpoint_resumes_only_with_its_world_size(unlabeled, tmp_path, monkeypatch):
+    from tinydistill import dist
+    from tinydistill.errors import Stopped, TrainError
+    from tinydistill.signals import StopRequest
+    from tinydistill.train import train_student
+
+    stop = StopRequest()
+    with pytest.raises(Stopped, match="stopped by SIGTERM at epoch 0 step 3"):
+        train_student(_small(unlabeled, tmp_path / "a", **KW), stop=stop,
+                      on_step=lambda info: info["step"] == 2 and stop.set(signal.SIGTERM))
+    setup = dist.setup
+    monkeypatch.setattr(dist, "setup", lambda device, workers=0: (0, 2, setup(device, workers)[2]))
+    with pytest.raises(TrainError, match=r"saved during epoch 0 by 1 rank\(s\); resume it with 1 \(this run has 2\)"):
+        train_student(_small(unlabeled, tmp_path / "a", resume=True, **KW))
+
+
 def test_stop_on_signals_sets_the_request_and_a_second_ctrl_c_interrupts():
     from tinydistill.signals import stop_on_signals
 

@@ -733,6 +733,7 @@ def train_student(cfg: TrainConfig, on_step: Callable[[dict], None] | None = Non
             partial = None
             if place is not None:
                 _save(run, epoch, logs, partial=place)
+                dist.barrier()  # no rank exits (and makes torchrun stop the others) before rank 0 has saved
                 raise _stopped(run, stop.signum, f" at epoch {epoch} step {run.step}")
             _end_epoch(run, summary, logs)
     except KeyboardInterrupt:
