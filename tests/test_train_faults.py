@@ -403,3 +403,56 @@ def test_batchnorm_student_with_a_batch_shrunk_to_one_view(unlabeled, tmp_path, 
     monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", lambda model, **kw: model)
     r = train_mod.train_student(_resnet(unlabeled, tmp_path / "b"))
     assert r["step"] == 3 and r["lone_views"] == 1 and r["views"] == 32
+
+
+# ---- torchrun: the ranks agree where to stop ------------------------------------------------------
+
+RANK_SIGNAL = r"""
+import os, signal, sys
+import tinydistill.train as t
+real = t._step
+
+def step(run, batch):
+    out = real(run, batch)
+    if run.step == 4 and run.rank == 1:  # only rank 1 is signalled, during step 4
+        os.kill(os.getpid(), signal.SIGTERM)
+    return out
+
+t._step = step
+from tinydistill.cli import main
+main(sys.argv[1:], prog_name="tinydistill")
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_sigterm_to_one_rank_stops_all_at_the_next_read_and_resumes(unlabeled, tmp_path):
+    """Two CPU ranks, 3 steps an epoch, losses read every 2 steps: SIGTERM to rank 1 in step 4
+    stops both ranks after step 5 (the next read, where they agree) with a checkpoint holding both
+    ranks' places; resumed under torchrun, the run equals an uninterrupted one."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    script = tmp_path / "child.py"
+    script.write_text(RANK_SIGNAL)
+
+    def torchrun(target, out, *extra, port):
+        args = _args(unlabeled, out, *extra)
+        args[args.index("--log-interval") + 1] = "2"
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                               "--master_port", str(port), *target, "train-student", *args],
+                              capture_output=True, text=True, env=env)
+
+    p = torchrun(["-m", "tinydistill"], tmp_path / "full", port=29561)
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = torchrun([str(script)], tmp_path / "part", port=29562)
+    assert p.returncode != 0 and "stopped by SIGTERM at epoch 1 step 5" in p.stderr, p.stderr[-3000:]
+    ck = torch.load(tmp_path / "part" / "last.pth", weights_only=True)
+    assert ck["step"] == 5 and [r["seen"] for r in ck["partial"]] == [2, 2] and len(ck["rng_ranks"]) == 2
+    p = torchrun(["-m", "tinydistill"], tmp_path / "part", "--resume", port=29563)
+    assert p.returncode == 0, p.stderr[-3000:]
+    a = torch.load(tmp_path / "full" / "last.pth", weights_only=True)
+    b = torch.load(tmp_path / "part" / "last.pth", weights_only=True)
+    assert a["step"] == b["step"] == 6
+    for key in ("model", "ema"):
+        for n, t in a[key].items():
+            assert torch.equal(t, b[key][n]), (key, n)
+    assert steps(tmp_path / "full") == steps(tmp_path / "part")
+    assert _metrics(tmp_path / "full") == _metrics(tmp_path / "part")
