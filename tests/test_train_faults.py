@@ -183,8 +183,6 @@ def save(path, obj):
             f.truncate(os.path.getsize(path.with_suffix(".tmp")) // 2)  # a write cut half way
         os.kill(os.getpid(), signal.SIGKILL)
     real(path, obj)
-    if path.name == "last.pth" and obj["epoch"] == 0 and fault == "kill-after-save":
-        os.kill(os.getpid(), signal.SIGKILL)  # before epoch 0's metrics row is written
 
 checkpoint.save = save
 from tinydistill.cli import main
@@ -192,20 +190,42 @@ main(sys.argv[2:])
 """
 
 
-@pytest.mark.parametrize("fault", ["kill-during-save", "kill-after-save"])
-def test_kill_9_at_a_checkpoint_then_resume_equals_uninterrupted(unlabeled, full, tmp_path, fault):
+def test_kill_9_during_a_checkpoint_write_then_resume_equals_uninterrupted(unlabeled, full, tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
-    p = subprocess.run([sys.executable, "-c", CHILD, fault, "train-student", *_args(unlabeled, out)],
+    p = subprocess.run([sys.executable, "-c", CHILD, "kill-during-save", "train-student", *_args(unlabeled, out)],
                        capture_output=True, text=True, env=env)
     assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
     ck = torch.load(out / "last.pth", weights_only=True)
     assert ck["epoch"] == 0 and ck["step"] == 6
-    if fault == "kill-during-save":
-        assert (out / "last.tmp").exists()  # what kill -9 leaves; the resumed run replaces it
-        assert len(_metrics(out)) == 1
-    else:
-        assert _metrics(out) == []  # killed between the checkpoint and its row
+    assert (out / "last.tmp").exists()  # what kill -9 leaves; the resumed run replaces it
+    assert len(_metrics(out)) == 1 and len(steps(out)) == 12  # epoch 1's steps were logged, not checkpointed
+    code, errors, output = _in_process(*_args(unlabeled, out, "--resume"))
+    assert code == 0, output
+    _same_as_full(full, out)
+
+
+def test_stop_between_a_checkpoint_and_its_metrics_row_then_resume_equals_uninterrupted(unlabeled, full, tmp_path,
+                                                                                         monkeypatch):
+    """The process ends right after epoch 0's checkpoint, before its row (the files kill -9 would
+    leave: the logs are flushed before every checkpoint): the resume writes the row it kept."""
+    from tinydistill import checkpoint
+
+    real = checkpoint.save
+
+    def save(path, obj):
+        real(path, obj)
+        if path.name == "last.pth" and obj["epoch"] == 0:
+            raise _Kill
+
+    monkeypatch.setattr(checkpoint, "save", save)
+    out = tmp_path / "run"
+    with pytest.raises(_Kill):
+        from tinydistill.train import train_student
+
+        train_student(_small(unlabeled, out, **KW))
+    assert _metrics(out) == [] and torch.load(out / "last.pth", weights_only=True)["epoch"] == 0
+    monkeypatch.setattr(checkpoint, "save", real)
     code, errors, output = _in_process(*_args(unlabeled, out, "--resume"))
     assert code == 0, output
     _same_as_full(full, out)
