@@ -40,7 +40,7 @@ METHODS = ["logits", "logits_attn_offline", "logits_attn_online"]
 
 def common(seed: int) -> dict:
     return dict(data="digits", val_data="digits:val", batch_size=64, workers=1, device="cpu", seed=seed,
-                progress=False, val_crop_pct=1.0, warmup_epochs=2.0, weight_decay=0.05)
+                progress=False, val_crop_pct=1.0, warmup_epochs=2.0, weight_decay=0.05, overwrite=True)
 
 
 def student_config(seed: int, epochs: int) -> TrainConfig:

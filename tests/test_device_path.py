@@ -180,32 +180,73 @@ def test_render_thread_error_is_one_line_naming_the_views(data, monkeypatch):
 
 def test_closing_the_loop_early_stops_the_render_thread_and_workers(data):
     core, _, loader = _encoded_loader(data, batches=12)
-    gen = DeviceRenderer(core, "cpu", unit=48, depth=1)(loader)
+    r = DeviceRenderer(core, "cpu", unit=48, depth=1)
+    gen = r(loader)
     next(gen)
+    assert r.thread.is_alive()  # more units to render: it is still at work
     gen.close()  # what an exception or Ctrl-C in the consuming loop does
-    assert not any(t.name == "tinydistill-render" and t.is_alive() for t in threading.enumerate())
+    assert not r.thread.is_alive()  # this loop's own thread (other tests' are theirs), joined by close()
+
+
+class _Clock:
+    """A clock that moves only when told (``tick``): what a meter measures is then decided by
+    where the ticks fall, not by how fast or loaded the machine is."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+    def tick(self, s):
+        self.now += s
 
 
 def test_meter_counts_waiting_for_the_renderer(data, monkeypatch):
-    """The model's loop waits while the render thread works: main_busy_share must show it."""
-    import time
-
+    """The model's loop waits while the render thread works: main_busy_share must show it.
+    Rendering a unit takes 1 s of a fake clock, and a unit's views reach the render thread only
+    once the loop has used every view before them and asks for more (a semaphore), so all
+    6 s of rendering are waiting; the loop's own work takes 0.5 s a batch. Nothing is timed."""
+    import tinydistill.render_device as render_mod
     from tinydistill.stream import Meter
 
+    clock = _Clock()
+    monkeypatch.setattr(stream_mod, "time", clock)  # Meter's clock
+    monkeypatch.setattr(render_mod, "time", clock)  # the renderer's busy seconds
     core, _, loader = _encoded_loader(data, workers=0)
-    slow = core.render_encoded
+    real = core.render_encoded
+    permits, rendered, used = threading.Semaphore(0), [0], [0]
 
     def render(raw, device):
-        time.sleep(0.4)  # rendering dominates the thread's time, even on a loaded machine
-        return slow(raw, device)
+        clock.tick(1.0)
+        return real(raw, device)
+
+    def source():  # what the render thread reads: a unit (one batch of 48) once the loop asks
+        for raw in loader:
+            permits.acquire()
+            rendered[0] += len(raw)
+            yield raw
+
+    def asking(batches):  # the loop's side: ask for a unit when every view rendered is used
+        while True:
+            if used[0] == rendered[0]:
+                permits.release()
+            try:
+                b = next(batches)
+            except StopIteration:
+                return
+            used[0] += len(b)
+            yield b
 
     monkeypatch.setattr(core, "render_encoded", render)
     r = DeviceRenderer(core, "cpu", unit=48)
     meter = Meter(0, r)
-    for _ in meter(r(loader)):
-        pass
+    for _ in meter(asking(r(source()))):
+        clock.tick(0.5)
     rep = meter.report()
-    assert rep["main_busy_share"] < 0.5 and rep["render_busy_share"] > 0.5 and rep["render_units"] == 6, rep
+    assert rep["render_units"] == 6 and used[0] == 6 * 48
+    assert (rep["wall_s"], rep["wait_s"]) == (9.0, 6.0)
+    assert rep["main_busy_share"] == round(1 - 6 / 9, 3) and rep["render_busy_share"] == round(6 / 9, 3), rep
 
 
 @pytest.mark.slow

@@ -45,7 +45,7 @@ def test_attention_recipe_reaches_both_stages(monkeypatch):
 
     seen = {}
     monkeypatch.setattr(gen, "gen_logits", lambda cfg: seen.setdefault("gen", cfg) and {"rank": 1})
-    monkeypatch.setattr(train, "train_student", lambda cfg: seen.setdefault("train", cfg) and {"rank": 1})
+    monkeypatch.setattr(train, "train_student", lambda cfg, **kw: seen.setdefault("train", cfg) and {"rank": 1})
     recipe = str(next(r for r in RECIPES if r.name == "deit_attention.yaml"))
     for command in ("gen-logits", "train-student"):
         r = CliRunner().invoke(main, [command, "--config", recipe])

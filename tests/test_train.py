@@ -377,24 +377,33 @@ def test_rng_state_covers_every_generator_and_loads_weights_only(tmp_path, monke
     assert draws() == a0
     checkpoint.seed_rng(8)  # seed + rank: another rank draws other masks
     assert all(x != y for x, y in zip(draws(), a0))
-    state = checkpoint.rng_state()
-    assert state["cuda"] == [] or torch.cuda.is_initialized()  # CPU: CUDA untouched, nothing to save
+    state = checkpoint.rng_state("cpu")
+    assert state["cuda"] is None and checkpoint.cuda_rng_device("cpu") is None  # CPU: no CUDA state
     torch.save({"rng": state}, tmp_path / "ck.pth")
     after = draws()
-    checkpoint.set_rng_state(torch.load(tmp_path / "ck.pth", weights_only=True)["rng"])
+    checkpoint.set_rng_state(torch.load(tmp_path / "ck.pth", weights_only=True)["rng"], "cpu")
     assert draws() == after
-    # CUDA generators (what drop-path draws from on a GPU): saved once CUDA is initialised, restored per device
-    fake = [torch.tensor([1, 2], dtype=torch.uint8), torch.tensor([3, 4], dtype=torch.uint8)]
-    restored = {}
-    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: fake)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, i: restored.__setitem__(i, s.tolist()))
-    state = checkpoint.rng_state()
-    torch.save({"rng": state}, tmp_path / "ck2.pth")
-    checkpoint.set_rng_state(torch.load(tmp_path / "ck2.pth", weights_only=True)["rng"])
-    assert restored == {0: [1, 2], 1: [3, 4]}
+
+
+def test_cuda_rng_is_each_ranks_own_device(tmp_path, monkeypatch):
+    """Issue 26.4: a rank saves its own device's CUDA generator and restores it onto the device it
+    runs on after the resume, whatever the device index (not every device's state by index)."""
+    from tinydistill import checkpoint
+
+    assert checkpoint.cuda_rng_device("cuda:1") == torch.device("cuda", 1)
+    states = {1: torch.tensor([1, 2], dtype=torch.uint8), 0: torch.tensor([3, 4], dtype=torch.uint8)}
+    read, restored = [], {}
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda d: read.append(d) or states[d.index])
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, d: restored.__setitem__(d, s.tolist()))
+    state = checkpoint.rng_state(torch.device("cuda:1"))  # rank 1 of a run on cuda:0 and cuda:1
+    assert read == [torch.device("cuda", 1)] and state["cuda"].tolist() == [1, 2]
+    torch.save({"rng": state}, tmp_path / "ck.pth")
+    # resumed where that rank now runs on cuda:0 (another CUDA_VISIBLE_DEVICES or process count)
+    checkpoint.set_rng_state(torch.load(tmp_path / "ck.pth", weights_only=True)["rng"], torch.device("cuda:0"))
+    assert restored == {torch.device("cuda", 0): [1, 2]}
+    restored.clear()  # an older checkpoint (every device's state, by index): the index's
+    checkpoint.set_rng_state({**state, "cuda": [states[0], states[1]]}, "cuda:1")
+    assert restored == {torch.device("cuda", 1): [1, 2]}
 
 
 class _Stop(Exception):
@@ -418,6 +427,7 @@ def test_resume_with_drop_path_matches_uninterrupted_and_amp_is_compared(unlabel
     code, errors, output = _in_process(  # another AMP: the scaler state would not fit
         "--data", unlabeled[0], "--logits", unlabeled[1], "--student", "test_vit", "--model-kwargs", "img_size=16",
         "--model-kwargs", "patch_size=4", "--epochs", "2", "--batch-size", "16", "--workers", "0", "--no-progress",
+        "--lr", "5e-4", "--warmup-epochs", "0.2", "--drop-path", "0.2", "--ema", "0.9", "--log-interval", "4",
         "--out", str(tmp_path / "part"), "--resume", "--amp", "fp16")
     assert code == 1 and len(errors) == 1 and "Traceback" not in output, output
     assert str(tmp_path / "part" / "last.pth") in errors[0] and "--amp none" in errors[0], errors[0]
@@ -429,9 +439,14 @@ def test_resume_with_drop_path_matches_uninterrupted_and_amp_is_compared(unlabel
     for key in ("model", "ema"):
         for n, t in a[key].items():
             assert torch.equal(t, b[key][n]), (key, n)
-    full = {s["step"]: s["loss"] for s in steps(tmp_path / "full")}
-    part = {s["step"]: s["loss"] for s in steps(tmp_path / "part")}  # epoch 1 appended twice: last wins
-    assert full == part
+    assert steps(tmp_path / "full") == steps(tmp_path / "part")  # cut back to the checkpoint: line for line
+    assert _metrics(tmp_path / "full") == _metrics(tmp_path / "part")
+
+
+def _metrics(out):
+    """metrics.jsonl's rows without their timings (seconds, load), which no two runs share."""
+    rows = [json.loads(l) for l in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in ("seconds", "load")} for r in rows]
 
 
 def test_objective_says_when_it_needs_labels():

@@ -12,7 +12,7 @@ from . import __version__
 from .augment import AugSpec
 from .config import GenConfig, TrainConfig, VerifyConfig
 from .options import RecipeError, cli_names, click_options, flags_in, from_options, load_recipe
-from .errors import TinydistillError
+from .errors import Stopped, TinydistillError
 
 
 def _one_line(e: BaseException) -> str:
@@ -24,12 +24,22 @@ def _one_line(e: BaseException) -> str:
     return " ".join(msg.split())
 
 
+class _Exit(click.ClickException):
+    """A one-line message with its own exit status (a run stopped by a signal: 128 + its number)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 class _Group(click.Group):
     """Turns every error a user can cause into a one-line message and exit status 1."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except Stopped as e:  # kept its work and said so: 143 after SIGTERM, 130 after SIGINT, as a killed process
+            raise _Exit(flags_in(_one_line(e)), 128 + e.signum) from None
         except TinydistillError as e:
             err = click.ClickException(flags_in(_one_line(e)))
             err.exit_code = getattr(e, "exit_code", 1)  # 128 + signal for a run stopped by one
@@ -254,7 +264,13 @@ def train_student_cmd(**opts):
     rank = int(os.environ.get("RANK", 0))
     _setup_logging(rank == 0)
     cfg = from_options(TrainConfig, opts, spec=spec_from_options(opts), expect_spec=bool(opts["logits"] and in_recipe))
-    summary = train_student(cfg)
+    from .signals import stop_on_signals
+
+    try:
+        with stop_on_signals() as stop:  # SIGTERM / Ctrl-C: a checkpoint at the step, then one line (Stopped)
+            summary = train_student(cfg, stop=stop)
+    except KeyboardInterrupt:  # during set-up, before anything was trained
+        raise _Exit(f"{cfg.out}: interrupted before training began: nothing new kept", 130) from None
     if rank == 0:
         click.echo(json.dumps(summary))
 

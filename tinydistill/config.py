@@ -119,7 +119,10 @@ class TrainConfig:
     device: str | None = option(None, "cpu or cuda [default: cuda when available].")
     decode: str = decode_option()
     seed: int = option(0, "Student init and the order of every epoch.")
-    resume: bool = option(False, "Continue from DIR/last.pth (model, optimizer, scheduler, EMA, epoch, step).")
+    resume: bool = option(False, "Continue from DIR/last.pth (model, optimizer, scheduler, EMA, epoch, step); "
+                                 "options that change the result must be the checkpoint's.")
+    overwrite: bool = option(False, "Start afresh in an --out that holds a run: its checkpoints and logs "
+                                    "(last.pth, best.pth, metrics.jsonl, steps.jsonl, config.json, tb/) are deleted.")
     cycle_epochs: bool = option(False, "Reuse the store's epochs when --epochs exceeds them.")
     loss: str = option("soft_ce", "soft_ce: TinyViT; kl: KL with temperature; hard: DeiT hard distillation.",
                        type=click.Choice(["soft_ce", "kl", "hard"]))

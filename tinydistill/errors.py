@@ -9,6 +9,15 @@ class TrainError(TinydistillError):
     """A training set-up that cannot run (mismatched store, bad option, missing checkpoint)."""
 
 
+class Stopped(TinydistillError):
+    """A run stopped on request (SIGTERM, SIGINT) after keeping its work; ``signum`` says which."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum  # as a process killed by the signal
+
+
 class StoreError(TinydistillError):
     """The path is not a usable logit store."""
 

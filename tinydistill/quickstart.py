@@ -36,7 +36,8 @@ def quickstart(out: str, seed: int = 0, epochs: int = 30, teacher_epochs: int = 
     t0 = time.time()
     timings = {}
     common = dict(data="digits", val_data="digits:val", batch_size=64, workers=workers, device=device,
-                  seed=seed, progress=progress, val_crop_pct=1.0, warmup_epochs=2.0, weight_decay=0.05)
+                  seed=seed, progress=progress, val_crop_pct=1.0, warmup_epochs=2.0, weight_decay=0.05,
+                  overwrite=True)  # a re-run replaces the last one's runs, as it does the store
 
     log.info("[1/5] teacher: %s, supervised, %d epochs", TEACHER, teacher_epochs)
     t = time.time()

@@ -80,6 +80,7 @@ class DeviceRenderer:
                 put(e)
 
         thread = threading.Thread(target=work, name="tinydistill-render", daemon=True)
+        self.thread = thread  # the last call's thread: closing the generator joins it
         thread.start()
         try:
             while True:
@@ -97,7 +98,7 @@ class DeviceRenderer:
             shutdown = getattr(source, "_shutdown_workers", None)
             if thread.is_alive() and shutdown is not None:
                 shutdown()  # a thread waiting on a worker's batch gets an error and ends
-            thread.join(timeout=30)
+            thread.join()  # it checks `stop` at least every 0.1 s; after this, it has ended
 
     def _render_unit(self, parts: list[Encoded], streams: SideStream):
         t0 = time.perf_counter()

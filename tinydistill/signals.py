@@ -1,9 +1,17 @@
-"""Stop requests as exceptions, so every command's clean-up runs and it can say what it kept.
+"""Stop requests from signals, so a command keeps its work and says what it kept.
 
-Clusters preempt with SIGTERM, then SIGKILL after a grace period (SLURM: ``--signal``, 30-60 s
-by default). Python's default for SIGTERM is to die on the spot; within :func:`stop_on` the
-signal instead raises :class:`Terminated`, a KeyboardInterrupt, so the code that already
-cleans up after Ctrl-C cleans up after a preemption notice too.
+Clusters preempt with SIGTERM, then SIGKILL after a grace period (SLURM: ``--signal``). Python's
+default for SIGTERM is to die on the spot. Two ways to stop cleanly instead:
+
+- :func:`stop_on` (gen-logits): the signal raises :class:`Terminated`, a KeyboardInterrupt, in
+  the main thread, so the code that already cleans up after Ctrl-C cleans up after a
+  preemption notice too (whole units are written, the rest dropped).
+- :func:`stop_on_signals` (train-student): SIGTERM and the first Ctrl-C set a
+  :class:`StopRequest` that the loop reads between steps, so it can checkpoint at the step; a
+  second Ctrl-C interrupts at once.
+
+Either ends in :class:`~tinydistill.errors.Stopped`, which the CLI turns into one line and
+exit status 128 + the signal's number. Library calls keep Python's default handlers.
 """
 
 from __future__ import annotations
@@ -12,7 +20,7 @@ import contextlib
 import signal
 import threading
 
-from .errors import TinydistillError
+from .errors import Stopped  # noqa: F401  (re-exported: the exception every stopped command raises)
 
 
 class Terminated(KeyboardInterrupt):
@@ -21,15 +29,6 @@ class Terminated(KeyboardInterrupt):
     def __init__(self, signum: int):
         super().__init__(name(signum))
         self.signum = signum
-
-
-class Stopped(TinydistillError):
-    """A command stopped by a signal, after keeping what it could; the CLI exits 128 + signum."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.signum = signum
-        self.exit_code = 128 + signum
 
 
 def name(signum: int) -> str:
@@ -61,6 +60,48 @@ def stop_on(*signums: int):
         yield
     finally:
         for s, h in before.items():
+            signal.signal(s, h)
+
+
+class StopRequest:
+    """Which signal asked the run to stop (``signum``), or None. ``is_set()`` is what the
+    loops read: a plain attribute, no system call."""
+
+    def __init__(self):
+        self.signum: int | None = None
+
+    def is_set(self) -> bool:
+        return self.signum is not None
+
+    def set(self, signum: int = signal.SIGTERM) -> None:
+        if self.signum is None:
+            self.signum = int(signum)
+
+    @property
+    def name(self) -> str:
+        return name(self.signum) if self.signum else ""
+
+
+@contextlib.contextmanager
+def stop_on_signals(signums=(signal.SIGTERM, signal.SIGINT)):
+    """Within the block, the signals in ``signums`` set the yielded :class:`StopRequest`
+    instead of ending the process; the old handlers come back after it. A second SIGINT
+    raises KeyboardInterrupt (the user insists). Outside the main thread: no handlers."""
+    stop = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum, frame):
+        if signum == signal.SIGINT and stop.signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop.set(signum)
+
+    old = {s: signal.signal(s, handler) for s in signums}
+    try:
+        yield stop
+    finally:
+        for s, h in old.items():
             signal.signal(s, h)
 
 

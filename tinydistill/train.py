@@ -14,6 +14,9 @@ import dataclasses
 import json
 import logging
 import math
+import os
+import shutil
+import signal
 import sys
 import time
 from dataclasses import asdict
@@ -24,7 +27,7 @@ import numpy as np
 import torch
 
 from .config import TrainConfig, parse_kv  # noqa: F401  (TrainConfig is this stage's config)
-from .errors import TrainError, one_line
+from .errors import Stopped, TrainError, one_line
 from . import checkpoint, dist
 from .losses import DistillLoss, Objective, mixed_labels
 from .sources import open_source
@@ -32,6 +35,7 @@ from .nodecache import node_local
 from .batch import Batch
 from .ranktargets import RankTargets
 from .render_device import DeviceRenderer
+from .signals import ignore_in_worker
 from .stream import Meter, ViewStream, epoch_order, train_items
 from .traintargets import target_provider
 from .views import Views, prepare
@@ -118,11 +122,38 @@ def create_student(cfg: TrainConfig, num_classes: int, input_size: int):
                          f"({one_line(e)})") from e
 
 
-def _val_loader(cfg: TrainConfig, input_size: int, mean, std, crop_pct: float, world: int, rank: int):
+def val_labels(source, head_names: list[str], head: str) -> np.ndarray:
+    """The labels of ``source`` (validation data) as ids of the student's head, whose classes
+    are ``head_names`` (the store's, or the training data's): matched by class name, so a
+    validation set with other classes, fewer, or another order is scored against the right
+    ids. A class the head does not have is refused in one line (``head`` names where the
+    head's classes come from)."""
+    labels = np.asarray(source.labels)
+    names = [str(n) for n in source.class_names]
+    head_names = [str(n) for n in head_names]
+    if names == head_names[:len(names)]:
+        return labels
+    pos = {n: i for i, n in reversed(list(enumerate(head_names)))}
+    used = [names[i] for i in np.unique(labels[labels >= 0])]
+    missing = [n for n in used if n not in pos]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise TrainError(f"{source.name}: `val_data` class(es) {', '.join(repr(n) for n in missing[:3])}{more} are not "
+                         f"among the {len(head_names)} classes of {head}; validate on data whose class names are "
+                         "the training classes'")
+    log.info("%s: validation classes matched to the student's by name (%d of %d classes)", source.name,
+             len(used), len(head_names))
+    ids = np.array([pos.get(n, -1) for n in names] + [-1], dtype=np.int64)
+    return ids[labels]  # label -1 (none) stays -1
+
+
+def _val_loader(cfg: TrainConfig, input_size: int, mean, std, crop_pct: float, world: int, rank: int,
+                head_names: list[str], head: str):
     from timm.data.transforms_factory import transforms_imagenet_eval
 
     source = open_source(cfg.val_data)
     require_labels(source, "`val_data` (top-1/top-5)")
+    labels = val_labels(source, head_names, head)
     tf = transforms_imagenet_eval(img_size=input_size, crop_pct=crop_pct, mean=mean, std=std, interpolation="bicubic")
 
     class _Val(torch.utils.data.IterableDataset):
@@ -135,9 +166,10 @@ def _val_loader(cfg: TrainConfig, input_size: int, mean, std, crop_pct: float, w
             for r, img in source.read(parts.tolist()):
                 if isinstance(img, Exception):
                     raise img
-                yield tf(img.convert("RGB")), int(source.labels[r])
+                yield tf(img.convert("RGB")), int(labels[r])
 
-    loader = torch.utils.data.DataLoader(_Val(), batch_size=max(cfg.batch_size, 64), num_workers=min(cfg.workers, 4))
+    loader = torch.utils.data.DataLoader(_Val(), batch_size=max(cfg.batch_size, 64), num_workers=min(cfg.workers, 4),
+                                         worker_init_fn=ignore_in_worker)
     return loader, source
 
 
@@ -209,15 +241,26 @@ class StepLosses:
     writes the steps' lines to steps.jsonl and raises the one-line error at the first non-finite
     loss (under DDP every rank raises when any rank saw one: the ranks read at the same steps).
     Named terms of the loss (``parts``, e.g. ``attention_loss``) are read with it and written
-    beside it; :attr:`part_sums` adds them up over the epoch."""
+    beside it; :attr:`part_sums` adds them up over the epoch (one value at a time, so the sums
+    do not depend on where the reads fell: a run resumed mid-epoch ends with the same sums).
+    A read is also where the ranks agree to stop (:attr:`stop_any`): a rank asked to stop
+    (a signal) tells the others in the reduction the read already makes."""
 
-    def __init__(self, epoch: int, steps_f, world: int = 1):
+    def __init__(self, epoch: int, steps_f, world: int = 1, sums: dict | None = None):
         self.epoch, self.steps_f, self.world = epoch, steps_f, world
         self.losses: list[torch.Tensor] = []  # device tensors (the loss, then its parts), not yet read
         self.meta: list[tuple[int, float]] = []  # (step, lr) of each
         self.names: list[str] = []  # the parts' names
         self.sum, self.count, self.last = 0.0, 0, float("nan")
         self.part_sums: dict[str, float] = {}
+        self.stop_any = False
+        if sums:  # a part-done epoch's, from a checkpoint
+            self.sum, self.count, self.last = sums["loss_sum"], sums["loss_count"], sums["loss_last"]
+            self.part_sums = dict(sums["part_sums"])
+
+    def sums(self) -> dict:
+        return {"loss_sum": self.sum, "loss_count": self.count, "loss_last": self.last,
+                "part_sums": dict(self.part_sums)}
 
     def __len__(self) -> int:
         return len(self.losses)
@@ -228,15 +271,21 @@ class StepLosses:
                            if parts else loss.detach().float().reshape(1))
         self.meta.append((step, lr))
 
-    def read(self) -> float:
-        """Read the pending losses (the host sync); returns the last step's loss."""
+    def read(self, stop: bool = False) -> float:
+        """Read the pending losses (the host sync); returns the last step's loss. ``stop``:
+        this rank was asked to stop; :attr:`stop_any` then says whether any rank was."""
         if not self.losses:
+            self.stop_any = stop
             return self.last
         rows = torch.stack(self.losses).cpu().tolist()
         values = [r[0] for r in rows]
         meta, self.losses, self.meta = self.meta, [], []
         bad = next(((s, v) for (s, _), v in zip(meta, values) if not math.isfinite(v)), None)
-        elsewhere = self.world > 1 and dist.all_reduce([float(bad is not None)])[0] > 0
+        elsewhere, self.stop_any = float(bad is not None), stop
+        if self.world > 1:
+            elsewhere, stops = dist.all_reduce([elsewhere, float(stop)])
+            self.stop_any = stops > 0
+        elsewhere = self.world > 1 and elsewhere > 0
         for (s, lr), r in zip(meta, rows):
             if bad is not None and s == bad[0]:
                 break
@@ -248,9 +297,11 @@ class StepLosses:
         if elsewhere:
             raise TrainError(f"epoch {self.epoch}: another rank's loss is not finite by step {meta[-1][0]}; "
                              "lower `lr` or check the store")
-        self.sum, self.count, self.last = self.sum + sum(values), self.count + len(values), values[-1]
-        for j, name in enumerate(self.names):
-            self.part_sums[name] = self.part_sums.get(name, 0.0) + sum(r[1 + j] for r in rows)
+        for r in rows:
+            self.sum += r[0]
+            for j, name in enumerate(self.names):
+                self.part_sums[name] = self.part_sums.get(name, 0.0) + r[1 + j]
+        self.count, self.last = self.count + len(values), values[-1]
         return self.last
 
 
@@ -279,16 +330,19 @@ class _Run:
     mean: tuple
     std: tuple
     val: Any  # the validation loader, or None
+    min_rows: int = 1  # views a training step needs: 2 for a student with BatchNorm
     step: int = 0
     best: float = -1.0
+    saved: tuple | None = None  # (epoch, step, whole epoch?) of the last checkpoint, None before the first
 
     @property
     def view_seed(self) -> int:
         return self.core.base_seed
 
 
-def _build(cfg: TrainConfig) -> tuple[_Run, int]:
-    """Source, store, student, optimizer and the rest from a resolved config; (run, first epoch)."""
+def _build(cfg: TrainConfig) -> tuple[_Run, int, dict | None, dict | None]:
+    """Source, store, student, optimizer and the rest from a resolved config; (run, first epoch,
+    this rank's place in a part-done first epoch or None, the checkpoint resumed or None)."""
     from timm.data import resolve_data_config
     from timm.optim import create_optimizer_v2
     from timm.scheduler import CosineLRScheduler
@@ -300,6 +354,7 @@ def _build(cfg: TrainConfig) -> tuple[_Run, int]:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise TrainError(f"{cfg.out}: cannot create output directory ({e.strerror})") from e
+    ck = _check_out(cfg, out)
     source = open_source(cfg.data)
     store, spec, view_seed, num_classes, teacher = _views_and_targets(cfg, source, device)
     if cfg.num_classes is not None and cfg.num_classes != num_classes:
@@ -316,7 +371,8 @@ def _build(cfg: TrainConfig) -> tuple[_Run, int]:
     distilled = hasattr(model, "set_distilled_training")
     model.to(device)
     optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = max(1, math.ceil(len(source) / (cfg.batch_size * world)))
+    min_rows = 2 if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()) else 1
+    steps_per_epoch = len(_epoch_batches(len(source), cfg.batch_size, world, min_rows))
     parts = {"model": model, "optimizer": optimizer,
              "scheduler": CosineLRScheduler(optimizer, t_initial=cfg.epochs * steps_per_epoch, lr_min=cfg.min_lr,
                                             warmup_lr_init=cfg.warmup_lr, t_in_epochs=False,
@@ -331,18 +387,71 @@ def _build(cfg: TrainConfig) -> tuple[_Run, int]:
     use_labels = objective.needs_labels(two_heads=distilled)  # pure distillation trains on unlabeled data
     if use_labels:
         require_labels(source, _labels_needed_by(cfg, distilled))
-    start, step, best = (checkpoint.resume(out / "last.pth", cfg, parts, rank, world) if cfg.resume
-                         else (0, 0, -1.0))
+    start, step, best, partial = (checkpoint.resume(out / "last.pth", ck, parts, rank, world, cfg.seed, device)
+                                  if ck is not None else (0, 0, -1.0, None))
     ddp = model
     if world > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     mean, std = data_cfg["mean"], data_cfg["std"]
     val = None
     if cfg.val_data:
-        val, _ = _val_loader(cfg, input_size, mean, std, cfg.val_crop_pct or data_cfg.get("crop_pct", 0.875), world, rank)
+        if store is not None:
+            head_names, head = store.class_names, f"the store {cfg.logits}"
+        elif teacher is not None and teacher.class_names and teacher.num_classes != source.num_classes:
+            head_names, head = teacher.class_names, f"the teacher {cfg.online_teacher}"
+        else:
+            head_names, head = source.class_names, f"the training data {cfg.data}"
+        val, _ = _val_loader(cfg, input_size, mean, std, cfg.val_crop_pct or data_cfg.get("crop_pct", 0.875), world,
+                             rank, head_names, head)
     core = Views(source, spec, view_seed, skip_bad=store is not None, device=device, decode=cfg.decode)
-    return _Run(cfg, rank, world, device, out, source, store, tap, core, num_classes, input_size, model, ddp, parts,
-                targets, objective, use_labels, distilled, mean, std, val, step, best), start
+    run = _Run(cfg, rank, world, device, out, source, store, tap, core, num_classes, input_size, model, ddp, parts,
+               targets, objective, use_labels, distilled, mean, std, val, min_rows, step, best)
+    if ck is not None:
+        run.saved = (ck["epoch"] if partial is None else ck["epoch"] + 1, ck["step"], partial is None)
+    return run, start, partial, ck
+
+
+RUN_FILES = ("last.pth", "best.pth", "last.tmp", "best.tmp", "metrics.jsonl", "steps.jsonl", "config.json", "tb")
+
+
+def _check_out(cfg: TrainConfig, out: Path) -> dict | None:
+    """Refuse to train over a run (one line naming `resume` and `overwrite`); with `resume`,
+    load its checkpoint and refuse a changed option that changes the result. Returns the
+    checkpoint (resume) or None. Nothing is deleted here: `overwrite` clears the old run only
+    once the new one has passed its checks (:class:`_Logs`)."""
+    if cfg.resume and cfg.overwrite:
+        raise TrainError("`resume` and `overwrite` exclude each other")
+    last = out / "last.pth"
+    if not cfg.resume:
+        if last.exists() and not cfg.overwrite:
+            raise TrainError(f"{out}: holds a training run (last.pth); pass `resume` to continue it or `overwrite` "
+                             "to start afresh (deleting it)")
+        return None
+    ck = checkpoint.load(last)
+    checkpoint.check_config(last, ck, _compared(_cfg_dict(cfg)), _compared(checkpoint.config_defaults(TrainConfig)))
+    return ck
+
+
+def _compared(config: dict) -> dict:
+    """A config dict (:func:`_cfg_dict`) as a resume compares it: the augmentation options
+    (``spec``) as options of their own, but only without a store (a store replays its own
+    views: its path is what is compared)."""
+    d = dict(config)
+    spec = d.pop("spec", None) or {}
+    if not d.get("logits"):
+        d.update(spec)
+    return d
+
+
+def _epoch_batches(num_rows: int, batch_size: int, world: int, min_rows: int) -> list[int]:
+    """The global batches of an epoch, as row counts: full batches of ``batch_size * world``,
+    then the rest when it gives every rank at least ``min_rows`` views (2 for a BatchNorm
+    student, which cannot train on one view), else the rest is left out of that epoch (each
+    epoch's order is fresh, so other rows are left out each time). It depends only on the
+    row count, batch size and world size: every rank and every worker count cuts the same."""
+    step = batch_size * world
+    full, rest = divmod(num_rows, step)
+    return [step] * full + ([rest] if rest >= min_rows * world else [])
 
 
 def _step(run: _Run, batch: Batch) -> tuple[torch.Tensor, dict]:
@@ -379,8 +488,10 @@ def _step(run: _Run, batch: Batch) -> tuple[torch.Tensor, dict]:
     return loss, parts
 
 
-def _epoch(run: _Run, epoch: int, logs: "_Logs", on_step) -> dict:
-    """One epoch over a fresh order of all rows; returns its metrics row."""
+def _epoch(run: _Run, epoch: int, logs: "_Logs", on_step, stop=None, partial: dict | None = None) -> tuple[dict, dict | None]:
+    """One epoch over a fresh order of all rows, from its start or, resumed, from a checkpoint's
+    place in it (``partial``); returns (its metrics row, None), or, when asked to ``stop``
+    (:class:`~tinydistill.signals.StopRequest`), (partial row, this rank's place) at the step."""
     from tqdm import tqdm
 
     cfg, t0 = run.cfg, time.time()
@@ -388,63 +499,103 @@ def _epoch(run: _Run, epoch: int, logs: "_Logs", on_step) -> dict:
     view_epoch = epoch % run.store.epochs if run.store is not None else epoch
     spec = run.core.spec
     order = epoch_order(len(run.source), spec.mix_group, spec.mixing, run.view_seed, view_epoch, cfg.seed, epoch)
+    order = order[:sum(_epoch_batches(len(order), cfg.batch_size, run.world, run.min_rows))]
     items = train_items(order, view_epoch, cfg.batch_size, run.world, run.rank)
+    total, done = len(items), (partial or {}).get("seen", 0)
+    items = items[done:]  # resumed mid-epoch: the batches not yet trained on
     stream = ViewStream(run.core, items)  # the torch renderer: workers ship bytes + records
     # each chunk once per rank; from object storage through a node-local mirror (once per node)
     joined = RankTargets(node_local(run.store, view_epoch), items) if run.store is not None else None
+    # the loader's own generator: creating it draws nothing from the generators a checkpoint
+    # restores, so a run resumed mid-epoch draws (drop-path) what an uninterrupted one does
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.workers,
                                          pin_memory=run.device.type == "cuda",
-                                         prefetch_factor=4 if cfg.workers else None)
+                                         prefetch_factor=4 if cfg.workers else None,
+                                         worker_init_fn=ignore_in_worker,
+                                         generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
     renderer = DeviceRenderer(run.core, run.device) if stream.encoded else None
     meter = Meter(cfg.workers, renderer)
     run.model.train()
     if run.distilled:
         run.model.set_distilled_training(True)
-    bar = tqdm(total=len(stream), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", file=sys.stderr,
+    bar = tqdm(total=total, initial=done, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", file=sys.stderr,
                disable=not (cfg.progress and run.rank == 0), dynamic_ncols=True)
-    losses, views, seen, nan_views, bad_views = StepLosses(epoch, logs.steps_f, run.world), 0, 0, 0, 0
+    p = partial or {}
+    losses = StepLosses(epoch, logs.steps_f, run.world, p.get("losses"))
+    seen, stopping = done, False
+    views, nan_views, bad_views, lone_views = (p.get(k, 0) for k in ("views", "nan_views", "bad_views", "lone_views"))
+    rendered = renderer(loader) if renderer else None
+    batches = meter(rendered if rendered is not None else loader)
     try:
-        for batch in meter(renderer(loader) if renderer else loader):
+        for batch in batches:
             batch = joined.join(batch) if joined is not None else batch
             seen += 1
             keep, n_nan, n_bad = _dropped(batch)  # unreadable images, NaN targets: CPU masks, no device sync
             if keep is not None:
                 nan_views, bad_views = nan_views + n_nan, bad_views + n_bad
-                if not len(keep) and run.world == 1:  # nothing to learn from: no step
+                batch = batch.select(keep)
+            if len(batch) < run.min_rows:  # no view left, or one a BatchNorm student cannot train on
+                lone_views += len(batch)
+                if run.world == 1:  # nothing to learn from: no step
                     bar.update(1)
+                    if stop is not None and stop.is_set() and seen < total:
+                        losses.read()
+                        stopping = True
+                        break
                     continue
-                batch = batch.select(keep)  # under DDP an empty batch still steps, with the other ranks
+                batch = batch.select(torch.zeros(0, dtype=torch.int64))  # DDP: an empty step, with the other ranks
             loss, parts = _step(run, batch)
             lr = run.parts["optimizer"].param_groups[0]["lr"]
             losses.add(loss, run.step, lr, parts)  # no host sync: read every `log_interval` steps
             views += len(batch)
             bar.update(1)
             info = {"epoch": epoch, "step": run.step, "views": len(batch)}
-            if len(losses) >= cfg.log_interval or seen >= len(stream):
-                info["loss"] = losses.read()
+            asked = stop is not None and stop.is_set()
+            if len(losses) >= cfg.log_interval or seen >= total:
+                info["loss"] = losses.read(asked)
+                stopping = losses.stop_any  # under DDP the ranks agree here, at a read
                 bar.set_postfix(loss=f"{info['loss']:.4f}", lr=f"{lr:.2e}")
+            elif asked and run.world == 1:  # one process: stop at this step
+                info["loss"] = losses.read()
+                stopping = True
             if on_step is not None:
                 on_step(info)
+            if stopping and seen < total:
+                break
         losses.read()  # the epoch's last steps (when the stream yielded more batches than it said)
     finally:
+        batches.close()  # the render thread and the workers end here, not when garbage is collected
+        if rendered is not None:
+            rendered.close()
         bar.close()
         if joined is not None:
             joined.close()
-    views, nan_views, bad_views = (int(v) for v in dist.all_reduce([views, nan_views, bad_views]))
+    seconds = p.get("seconds", 0.0) + time.time() - t0
+    if stopping and seen < total:  # this rank's place in the epoch, for a checkpoint at this step
+        return {"epoch": epoch, "step": run.step}, {
+            "seen": seen, "views": views, "nan_views": nan_views, "bad_views": bad_views, "lone_views": lone_views,
+            "losses": losses.sums(), "seconds": seconds}
+    views, nan_views, bad_views, lone_views = (int(v) for v in dist.all_reduce([views, nan_views, bad_views,
+                                                                                lone_views]))
     if run.rank == 0 and nan_views + bad_views:
         log.warning("%s: epoch %d: %d views dropped from training: %d with NaN targets (views gen-logits skipped: "
                     "unreadable images or non-finite teacher outputs, e.g. an fp16 teacher that overflowed), "
                     "%d with images unreadable now", cfg.logits or cfg.data, epoch, nan_views + bad_views,
                     nan_views, bad_views)
-    return {"epoch": epoch, "step": run.step, "train_loss": losses.sum / max(losses.count, 1),
-            **{f"train_{name}": v / max(losses.count, 1) for name, v in losses.part_sums.items()},
-            "lr": run.parts["optimizer"].param_groups[0]["lr"], "views": views,
-            "dropped_views": nan_views + bad_views, "nan_target_views": nan_views, "unreadable_views": bad_views,
-            "seconds": round(time.time() - t0, 2), "load": meter.report()}
+    row = {"epoch": epoch, "step": run.step, "train_loss": losses.sum / max(losses.count, 1),
+           **{f"train_{name}": v / max(losses.count, 1) for name, v in losses.part_sums.items()},
+           "lr": run.parts["optimizer"].param_groups[0]["lr"], "views": views,
+           "dropped_views": nan_views + bad_views + lone_views, "nan_target_views": nan_views,
+           "unreadable_views": bad_views, "seconds": round(seconds, 2), "load": meter.report()}
+    if run.min_rows > 1:
+        row["lone_views"] = lone_views  # left alone in a batch by dropped views: BatchNorm needs 2
+    return row, None
 
 
 def _end_epoch(run: _Run, row: dict, logs: "_Logs") -> None:
-    """Validate, log the epoch's row, and save the checkpoints (every rank takes part)."""
+    """Validate, save the checkpoints, then log the epoch's row (every rank takes part): the row
+    is written only once the checkpoint that holds its epoch is, and the checkpoint keeps the row
+    too, so a run stopped anywhere in between resumes to the same logs."""
     amp = dist.amp_dtype(run.cfg.amp)
     if run.val is not None:
         if run.distilled:
@@ -454,36 +605,65 @@ def _end_epoch(run: _Run, row: dict, logs: "_Logs") -> None:
             ema = run.parts["ema"].module
             row.update({f"ema_val_{k}": v for k, v in evaluate(ema, run.val, run.device, amp).items()})
     score = max(row.get("val_top1", -1.0), row.get("ema_val_top1", -1.0))
-    rngs = dist.gather_parts(checkpoint.rng_state(), 0)  # every rank's generators (all ranks call it)
-    if run.rank == 0:
-        logs.write(row)
-        ck = {name: obj.state_dict() if obj is not None else None for name, obj in run.parts.items()}
-        ck.update(epoch=row["epoch"], step=run.step, best=max(run.best, score), rng=rngs[0], rng_ranks=rngs,
-                  amp=run.cfg.amp, config=_cfg_dict(run.cfg), num_classes=run.num_classes, input_size=run.input_size)
-        checkpoint.save(run.out / "last.pth", ck)
-        if score > run.best:
-            checkpoint.save(run.out / "best.pth", ck)
+    _save(run, row["epoch"], logs, row=row, best=score > run.best)
     run.best = max(run.best, score)
     log.info("epoch %d: %s", row["epoch"], json.dumps(row))
     dist.barrier()
 
 
+def _save(run: _Run, epoch: int, logs: "_Logs", row: dict | None = None, best: bool = False,
+          partial: dict | None = None) -> None:
+    """Save last.pth (and best.pth when ``best``) at this step: after a whole epoch (its
+    metrics ``row``), or during one (``partial``: every rank's place in it). Every rank takes
+    part (the RNG states and places are gathered); rank 0 writes."""
+    rngs = dist.gather_parts(checkpoint.rng_state(run.device), 0)  # every rank's generators (all ranks call it)
+    places = dist.gather_parts(partial, 0) if partial is not None else None
+    if run.rank == 0:
+        logs.flush()  # steps.jsonl holds every step the checkpoint holds
+        ck = {name: obj.state_dict() if obj is not None else None for name, obj in run.parts.items()}
+        ck.update(epoch=epoch if partial is None else epoch - 1, step=run.step, partial=places, metrics=row,
+                  best=max(run.best, row.get("val_top1", -1.0), row.get("ema_val_top1", -1.0)) if row else run.best,
+                  rng=rngs[0], rng_ranks=rngs, amp=run.cfg.amp, config=_cfg_dict(run.cfg),
+                  num_classes=run.num_classes, input_size=run.input_size)
+        if best:  # best first: a failure between the two leaves last.pth (and the logs) one epoch back
+            checkpoint.save(run.out / "best.pth", ck)
+        checkpoint.save(run.out / "last.pth", ck)
+        if row is not None:
+            logs.write(row)
+    run.saved = (epoch, run.step, partial is None)
+
+
 class _Logs:
     """Rank 0's records: metrics.jsonl (a row per epoch), steps.jsonl (a line per step),
-    TensorBoard when installed, and config.json."""
+    TensorBoard when installed, and config.json. A fresh run clears an old run's files (only
+    `overwrite` lets it start over a checkpoint); a resumed run cuts its logs back to the
+    checkpoint's step, so they read as an uninterrupted run's, line for line, whatever stopped
+    it (kill -9, a full disk, a signal). config.json is written once, when the run starts."""
 
-    def __init__(self, run: _Run):
+    def __init__(self, run: _Run, ck: dict | None = None):
         lead = run.rank == 0
-        self.metrics_f = open(run.out / "metrics.jsonl", "a") if lead else None
-        self.steps_f = open(run.out / "steps.jsonl", "a") if lead else None
-        self.tb = _tensorboard(run.out) if lead else None
-        if lead:
+        self.metrics_f = self.steps_f = self.tb = None
+        if not lead:
+            return
+        if ck is None:
+            _clear(run.out, overwrite=run.cfg.overwrite)
+        else:
+            _cut(run.out / "steps.jsonl", ck["step"])
+            _cut(run.out / "metrics.jsonl", ck["step"], ck.get("metrics"))
+        self.metrics_f = open(run.out / "metrics.jsonl", "a")
+        self.steps_f = open(run.out / "steps.jsonl", "a")
+        self.tb = _tensorboard(run.out, purge_step=ck["epoch"] + 1 if ck is not None else None)
+        if not (run.out / "config.json").exists():
             (run.out / "config.json").write_text(json.dumps(_cfg_dict(run.cfg), indent=1, default=str))
+
+    def flush(self) -> None:
+        for f in (self.metrics_f, self.steps_f):
+            f.flush()
+            os.fsync(f.fileno())
 
     def write(self, row: dict) -> None:
         self.metrics_f.write(json.dumps(row) + "\n")
-        self.metrics_f.flush()
-        self.steps_f.flush()
+        self.flush()
         if self.tb is not None:
             for k, v in row.items():
                 if isinstance(v, (int, float)) and k != "epoch":
@@ -497,25 +677,89 @@ class _Logs:
             self.tb.close()
 
 
+def _clear(out: Path, overwrite: bool) -> None:
+    """Delete the files of an old run in ``out`` (only these: other files stay)."""
+    found = [n for n in RUN_FILES if (out / n).exists()]
+    if found and not overwrite:  # logs of a run that stopped before its first checkpoint: nothing to resume
+        log.info("%s: starting afresh (the run here saved no checkpoint): replacing %s", out, ", ".join(found))
+    for n in found:
+        shutil.rmtree(out / n) if (out / n).is_dir() else (out / n).unlink()
+
+
+def _cut(path: Path, step: int, last_row: dict | None = None) -> None:
+    """Keep the lines of a JSONL log up to ``step`` (a line torn by a kill ends it), then
+    ``last_row`` if the log lacks it (a run stopped between its checkpoint and its row)."""
+    tmp, last = path.with_suffix(".cut"), None
+    with open(tmp, "w") as out:
+        if path.exists():
+            with open(path) as f:
+                for line in f:
+                    try:
+                        rec = json.loads(line)
+                    except ValueError:
+                        break
+                    if rec["step"] > step:
+                        break
+                    out.write(line if line.endswith("\n") else line + "\n")
+                    last = rec
+        if last_row is not None and (last is None or last["epoch"] != last_row["epoch"]):
+            out.write(json.dumps(last_row) + "\n")
+    os.replace(tmp, path)
+
+
 @dist.keeps_threads
-def train_student(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> dict[str, Any]:
+def train_student(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None, stop=None) -> dict[str, Any]:
     """Train ``cfg.student``; returns the last epoch's metrics. ``on_step`` (optional) is
     called after every optimizer step with ``{"epoch", "step", "views"}``, plus ``"loss"`` (that
     step's) at the steps where the losses are read back from the device: every ``log_interval``
     steps and the last step of each epoch. There the step has finished on the device; elsewhere
-    it may only be queued (the loop does not wait for the GPU between reads)."""
+    it may only be queued (the loop does not wait for the GPU between reads).
+
+    ``stop`` (optional, a :class:`~tinydistill.signals.StopRequest`, set by SIGTERM or SIGINT
+    in the CLI): once set, the run saves a checkpoint at the current step (one process: the
+    step in progress; under torchrun: the next loss read, at most `log_interval` steps on, where
+    the ranks agree) and raises :class:`~tinydistill.errors.Stopped`; resumed, it goes on to the
+    same losses as an uninterrupted run. KeyboardInterrupt (a second Ctrl-C) also ends in
+    Stopped, naming what the last checkpoint kept."""
     cfg = resolve(cfg)
-    run, start = _build(cfg)
-    logs = _Logs(run)
+    run, start, partial, ck = _build(cfg)
+    logs = _Logs(run, ck)
     summary: dict = {}
     try:
         for epoch in range(start, cfg.epochs):
-            summary = _epoch(run, epoch, logs, on_step)
+            if _stop_agreed(run, stop):  # asked during the last validation or checkpoint: that one is kept
+                raise _stopped(run, stop.signum, "")
+            summary, place = _epoch(run, epoch, logs, on_step, stop, partial)
+            partial = None
+            if place is not None:
+                _save(run, epoch, logs, partial=place)
+                dist.barrier()  # no rank exits (and makes torchrun stop the others) before rank 0 has saved
+                raise _stopped(run, stop.signum, f" at epoch {epoch} step {run.step}")
             _end_epoch(run, summary, logs)
+    except KeyboardInterrupt:
+        raise _stopped(run, signal.SIGINT, "") from None
     finally:
         logs.close()
     return {"out": str(run.out), "epochs": cfg.epochs, "best_val_top1": run.best if run.best >= 0 else None,
             "mode": "no_kd" if cfg.no_kd else ("online" if cfg.online_teacher else "offline"), **summary}
+
+
+def _stop_agreed(run: _Run, stop) -> bool:
+    """Whether any rank was asked to stop (one reduction per epoch under torchrun)."""
+    asked = stop is not None and stop.is_set()
+    return dist.all_reduce([float(asked)])[0] > 0 if run.world > 1 else asked
+
+
+def _stopped(run: _Run, signum: int, where: str) -> Stopped:
+    """The one-line message of a stopped run: what its last checkpoint kept, and how to go on."""
+    name = signal.Signals(signum).name
+    if run.saved is None:
+        return Stopped(f"{run.out}: stopped by {name}{where} before the first checkpoint: nothing kept; run the "
+                       "same command again to start over", signum)
+    epoch, step, whole = run.saved
+    kept = f"end of epoch {epoch}, step {step}" if whole else f"epoch {epoch}, step {step}"
+    return Stopped(f"{run.out}: stopped by {name}{where}; kept last.pth ({kept}) and the logs up to it: continue "
+                   "with the same command and `resume`", signum)
 
 
 def _cfg_dict(cfg: TrainConfig) -> dict:
@@ -524,9 +768,11 @@ def _cfg_dict(cfg: TrainConfig) -> dict:
     return d
 
 
-def _tensorboard(out: Path):
+def _tensorboard(out: Path, purge_step: int | None = None):
+    """A SummaryWriter in out/tb (None without tensorboard); ``purge_step``: a resumed run's
+    first epoch (events from it on, written before the stop, are dropped)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except Exception:  # tensorboard not installed: JSONL only
         return None
-    return SummaryWriter(str(out / "tb"))
+    return SummaryWriter(str(out / "tb"), purge_step=purge_step)
