@@ -164,7 +164,7 @@ def test_run_only_options_are_listed_and_every_other_option_is_compared():
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     assert RUN_ONLY <= names
     assert RUN_ONLY == {"out", "resume", "overwrite", "workers", "progress", "log_interval", "device", "cycle_epochs",
-                        "allow_renderer_change", "num_classes", "expect_spec"}
+                        "allow_renderer_change", "num_classes", "expect_spec", "decode"}
 
 
 # ---- faults, then resume: the same weights and logs as an uninterrupted run ------------------------
