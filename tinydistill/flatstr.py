@@ -1,0 +1,174 @@
+"""Many strings as a few numpy arrays: sample keys and paths without a Python object per row.
+
+A long-lived process (a DataLoader worker above all) that holds one ``str`` per row makes the
+pages it touches private: reading a string writes its reference count, so copy-on-write copies
+the page (pytorch issue 13246). :class:`Strings` keeps N strings as one UTF-8 blob and its end
+offsets, optionally behind a per-row prefix from a small table (an ImageFolder's class folder,
+a webdataset shard's name), and decodes a row only when asked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+CHUNK = 1 << 16  # rows per vectorised step (bounds the temporaries)
+
+
+def _small_uint(top: int):
+    """The narrowest unsigned dtype that holds ``top``."""
+    for dt in (np.uint8, np.uint16, np.uint32):
+        if top <= np.iinfo(dt).max:
+            return dt
+    return np.int64
+
+
+def segments(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Flat int64 indices of the segments [starts[i], starts[i] + lengths[i]), one after the other."""
+    lengths = np.asarray(lengths, np.int64)
+    total = int(lengths.sum())
+    if not total:
+        return np.zeros(0, np.int64)
+    first = np.cumsum(lengths) - lengths  # where each segment begins in the output
+    return np.repeat(np.asarray(starts, np.int64) - first, lengths) + np.arange(total, dtype=np.int64)
+
+
+class Strings(Sequence[str]):
+    """N strings: ``prefixes[prefix[i]] + blob[start(i):ends[i]]`` decoded as UTF-8."""
+
+    def __init__(self, blob: np.ndarray, ends: np.ndarray, prefix: np.ndarray | None = None,
+                 prefixes: Sequence[str] = ("",)):
+        self.blob = np.asarray(blob, np.uint8)
+        self.ends = np.asarray(ends, _small_uint(len(self.blob)))
+        self.prefixes = [str(p) for p in prefixes]
+        self.prefix = None if prefix is None else np.asarray(prefix, _small_uint(max(len(self.prefixes) - 1, 0)))
+        self._prefix_bytes = [p.encode("utf-8", "surrogateescape") for p in self.prefixes]
+
+    @classmethod
+    def from_list(cls, items: Iterable[str]) -> "Strings":
+        """From Python strings (small sources, tests): the list is dropped once packed."""
+        raw = [str(s).encode("utf-8", "surrogateescape") for s in items]
+        ends = np.cumsum([len(b) for b in raw], dtype=np.int64) if raw else np.zeros(0, np.int64)
+        return cls(np.frombuffer(b"".join(raw), np.uint8).copy(), ends)
+
+    @classmethod
+    def from_joined(cls, joined: bytes, sep: int = 0, prefix=None, prefixes=("",)) -> "Strings":
+        """From strings each followed by the byte ``sep`` (NUL: never in a file name or tar key)."""
+        arr = np.frombuffer(joined, np.uint8)
+        at = np.flatnonzero(arr == sep)
+        keep = np.ones(len(arr), bool)
+        keep[at] = False
+        return cls(arr[keep], at - np.arange(len(at)), prefix, prefixes)
+
+    @classmethod
+    def concat(cls, parts: Sequence["Strings"]) -> "Strings":
+        """Parts one after the other (their prefix tables joined)."""
+        blobs, ends, pre, table, shift = [], [], [], [], 0
+        for p in parts:
+            blobs.append(p.blob)
+            ends.append(p.ends.astype(np.int64) + shift)
+            shift += len(p.blob)
+            ids = np.zeros(len(p), np.int64) if p.prefix is None else p.prefix.astype(np.int64)
+            pre.append(ids + len(table))
+            table += p.prefixes
+        cat = lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt)  # noqa: E731
+        plain = all(p.prefix is None and p.prefixes == [""] for p in parts)
+        return cls(cat(blobs, np.uint8), cat(ends, np.int64), None if plain else cat(pre, np.int64),
+                   [""] if plain else table)
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def _starts(self, rows: np.ndarray) -> np.ndarray:
+        s = self.ends[np.maximum(rows - 1, 0)].astype(np.int64)
+        s[rows == 0] = 0
+        return s
+
+    def raw(self, i: int) -> bytes:
+        """UTF-8 bytes of string ``i``."""
+        i = int(i)
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"row {i} out of range [0, {len(self)})")
+        a = int(self.ends[i - 1]) if i else 0
+        head = self._prefix_bytes[int(self.prefix[i])] if self.prefix is not None else self._prefix_bytes[0]
+        return head + self.blob[a:int(self.ends[i])].tobytes()
+
+    def __getitem__(self, i):
+        if isinstance(i, (int, np.integer)):
+            return self.raw(i).decode("utf-8", "surrogateescape")
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return [self[int(j)] for j in np.asarray(i).reshape(-1)]
+
+    def __iter__(self) -> Iterator[str]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, Strings):
+            return len(self) == len(other) and self.fingerprint() == other.fingerprint()
+        try:
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+        except TypeError:
+            return NotImplemented
+
+    __hash__ = None  # mutable-looking sequence: no hash
+
+    def index(self, key: str, *args) -> int:
+        for i, k in enumerate(self):
+            if k == key:
+                return i
+        raise ValueError(f"{key!r} is not in the keys")
+
+    def take(self, order: np.ndarray) -> "Strings":
+        """Strings ``order[0], order[1], ...`` as a new packed table (built a chunk at a time)."""
+        order = np.asarray(order, np.int64)
+        starts_all, lens_all = [], []
+        for a in range(0, len(order), CHUNK):
+            rows = order[a:a + CHUNK]
+            s = self._starts(rows)
+            starts_all.append(s)
+            lens_all.append(self.ends[rows].astype(np.int64) - s)
+        lens = np.concatenate(lens_all) if lens_all else np.zeros(0, np.int64)
+        ends = np.cumsum(lens)
+        blob = np.empty(int(ends[-1]) if len(ends) else 0, np.uint8)
+        for c, a in enumerate(range(0, len(order), CHUNK)):
+            lo = int(ends[a] - lens[a]) if a < len(ends) else 0
+            idx = segments(starts_all[c], lens_all[c])
+            blob[lo:lo + len(idx)] = self.blob[idx]
+        prefix = None if self.prefix is None else self.prefix[order]
+        return Strings(blob, ends, prefix, self.prefixes)
+
+    def fingerprint(self) -> str:
+        """sha256 of the ordered strings, equal to :func:`tinydistill._util.keys_fingerprint`
+        of the same strings (each one's 4-byte little-endian UTF-8 length, then its bytes),
+        computed a chunk of rows at a time."""
+        h = hashlib.sha256()
+        pre = np.frombuffer(b"".join(self._prefix_bytes), np.uint8)
+        pre_len = np.array([len(b) for b in self._prefix_bytes], np.int64)
+        pre_start = np.cumsum(pre_len) - pre_len
+        for a in range(0, len(self), CHUNK):
+            rows = np.arange(a, min(a + CHUNK, len(self)), dtype=np.int64)
+            s = self._starts(rows)
+            n = self.ends[rows].astype(np.int64) - s
+            pid = np.zeros(len(rows), np.int64) if self.prefix is None else self.prefix[rows].astype(np.int64)
+            plen = pre_len[pid]
+            size = 4 + plen + n
+            at = np.cumsum(size) - size  # where each record begins
+            out = np.empty(int(size.sum()), np.uint8)
+            out[(at[:, None] + np.arange(4)).reshape(-1)] = (plen + n).astype("<u4").view(np.uint8)
+            out[segments(at + 4, plen)] = pre[segments(pre_start[pid], plen)]
+            out[segments(at + 4 + plen, n)] = self.blob[segments(s, n)]
+            h.update(out.tobytes())
+        return h.hexdigest()
+
+    @property
+    def nbytes(self) -> int:
+        return self.blob.nbytes + self.ends.nbytes + (0 if self.prefix is None else self.prefix.nbytes)
+
+    def __repr__(self) -> str:
+        return f"Strings({len(self)} strings, {self.nbytes} bytes)"
