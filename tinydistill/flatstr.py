@@ -25,6 +25,17 @@ def _small_uint(top: int):
     return np.int64
 
 
+def release_freed() -> None:
+    """Give the heap's free pages back to the OS (glibc's ``malloc_trim``): building a large
+    table frees big temporaries that glibc would otherwise keep, resident, for the whole run."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 def segments(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """Flat int64 indices of the segments [starts[i], starts[i] + lengths[i]), one after the other."""
     lengths = np.asarray(lengths, np.int64)
@@ -125,21 +136,23 @@ class Strings(Sequence[str]):
         raise ValueError(f"{key!r} is not in the keys")
 
     def take(self, order: np.ndarray) -> "Strings":
-        """Strings ``order[0], order[1], ...`` as a new packed table (built a chunk at a time)."""
+        """Strings ``order[0], order[1], ...`` as a new packed table (built a chunk at a time,
+        with few temporaries: they would stay in the heap as garbage)."""
         order = np.asarray(order, np.int64)
-        starts_all, lens_all = [], []
+        ends = np.empty(len(order), _small_uint(len(self.blob)))
+        total = 0
+        for a in range(0, len(order), CHUNK):
+            rows = order[a:a + CHUNK]
+            run = np.cumsum(self.ends[rows].astype(np.int64) - self._starts(rows)) + total
+            ends[a:a + len(rows)] = run
+            total = int(run[-1]) if len(run) else total
+        blob = np.empty(total, np.uint8)
         for a in range(0, len(order), CHUNK):
             rows = order[a:a + CHUNK]
             s = self._starts(rows)
-            starts_all.append(s)
-            lens_all.append(self.ends[rows].astype(np.int64) - s)
-        lens = np.concatenate(lens_all) if lens_all else np.zeros(0, np.int64)
-        ends = np.cumsum(lens)
-        blob = np.empty(int(ends[-1]) if len(ends) else 0, np.uint8)
-        for c, a in enumerate(range(0, len(order), CHUNK)):
-            lo = int(ends[a] - lens[a]) if a < len(ends) else 0
-            idx = segments(starts_all[c], lens_all[c])
-            blob[lo:lo + len(idx)] = self.blob[idx]
+            n = self.ends[rows].astype(np.int64) - s
+            lo = int(ends[a - 1]) if a else 0
+            blob[lo:lo + int(n.sum())] = self.blob[segments(s, n)]
         prefix = None if self.prefix is None else self.prefix[order]
         return Strings(blob, ends, prefix, self.prefixes)
 
@@ -164,6 +177,7 @@ class Strings(Sequence[str]):
             out[segments(at + 4, plen)] = pre[segments(pre_start[pid], plen)]
             out[segments(at + 4 + plen, n)] = self.blob[segments(s, n)]
             h.update(out.tobytes())
+        release_freed()
         return h.hexdigest()
 
     @property

@@ -17,7 +17,7 @@ import numpy as np
 
 from ._util import keys_fingerprint
 from .errors import TinydistillError, one_line
-from .flatstr import Strings
+from .flatstr import Strings, release_freed
 
 log = logging.getLogger("tinydistill")
 
@@ -190,18 +190,18 @@ class ImageFolderSource(Source):
                         ", ".join(empty[:5]) + (" ..." if len(empty) > 5 else ""))
         if not kept:
             raise SourceError(f"{root}: no images in its class folders")
-        counts = np.asarray(counts, np.int64)
-        folder = np.repeat(np.arange(len(dirs)), counts)
         label_of_dir = np.zeros(len(dirs), np.int32)
         for i, (_, lo, hi) in enumerate(kept):
             label_of_dir[lo:hi] = i
-        names = Strings.from_joined(b"".join(parts), prefix=folder, prefixes=dirs)
+        names = Strings.from_joined(b"".join(parts), prefix=np.repeat(np.arange(len(dirs)), counts), prefixes=dirs)
         del parts
         order = np.random.default_rng(ORDER_SEED).permutation(len(names))
         self.keys = names.take(order)
-        self.labels = label_of_dir[folder[order]]
+        del names, order
+        self.labels = label_of_dir[self.keys.prefix]
         self.class_names = [c for c, _, _ in kept]
         self.ignored_classes = empty
+        release_freed()
 
     def path(self, row: int) -> str:
         return os.path.join(self.root, self.keys[row])
@@ -284,8 +284,9 @@ class WebDatasetSource(Source):
                 offset.append(idx.offset)
                 size.append(idx.size)
                 counts.append(len(idx))
-            self._shard = np.repeat(np.arange(len(self.urls), dtype=np.int32), counts)
-            keys = Strings(_cat(blobs, np.uint8), _cat(ends, np.int64), self._shard, prefixes)
+            keys = Strings(_cat(blobs, np.uint8), _cat(ends, np.int64),
+                           np.repeat(np.arange(len(self.urls)), counts), prefixes)
+            self._shard = keys.prefix  # each row's shard: the keys' prefix ids
             offset, size = _cat(offset, np.int64), _cat(size, np.int64)
             self._has_image = None if (offset >= 0).all() else offset >= 0  # None: every sample has one
             self._offset = _narrow(offset)
@@ -311,6 +312,7 @@ class WebDatasetSource(Source):
         self.labels = labels
         self._starts = np.concatenate([[0], np.cumsum(counts)])
         self.class_names = [str(c) for c in range(max(int(self.labels.max()) + 1, 1))]
+        release_freed()
 
     def _stream(self, urls):
         import webdataset as wds
