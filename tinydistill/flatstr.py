@@ -166,17 +166,19 @@ class Strings(Sequence[str]):
         pre_start = np.cumsum(pre_len) - pre_len
         for a in range(0, len(self), CHUNK):
             rows = np.arange(a, min(a + CHUNK, len(self)), dtype=np.int64)
+            m = len(rows)
             s = self._starts(rows)
             n = self.ends[rows].astype(np.int64) - s
-            pid = np.zeros(len(rows), np.int64) if self.prefix is None else self.prefix[rows].astype(np.int64)
+            pid = np.zeros(m, np.int64) if self.prefix is None else self.prefix[rows].astype(np.int64)
             plen = pre_len[pid]
-            size = 4 + plen + n
-            at = np.cumsum(size) - size  # where each record begins
-            out = np.empty(int(size.sum()), np.uint8)
-            out[(at[:, None] + np.arange(4)).reshape(-1)] = (plen + n).astype("<u4").view(np.uint8)
-            out[segments(at + 4, plen)] = pre[segments(pre_start[pid], plen)]
-            out[segments(at + 4 + plen, n)] = self.blob[segments(s, n)]
-            h.update(out.tobytes())
+            # one gather from [lengths as bytes | prefix table | this chunk's names (contiguous)]
+            src = np.concatenate([(plen + n).astype("<u4").view(np.uint8), pre, self.blob[int(s[0]):int(s[-1] + n[-1])]])
+            starts = np.stack([4 * np.arange(m), 4 * m + pre_start[pid], 4 * m + len(pre) + s - s[0]], 1).ravel()
+            lens = np.stack([np.full(m, 4), plen, n], 1).ravel()
+            first = np.cumsum(lens) - lens
+            total = int(lens.sum())
+            idx = np.repeat((starts - first).astype(np.int32), lens) + np.arange(total, dtype=np.int32)
+            h.update(src[idx].tobytes())
         release_freed()
         return h.hexdigest()
 

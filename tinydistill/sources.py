@@ -216,21 +216,20 @@ class ImageFolderSource(Source):
 def _walk(top: str, rel: str, exts: tuple) -> Iterator[tuple[str, list[str]]]:
     """(folder relative to the root, sorted image names) for ``top`` and its sub-folders, in
     ``sorted(os.walk(top, followlinks=True))`` order, as torchvision's ``make_dataset`` walks."""
-    files, subs = [], []
     try:
-        entries = os.scandir(top)
+        with os.scandir(top) as it:
+            entries = list(it)
     except OSError:  # os.walk skips folders it cannot list
         return
-    with entries:
-        for e in entries:
-            try:
-                is_dir = e.is_dir()
-            except OSError:
-                is_dir = False
-            if is_dir:
-                subs.append(e.name)
-            elif e.name.lower().endswith(exts):
-                files.append(e.name)
+    try:
+        subs = [e.name for e in entries if e.is_dir()]
+    except OSError:  # a link that cannot be followed: os.walk counts it as a file
+        subs = [e.name for e in entries if _is_dir(e)]
+    files = [n for n in (e.name for e in entries) if n.lower().endswith(exts)]
+    if subs:
+        dirs = set(subs)
+        files = [n for n in files if n not in dirs]
+    del entries
     files.sort()
     yield rel, files
     found = []  # every folder below, then sorted by its path as sorted(os.walk(...)) does
@@ -238,6 +237,13 @@ def _walk(top: str, rel: str, exts: tuple) -> Iterator[tuple[str, list[str]]]:
         found.extend(_walk(os.path.join(top, s), rel + "/" + s, exts))
     found.sort(key=lambda t: t[0])
     yield from found
+
+
+def _is_dir(entry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
 
 
 class WebDatasetSource(Source):
