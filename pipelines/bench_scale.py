@@ -97,7 +97,7 @@ def make_tars(root: Path, n: int, template: Path, per: int, indexed: bool) -> st
         for s in range(shards):
             os.link(template, root / f"shard-{s:05d}.tar")
             if indexed:
-                os.link(str(template) + ".idx.npz", root / f"shard-{s:05d}.tar.idx.npz")
+                os.link(str(template) + ".idx", root / f"shard-{s:05d}.tar.idx")
         (root / ".done").write_text("")
     return str(root / f"shard-{{00000..{shards - 1:05d}}}.tar")
 
@@ -113,6 +113,22 @@ def smaps() -> dict:
             if len(parts) >= 3 and parts[-1] == "kB":
                 out[parts[0].rstrip(":")] = int(parts[1]) * 1024
     return out
+
+
+def table_bytes(obj) -> tuple[int, int]:
+    """(Python objects reachable from ``obj``, bytes they hold), numpy buffers counted once by size."""
+    import types
+
+    seen, todo, nbytes = set(), [obj], 0
+    skip = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.MethodType)
+    while todo:
+        o = todo.pop()
+        if id(o) in seen or isinstance(o, skip):
+            continue
+        seen.add(id(o))
+        nbytes += o.nbytes if isinstance(o, np.ndarray) and o.base is None else sys.getsizeof(o)
+        todo.extend(gc.get_referents(o))
+    return len(seen), nbytes
 
 
 def child(path: str, workers: int, share: float, batch: int) -> dict:
@@ -156,6 +172,7 @@ def child(path: str, workers: int, share: float, batch: int) -> dict:
     t_fp, c_fp = time.perf_counter() - t0 - t_open, time.process_time() - c0 - c_open
     gc.collect()
     opened = smaps()
+    objects, held = table_bytes(src)
     core = Views(src, AugSpec(img_size=16, renderer="pil"), base_seed=0)
     dl = DataLoader(Worker(core), batch_size=None, num_workers=workers)
     it = iter(dl)
@@ -167,6 +184,7 @@ def child(path: str, workers: int, share: float, batch: int) -> dict:
             "main_rss_growth": opened["Rss"] - base["Rss"],
             "main_private_growth": opened["Private_Dirty"] - base["Private_Dirty"],
             "main_anonymous_growth": opened["Anonymous"] - base["Anonymous"],
+            "source_objects": objects, "source_bytes": held,
             "workers": [{"private_dirty": m["end"]["Private_Dirty"], "rss": m["end"]["Rss"],
                          "private_dirty_growth": m["end"]["Private_Dirty"] - m["start"]["Private_Dirty"],
                          "rows_read": m["rows"], "read_s": m["read_s"]} for m in mems],
@@ -202,6 +220,9 @@ def summarise(per_n: dict, kinds: list[str]) -> dict:
         rows = [per_n[str(n)][k] for n in ns]
         f = {"resident": fit(ns, [r["main_rss_growth"] for r in rows]),
              "main_private": fit(ns, [r["main_private_growth"] for r in rows]),
+             "source_bytes": fit(ns, [r["source_bytes"] for r in rows]),
+             "source_objects": fit(ns, [r["source_objects"] for r in rows]),
+             "worker_private_growth": fit(ns, [max(w["private_dirty_growth"] for w in r["workers"]) for r in rows]),
              "worker_private": fit(ns, [max(w["private_dirty"] for w in r["workers"]) for r in rows]),
              "startup_s": fit(ns, [r["first_batch_s"] for r in rows]),
              "open_s": fit(ns, [r["open_s"] + r["fingerprint_s"] for r in rows]),
@@ -210,6 +231,8 @@ def summarise(per_n: dict, kinds: list[str]) -> dict:
         out["fits"][k] = f
         out["resident_bytes_per_row"][k] = f["resident"]["per_row"]
         out["main_private_bytes_per_row"][k] = f["main_private"]["per_row"]
+        out.setdefault("source_bytes_per_row", {})[k] = f["source_bytes"]["per_row"]
+        out.setdefault("source_objects_per_row", {})[k] = f["source_objects"]["per_row"]
         out["worker_private_bytes_per_row"][k] = f["worker_private"]["per_row"]
         out["startup_us_per_row"][k] = f["startup_s"]["per_row"] * 1e6
         out["open_us_per_row"][k] = f["open_s"]["per_row"] * 1e6
@@ -241,12 +264,13 @@ def targets_half(n: int, workdir: Path, smoke: bool) -> dict:
 
 def table(res: dict, kinds: list[str]) -> str:
     s = res["summary"]
-    lines = ["| source | open CPU us/row | open + fingerprint CPU us/row | open + fingerprint wall us/row | start-to-first-batch us/row | main resident B/row | main private B/row | "
+    lines = ["| source | source's arrays B/row (objects/row) | open CPU us/row | open + fingerprint CPU us/row | open + fingerprint wall us/row | start-to-first-batch us/row | main resident B/row | main private B/row | "
              "worker private B/row | exponent (resident, start) |", "|---|---|---|---|---|---|---|"]
     for k in kinds:
         e = s["growth_exponent"][k]
         fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
-        lines.append(f"| {k} | {s['open_cpu_us_per_row'][k]:.2f} | {s['open_fingerprint_cpu_us_per_row'][k]:.2f} | "
+        lines.append(f"| {k} | {s['source_bytes_per_row'][k]:.1f} ({s['source_objects_per_row'][k]:.5f}) | "
+                     f"{s['open_cpu_us_per_row'][k]:.2f} | {s['open_fingerprint_cpu_us_per_row'][k]:.2f} | "
                      f"{s['open_us_per_row'][k]:.2f} | {s['startup_us_per_row'][k]:.2f} | "
                      f"{s['resident_bytes_per_row'][k]:.1f} | {s['main_private_bytes_per_row'][k]:.1f} | "
                      f"{s['worker_private_bytes_per_row'][k]:.2f} | {fmt(e['resident'])}, {fmt(e['startup_s'])} |")
@@ -268,6 +292,7 @@ def main():
     ap.add_argument("--workdir", default=None, help="where the synthetic data goes (default: a temporary folder)")
     ap.add_argument("--keep", action="store_true", help="keep the workdir")
     ap.add_argument("--compare-with", default=None, help="also measure the tinydistill checkout at this path")
+    ap.add_argument("--compare-kinds", default="folder,tars", help="sources measured with --compare-with")
     ap.add_argument("--out", default=None, help="write the figures as JSON")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -303,7 +328,7 @@ def main():
         row = {}
         for who, code in checkouts.items():
             cache = {"TINYDISTILL_CACHE": str(work / f"cache-{who}")}
-            for k in kinds:
+            for k in kinds if who == "this" else args.compare_kinds.split(","):
                 if who != "this" and k == "tars":  # another checkout may read other index files: warm its cache
                     run_child(paths[k], args, cache, code)
                 r = run_child(paths[k], args, cache, code)
@@ -321,7 +346,7 @@ def main():
         res["per_n"][str(n)] = row
     summary = summarise(res["per_n"], kinds)
     if res["compare"]:
-        summary["compare"] = summarise(res["compare"], kinds)
+        summary["compare"] = summarise(res["compare"], args.compare_kinds.split(","))
     tg = {n: res["per_n"][n]["targets"] for n in res["per_n"]}
     for key in ("chunk_share_x_world", "inspect_requests_per_object"):
         vals = {n: t[key] for n, t in tg.items() if key in t}
@@ -337,7 +362,7 @@ def main():
     print(table(res, kinds))
     if "compare" in summary:
         print(f"\n{args.compare_with}:")
-        print(table({"summary": summary["compare"]}, kinds))
+        print(table({"summary": summary["compare"]}, args.compare_kinds.split(",")))
     print(f"\nun-indexed tars, one process scanning: {summary['scan_us_per_row_unindexed']:.1f} us/row; "
           f"index-tars: {index_us:.1f} us/row")
     print(f"stored targets: chunk_share_x_world {summary['chunk_share_x_world']}, "

@@ -119,7 +119,7 @@ def test_unindexed_tars_under_torchrun_are_refused_then_indexed_once(tmp_path, m
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(TinydistillError, match=r"part-000.tar: no index; .*tinydistill index-tars '.*part-"):
         open_source(spec)
-    assert not list((tmp_path / "w").glob("*.idx.npz"))  # refused before any rank scanned
+    assert not list((tmp_path / "w").glob("*.idx"))  # refused before any rank scanned
     scanned = []
     real = tarindex.scan
     monkeypatch.setattr(tarindex, "scan", lambda url, *a: scanned.append(url) or real(url, *a))
@@ -159,7 +159,7 @@ def test_random_batch_reads_only_its_samples(tmp_path):
 def test_index_beside_the_shard(tmp_path):
     spec = write_shards(tmp_path / "w", shards=2)
     for url in src_urls(spec):
-        assert tarindex.write_beside(url).endswith(".tar.idx.npz")
+        assert tarindex.write_beside(url).endswith(".tar.idx")
     src = WebDatasetSource(spec)
     assert src.index_stats == {"beside": 2}
     (tmp_path / "w" / "part-001.tar").write_bytes((tmp_path / "w" / "part-000.tar").read_bytes() + b"\0" * 1024)
@@ -178,3 +178,15 @@ def test_missing_shard_is_one_line(tmp_path):
 
     with pytest.raises(SourceError, match=r"part-000.tar: no such shard"):
         open_source(str(tmp_path / "part-{000..001}.tar"))
+
+
+def test_a_key_twice_in_one_tar_is_one_line(tmp_path):
+    from tinydistill.errors import TinydistillError
+
+    with tarfile.open(tmp_path / "dup.tar", "w") as tar:
+        for name in ("a.png", "b.png", "a.cls"):  # a's members are not next to each other
+            info = tarfile.TarInfo(name)
+            info.size = 1
+            tar.addfile(info, io.BytesIO(b"1"))
+    with pytest.raises(TinydistillError, match=r"dup.tar: sample key 'a' occurs twice"):
+        open_source(str(tmp_path / "dup.tar"))

@@ -287,7 +287,7 @@ def quickstart(out, seed, epochs, teacher_epochs, workers, device, no_progress):
               help="Write the indexes to $TINYDISTILL_CACHE/tarindex/ instead of beside the tars (for tars in a "
                    "folder you cannot write; the cache must then be shared by every rank that reads them).")
 def index_tars_cmd(src, to_cache):
-    """Index webdataset tars once, so no rank scans them: writes SHARD.tar.idx.npz beside each tar.
+    """Index webdataset tars once, so no rank scans them: writes SHARD.tar.idx beside each tar.
 
     Under torchrun each rank indexes its share of the tars (no process group is needed); a tar
     whose index is already valid is skipped, so the command can be run again after adding tars.

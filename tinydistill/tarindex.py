@@ -1,13 +1,13 @@
 """Random access into webdataset tars: an index of each tar's samples (keys, labels, the image
-member's byte offset and size) as numpy arrays in one ``.npz`` file, built once by a scan of the
+member's byte offset and size) as flat arrays in one binary file, built once by a scan of the
 tar headers and reused, so a batch reads only its own images (a seek on a local file, a
 byte-range request on object storage) and opening a source parses no per-member objects.
 
 Where an index comes from, first match wins:
 
-1. ``<shard>.tar.idx.npz`` beside the shard (``tinydistill index-tars SRC``, or
+1. ``<shard>.tar.idx`` beside the shard (``tinydistill index-tars SRC``, or
    :func:`write_beside`), used when it records the shard's current size and version;
-2. ``$TINYDISTILL_CACHE/tarindex/<sha256 of the URL>.npz`` (default ``~/.cache/tinydistill``),
+2. ``$TINYDISTILL_CACHE/tarindex/<sha256 of the URL>.idx`` (default ``~/.cache/tinydistill``),
    written by the one process that scans the shard (temp file + ``os.replace``: never torn).
 
 A shard's *version* is its mtime in ns (local files) or its ETag (object storage, else the
@@ -38,8 +38,9 @@ from .errors import TinydistillError, one_line
 from .flatstr import Strings
 
 log = logging.getLogger("tinydistill")
-FORMAT = 2  # 1 was JSON (.idx.json), parsed into a Python object per member: no longer read
-INDEX_SUFFIX = ".idx.npz"  # beside the shard: shard-000.tar -> shard-000.tar.idx.npz
+FORMAT = 2  # 1 was JSON (.idx.json), parsed into Python objects per member: no longer read
+INDEX_SUFFIX = ".idx"  # beside the shard: shard-000.tar -> shard-000.tar.idx
+MAGIC = b"TDTARIDX"
 LABEL_EXTS = ("cls", "cls.txt", "label", "class")
 _SKIP_META = re.compile(r"__[^/]*__($|/)")
 _BASE_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
@@ -124,18 +125,30 @@ class TarIndex:
     def __len__(self) -> int:
         return len(self.label)
 
+    ARRAYS = ("key_blob", "key_end", "label", "offset", "size")
+
     def to_bytes(self) -> bytes:
-        buf = io.BytesIO()
-        np.savez(buf, key_blob=self.keys.blob, key_end=self.keys.ends.astype(np.int64), label=self.label,
-                 offset=self.offset, size=self.size,
-                 meta=np.frombuffer(json.dumps(self.meta, separators=(",", ":")).encode(), np.uint8))
-        return buf.getvalue()
+        """``MAGIC``, the header's length (uint32), a JSON header (``meta`` and each array's
+        dtype and length), then the arrays' bytes: one read and no parsing per sample to load."""
+        arrays = dict(zip(self.ARRAYS, (self.keys.blob, self.keys.ends.astype(np.int64), self.label,
+                                        self.offset, self.size)))
+        head = json.dumps({"meta": self.meta, "arrays": [[k, a.dtype.str, len(a)] for k, a in arrays.items()]},
+                          separators=(",", ":")).encode()
+        return b"".join([MAGIC, len(head).to_bytes(4, "little"), head] + [a.tobytes() for a in arrays.values()])
 
     @classmethod
-    def from_bytes(cls, raw) -> "TarIndex":
-        with np.load(io.BytesIO(raw) if isinstance(raw, (bytes, bytearray)) else raw, allow_pickle=False) as z:
-            return cls(Strings(z["key_blob"], z["key_end"]), z["label"], z["offset"], z["size"],
-                       json.loads(z["meta"].tobytes()))
+    def from_bytes(cls, raw: bytes) -> "TarIndex":
+        if raw[:len(MAGIC)] != MAGIC:
+            raise ValueError("not a tinydistill tar index")
+        at = len(MAGIC) + 4
+        end = at + int.from_bytes(raw[len(MAGIC):at], "little")
+        head = json.loads(raw[at:end])
+        arrays = {}
+        for name, dt, n in head["arrays"]:
+            arrays[name] = np.frombuffer(raw, np.dtype(dt), n, end)
+            end += arrays[name].nbytes
+        return cls(Strings(arrays["key_blob"], arrays["key_end"]), arrays["label"], arrays["offset"],
+                   arrays["size"], head["meta"])
 
 
 def scan(url: str, storage_options: dict | None = None) -> TarIndex:
@@ -235,7 +248,7 @@ def content_hash(url: str, idx: TarIndex, storage_options=None) -> str:
 # ---- the index, cached ----------------------------------------------------------------------
 
 def _cache_path(url: str) -> Path:
-    return cache_dir() / (hashlib.sha256(url.encode()).hexdigest()[:40] + ".npz")
+    return cache_dir() / (hashlib.sha256(url.encode()).hexdigest()[:40] + ".idx")
 
 
 def _read_index(path: str, size: int, version: str, storage_options=None) -> TarIndex | None:
@@ -328,7 +341,7 @@ def stats_add(stats: dict | None, how: str) -> None:
 
 
 def write_beside(url: str, storage_options: dict | None = None) -> str:
-    """Index a shard and write ``<shard>.tar.idx.npz`` next to it (local or remote); returns its URL.
+    """Index a shard and write ``<shard>.tar.idx`` next to it (local or remote); returns its URL.
     Index shards where they will be read from: the recorded version is that copy's mtime/ETag."""
     data = build(url, storage_options).to_bytes()
     out = url + INDEX_SUFFIX
