@@ -21,6 +21,7 @@ merged per N; without it those figures say "not measured".
 
     python pipelines/bench_scale.py --out bench_scale.json          # 100k, 400k, 1.6M rows
     python pipelines/bench_scale.py --smoke                         # 20k, 40k, 80k: checks the script
+                                                                    # (its per-row figures are noise at those sizes)
     python pipelines/bench_scale.py --compare-with /path/to/other/checkout   # that code, same data
 """
 

@@ -73,22 +73,6 @@ class Strings(Sequence[str]):
         keep[at] = False
         return cls(arr[keep], at - np.arange(len(at)), prefix, prefixes)
 
-    @classmethod
-    def concat(cls, parts: Sequence["Strings"]) -> "Strings":
-        """Parts one after the other (their prefix tables joined)."""
-        blobs, ends, pre, table, shift = [], [], [], [], 0
-        for p in parts:
-            blobs.append(p.blob)
-            ends.append(p.ends.astype(np.int64) + shift)
-            shift += len(p.blob)
-            ids = np.zeros(len(p), np.int64) if p.prefix is None else p.prefix.astype(np.int64)
-            pre.append(ids + len(table))
-            table += p.prefixes
-        cat = lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt)  # noqa: E731
-        plain = all(p.prefix is None and p.prefixes == [""] for p in parts)
-        return cls(cat(blobs, np.uint8), cat(ends, np.int64), None if plain else cat(pre, np.int64),
-                   [""] if plain else table)
-
     def __len__(self) -> int:
         return len(self.ends)
 
