@@ -38,7 +38,7 @@ def pack_shards(folder, out: Path, shards: int) -> str:
     for s, rows in enumerate(np.array_split(np.arange(len(src)), shards)):
         with tarfile.open(out / f"part-{s:03d}.tar", "w") as tar:
             for r in rows:
-                for name, data in ((f"{r:07d}.jpg", Path(src._paths[r]).read_bytes()),
+                for name, data in ((f"{r:07d}.jpg", Path(src.path(r)).read_bytes()),
                                    (f"{r:07d}.cls", str(int(src.labels[r])).encode())):
                     info = tarfile.TarInfo(name)
                     info.size = len(data)
@@ -59,7 +59,7 @@ def epoch(src, batch: int, seed: int = 0) -> dict:
 
 
 def folder_bytes(src) -> int:
-    return sum(os.path.getsize(p) for p in src._paths)
+    return sum(os.path.getsize(src.path(r)) for r in range(len(src)))
 
 
 def targets(n: int, batch: int, workers: int) -> dict:

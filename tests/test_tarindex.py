@@ -71,14 +71,68 @@ def test_opening_a_cached_source_reads_no_payload(tmp_path, monkeypatch):
     spec = write_shards(tmp_path / "w")
     first = open_source(spec)
     monkeypatch.setattr(tarindex, "scan", lambda *a, **k: pytest.fail("scanned an indexed tar"))
-    # garble every payload but keep each tar's size and mtime: an open that read them would fail
-    for p in sorted((tmp_path / "w").glob("*.tar")):
-        st = p.stat()
-        p.write_bytes(b"\xff" * st.st_size)
-        os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
     again = open_source(spec)
     assert again.keys == first.keys and again.labels.tolist() == first.labels.tolist()
     assert again.index_stats == {"cache": 3} and again.io == {"bytes": 0, "requests": 0}
+
+
+def _rewrite_same_size_and_mtime(root, seed):
+    """Rewrite every tar with other samples of the same sizes, then put each one's mtime back."""
+    before = {p: p.stat() for p in root.glob("*.tar")}
+    write_shards(root, shards=len(before), seed=seed)
+    for p, st in before.items():
+        assert p.stat().st_size == st.st_size
+        os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_tar_rewritten_with_same_size_and_mtime_is_caught(tmp_path, caplog):
+    spec = write_shards(tmp_path / "w", shards=2)
+    old = open_source(spec)
+    _rewrite_same_size_and_mtime(tmp_path / "w", seed=100)
+    new = open_source(spec)  # one process: indexed again, said in one line per tar
+    stale = [r.getMessage() for r in caplog.records if "changed since it was indexed" in r.getMessage()]
+    assert len(stale) == 2 and "part-000.tar" in stale[0] and new.index_stats == {"stale": 2, "scanned": 2}
+    assert new.keys != old.keys and new.keys == [k for k, _, _ in sequential(spec)]
+    assert dict(new._members([0]))[0]["image"] == sequential(spec)[0][2]
+
+
+def test_rewritten_tar_under_torchrun_names_the_tar(tmp_path, monkeypatch):
+    from tinydistill.errors import TinydistillError
+
+    spec = write_shards(tmp_path / "w", shards=2)
+    for url in src_urls(spec):
+        tarindex.write_beside(url)
+    _rewrite_same_size_and_mtime(tmp_path / "w", seed=100)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(TinydistillError, match=r"part-000.tar: changed since it was indexed .*index-tars") as e:
+        open_source(spec)
+    assert "\n" not in str(e.value)
+
+
+def test_unindexed_tars_under_torchrun_are_refused_then_indexed_once(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from tinydistill.cli import main
+    from tinydistill.errors import TinydistillError
+
+    spec = write_shards(tmp_path / "w", shards=3)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(TinydistillError, match=r"part-000.tar: no index; .*tinydistill index-tars '.*part-"):
+        open_source(spec)
+    assert not list((tmp_path / "w").glob("*.idx"))  # refused before any rank scanned
+    scanned = []
+    real = tarindex.scan
+    monkeypatch.setattr(tarindex, "scan", lambda url, *a: scanned.append(url) or real(url, *a))
+    for rank in (0, 1):  # what torchrun's two ranks run: each indexes its share
+        monkeypatch.setenv("RANK", str(rank))
+        r = CliRunner().invoke(main, ["index-tars", spec])
+        assert r.exit_code == 0, r.output
+    assert sorted(scanned) == sorted(src_urls(spec))  # every tar scanned once, over both ranks
+    assert "rank 1/2: 1 tars indexed" in r.output
+    src = open_source(spec)
+    assert src.index_stats == {"beside": 3} and src.keys == [k for k, _, _ in sequential(spec)]
+    r = CliRunner().invoke(main, ["index-tars", spec])  # again: nothing to do
+    assert "0 tars indexed, 1 already indexed" in r.output and len(scanned) == 3
 
 
 def test_changed_tar_is_reindexed(tmp_path):
@@ -105,7 +159,7 @@ def test_random_batch_reads_only_its_samples(tmp_path):
 def test_index_beside_the_shard(tmp_path):
     spec = write_shards(tmp_path / "w", shards=2)
     for url in src_urls(spec):
-        assert tarindex.write_beside(url).endswith(".tar.idx.json")
+        assert tarindex.write_beside(url).endswith(".tar.idx")
     src = WebDatasetSource(spec)
     assert src.index_stats == {"beside": 2}
     (tmp_path / "w" / "part-001.tar").write_bytes((tmp_path / "w" / "part-000.tar").read_bytes() + b"\0" * 1024)
@@ -124,3 +178,15 @@ def test_missing_shard_is_one_line(tmp_path):
 
     with pytest.raises(SourceError, match=r"part-000.tar: no such shard"):
         open_source(str(tmp_path / "part-{000..001}.tar"))
+
+
+def test_a_key_twice_in_one_tar_is_one_line(tmp_path):
+    from tinydistill.errors import TinydistillError
+
+    with tarfile.open(tmp_path / "dup.tar", "w") as tar:
+        for name in ("a.png", "b.png", "a.cls"):  # a's members are not next to each other
+            info = tarfile.TarInfo(name)
+            info.size = 1
+            tar.addfile(info, io.BytesIO(b"1"))
+    with pytest.raises(TinydistillError, match=r"dup.tar: sample key 'a' occurs twice"):
+        open_source(str(tmp_path / "dup.tar"))

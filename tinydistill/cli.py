@@ -297,6 +297,33 @@ def quickstart(out, seed, epochs, teacher_epochs, workers, device, no_progress):
     click.echo(f"results: {out}/results.json  plot: {out}/quickstart.png")
 
 
+# ---- index-tars ----------------------------------------------------------------------------------
+
+@main.command("index-tars")
+@click.argument("src")
+@click.option("--cache", "to_cache", is_flag=True,
+              help="Write the indexes to $TINYDISTILL_CACHE/tarindex/ instead of beside the tars (for tars in a "
+                   "folder you cannot write; the cache must then be shared by every rank that reads them).")
+def index_tars_cmd(src, to_cache):
+    """Index webdataset tars once, so no rank scans them: writes SHARD.tar.idx beside each tar.
+
+    Under torchrun each rank indexes its share of the tars (no process group is needed); a tar
+    whose index is already valid is skipped, so the command can be run again after adding tars.
+    """
+    from webdataset.shardlists import expand_urls
+
+    from .dist import rank_world
+    from .tarindex import ShardError, index_tars
+
+    urls = [u for u in expand_urls(src) if ".tar" in u]
+    if not urls or any(u.startswith("pipe:") for u in urls):
+        raise ShardError(f"{src}: not webdataset .tar shards that can be indexed (pipe: shards cannot seek)")
+    rank, world = rank_world()
+    out = index_tars(urls, rank, world, beside=not to_cache)
+    click.echo(f"rank {rank}/{world}: {out['indexed']} tars indexed, {out['valid']} already indexed, "
+               f"of {len(urls[rank::world])} ({len(urls)} in all)")
+
+
 @main.command()
 def teachers():
     """List teacher aliases and the other ways to name a teacher."""

@@ -8,6 +8,7 @@ ascending order; webdataset sources read each image by its byte range in the tar
 from __future__ import annotations
 
 import io
+import logging
 import os
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -16,6 +17,9 @@ import numpy as np
 
 from ._util import keys_fingerprint
 from .errors import TinydistillError, one_line
+from .flatstr import Strings, release_freed
+
+log = logging.getLogger("tinydistill")
 
 ORDER_SEED = 0  # the permutation that gives an ImageFolder its store order
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "pgm", "tif", "tiff")
@@ -33,7 +37,7 @@ class Source:
     """Base: subclasses fill ``name``, ``keys``, ``labels``, ``class_names`` and ``_load``."""
 
     name: str
-    keys: list[str]
+    keys: Strings  # flat arrays, a str per row only when asked (no object per row in a worker)
     labels: np.ndarray
     class_names: list[str]
 
@@ -46,6 +50,8 @@ class Source:
 
     @property
     def fingerprint(self) -> str:
+        if isinstance(self.keys, Strings):
+            return self.keys.fingerprint()
         return keys_fingerprint(self.keys)
 
     def read(self, rows: Sequence[int]) -> Iterator[tuple[int, "object"]]:
@@ -113,7 +119,7 @@ class DigitsSource(Source):
         order = np.random.default_rng(ORDER_SEED).permutation(chosen)
         self.name = f"digits:{split}"
         self._images = np.round(images[order] * (255 / 16)).astype(np.uint8)
-        self.keys = [f"digits/{i:04d}" for i in order]
+        self.keys = Strings.from_list(f"digits/{i:04d}" for i in order)
         self.labels = target[order].astype(np.int64)
         self.class_names = [str(c) for c in range(10)]
 
@@ -148,30 +154,96 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
 
 
 class ImageFolderSource(Source):
-    """A directory with one sub-folder per class. Store order: a seeded permutation of the files."""
+    """A directory with one sub-folder per class. Store order: a seeded permutation of the files.
+
+    Files are listed as torchvision's ``make_dataset`` lists them (class folders sorted,
+    sub-folders walked in sorted order, file names sorted, extensions in ``IMAGE_EXTS``), one
+    ``os.scandir`` per folder; keys (``class/file``) live in flat arrays (:mod:`tinydistill.flatstr`)
+    and a path is ``root/key``, made when read. A class folder without images is left out
+    (said in one warning line): it would add a class the data does not have.
+    """
 
     def __init__(self, root: str):
-        from torchvision.datasets.folder import find_classes, make_dataset
-
         self.name = root
+        self.root = root
         try:
-            classes, class_to_idx = find_classes(root)
-            samples = make_dataset(root, class_to_idx, extensions=tuple("." + e for e in IMAGE_EXTS), allow_empty=True)
-        except (FileNotFoundError, OSError) as e:
+            classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+        except OSError as e:
             raise SourceError(f"{root}: not an ImageFolder directory ({one_line(e)})") from e
-        if not samples:
+        if not classes:
+            raise SourceError(f"{root}: not an ImageFolder directory (no class folders in it)")
+        exts = tuple("." + e for e in IMAGE_EXTS)
+        parts, dirs, counts, kept, empty = [], [], [], [], []
+        for c in classes:
+            n0 = len(parts)
+            for rel, names in _walk(os.path.join(root, c), c, exts):
+                dirs.append(rel + "/")
+                counts.append(len(names))
+                parts.append(("\0".join(names) + "\0").encode("utf-8", "surrogateescape") if names else b"")
+            if sum(counts[n0:]):
+                kept.append((c, n0, len(parts)))
+            else:
+                empty.append(c)
+                del parts[n0:], dirs[n0:], counts[n0:]
+        if empty:
+            log.warning("%s: %d class folder(s) without images left out: %s", root, len(empty),
+                        ", ".join(empty[:5]) + (" ..." if len(empty) > 5 else ""))
+        if not kept:
             raise SourceError(f"{root}: no images in its class folders")
-        order = np.random.default_rng(ORDER_SEED).permutation(len(samples))
-        self._paths = [samples[i][0] for i in order]
-        self.keys = [os.path.relpath(p, root).replace(os.sep, "/") for p in self._paths]
-        self.labels = np.array([samples[i][1] for i in order], dtype=np.int64)
-        self.class_names = list(classes)
+        label_of_dir = np.zeros(len(dirs), np.int32)
+        for i, (_, lo, hi) in enumerate(kept):
+            label_of_dir[lo:hi] = i
+        names = Strings.from_joined(b"".join(parts), prefix=np.repeat(np.arange(len(dirs)), counts), prefixes=dirs)
+        del parts
+        order = np.random.default_rng(ORDER_SEED).permutation(len(names))
+        self.keys = names.take(order)
+        del names, order
+        self.labels = label_of_dir[self.keys.prefix]
+        self.class_names = [c for c, _, _ in kept]
+        self.ignored_classes = empty
+        release_freed()
+
+    def path(self, row: int) -> str:
+        return os.path.join(self.root, self.keys[row])
 
     def _load(self, row: int):
-        return _decode(Path(self._paths[row]).read_bytes())
+        return _decode(Path(self.path(row)).read_bytes())
 
     def _encoded(self, row: int):
-        return Path(self._paths[row]).read_bytes()
+        return Path(self.path(row)).read_bytes()
+
+
+def _walk(top: str, rel: str, exts: tuple) -> Iterator[tuple[str, list[str]]]:
+    """(folder relative to the root, sorted image names) for ``top`` and its sub-folders, in
+    ``sorted(os.walk(top, followlinks=True))`` order, as torchvision's ``make_dataset`` walks."""
+    try:
+        with os.scandir(top) as it:
+            entries = list(it)
+    except OSError:  # os.walk skips folders it cannot list
+        return
+    try:
+        subs = [e.name for e in entries if e.is_dir()]
+    except OSError:  # a link that cannot be followed: os.walk counts it as a file
+        subs = [e.name for e in entries if _is_dir(e)]
+    files = [n for n in (e.name for e in entries) if n.lower().endswith(exts)]
+    if subs:
+        dirs = set(subs)
+        files = [n for n in files if n not in dirs]
+    del entries
+    files.sort()
+    yield rel, files
+    found = []  # every folder below, then sorted by its path as sorted(os.walk(...)) does
+    for s in subs:
+        found.extend(_walk(os.path.join(top, s), rel + "/" + s, exts))
+    found.sort(key=lambda t: t[0])
+    yield from found
+
+
+def _is_dir(entry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
 
 
 class WebDatasetSource(Source):
@@ -179,9 +251,11 @@ class WebDatasetSource(Source):
 
     Keys are ``<shard name>/<__key__>``; labels come from a ``cls``/``cls.txt``/``label``/``class``
     member. Shards are read at random through a per-tar index (:mod:`tinydistill.tarindex`):
-    opening reads only the indexes, a batch reads only its own images (seeks locally,
-    byte-range requests on s3://, gs://, http(s):// through fsspec). ``pipe:`` shards cannot
-    seek: they are listed and read by streaming the tars in order.
+    opening reads only the indexes (numpy arrays: no object per sample), a batch reads only its
+    own images (seeks locally, byte-range requests on s3://, gs://, http(s):// through fsspec).
+    Under torchrun (``WORLD_SIZE`` > 1) a shard without an index is refused in one line naming
+    ``tinydistill index-tars``, rather than scanned by every rank. ``pipe:`` shards cannot seek:
+    they are listed and read by streaming the tars in order.
     """
 
     def __init__(self, spec: str, storage_options: dict | None = None):
@@ -195,42 +269,56 @@ class WebDatasetSource(Source):
         self.io = {"bytes": 0, "requests": 0}  # read by this process (benchmarks, tests)
         self.index_stats: dict = {}  # where each shard's index came from
         self._indexed = not any(u.startswith("pipe:") for u in self.urls)
-        keys, labels, counts = [], [], []
+        names = [_shard_name(u) for u in self.urls]
+        if len(set(names)) != len(names):
+            dup = next(n for n in names if names.count(n) > 1)
+            raise SourceError(f"{spec}: two shards are named {dup}.tar: sample keys would not be unique")
+        prefixes = [n + "/" for n in names]
         if self._indexed:
-            shard, offset, size = [], [], []
-            self.data_bytes = 0
-            for si, url in enumerate(self.urls):
+            blobs, ends, labels, offset, size, counts = [], [], [], [], [], []
+            self.data_bytes, shift = 0, 0
+            scan_ok = int(os.environ.get("WORLD_SIZE", 1)) <= 1  # under torchrun: index-tars first
+            for url in self.urls:
                 if not tarindex.is_remote(url) and not Path(tarindex._local(url)).is_file():
                     raise SourceError(f"{url}: no such shard")
-                samples, nbytes = tarindex.load(url, storage_options, self.index_stats)
+                idx, nbytes = tarindex.load(url, storage_options, self.index_stats, scan_ok=scan_ok, spec=spec)
                 self.data_bytes += nbytes
-                for key, label, members in samples:
-                    keys.append(f"{_shard_name(url)}/{key}")
-                    labels.append(int(label))
-                    img = next((m for e in IMAGE_EXTS for m in members if m[0] == e), None)
-                    shard.append(si)
-                    offset.append(img[1] if img else -1)
-                    size.append(img[2] if img else 0)
-                counts.append(len(samples))
-            self._shard = np.array(shard, np.int32)
-            self._offset = np.array(offset, np.int64)
-            self._size = np.array(size, np.int64)
+                blobs.append(idx.keys.blob)
+                ends.append(idx.keys.ends.astype(np.int64) + shift)
+                shift += len(idx.keys.blob)
+                labels.append(idx.label)
+                offset.append(idx.offset)
+                size.append(idx.size)
+                counts.append(len(idx))
+            keys = Strings(_cat(blobs, np.uint8), _cat(ends, np.int64),
+                           np.repeat(np.arange(len(self.urls)), counts), prefixes)
+            self._shard = keys.prefix  # each row's shard: the keys' prefix ids
+            offset, size = _cat(offset, np.int64), _cat(size, np.int64)
+            self._has_image = None if (offset >= 0).all() else offset >= 0  # None: every sample has one
+            self._offset = _narrow(offset)
+            self._size = _narrow(size)
+            labels = _cat(labels, np.int32)
+            del blobs, ends, offset, size
         else:
+            key_list, label_list, counts = [], [], []
             for url in self.urls:
                 n = 0
                 for sample in self._stream([url]):
-                    keys.append(f"{_shard_name(url)}/{sample['__key__']}")
-                    labels.append(_label(sample))
+                    key_list.append(f"{_shard_name(url)}/{sample['__key__']}")
+                    label_list.append(_label(sample))
                     n += 1
                 counts.append(n)
-        if not keys:
+            if len(set(key_list)) != len(key_list):
+                raise SourceError(f"{spec}: sample keys are not unique")
+            keys, labels = Strings.from_list(key_list), np.array(label_list, dtype=np.int32)
+            del key_list, label_list
+        if not len(keys):
             raise SourceError(f"{spec}: the shards hold no samples")
-        if len(set(keys)) != len(keys):
-            raise SourceError(f"{spec}: sample keys are not unique")
         self.keys = keys
-        self.labels = np.array(labels, dtype=np.int64)
+        self.labels = labels
         self._starts = np.concatenate([[0], np.cumsum(counts)])
         self.class_names = [str(c) for c in range(max(int(self.labels.max()) + 1, 1))]
+        release_freed()
 
     def _stream(self, urls):
         import webdataset as wds
@@ -256,10 +344,10 @@ class WebDatasetSource(Source):
 
         for si in np.unique(self._shard[rows]):  # ascending shards hold ascending rows
             mine = rows[self._shard[rows] == si]
-            ok = mine[self._offset[mine] >= 0]
+            ok = mine if self._has_image is None else mine[self._has_image[mine]]
             url = self.urls[int(si)]
             try:
-                blobs = tarindex.read_ranges(url, [(int(self._offset[r]), int(self._offset[r] + self._size[r]))
+                blobs = tarindex.read_ranges(url, [(int(self._offset[r]), int(self._offset[r]) + int(self._size[r]))
                                                    for r in ok], self.storage_options, self.io)
             except TinydistillError:
                 raise
@@ -304,6 +392,15 @@ class WebDatasetSource(Source):
                 yield row, data, _header_size(data)
             except Exception as e:
                 yield row, BadSampleError(f"{self.name}: {self.keys[row]}: cannot read image ({one_line(e)})"), None
+
+
+def _cat(parts: list, dtype) -> np.ndarray:
+    return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
+
+
+def _narrow(a: np.ndarray) -> np.ndarray:
+    """uint32 when every value fits (negatives, meaning absent, are masked elsewhere), else int64."""
+    return a.astype(np.uint32) if not len(a) or int(a.max()) < 2 ** 32 else a
 
 
 def _shard_name(url: str) -> str:
