@@ -3,7 +3,8 @@
 Three modes share one loop, so comparisons are fair: offline KD from a store (default),
 ``no_kd`` (supervised on ground-truth labels) and ``online_teacher`` (the same loss with the
 teacher run every step on the same views). Every epoch visits all rows in a fresh seeded order
-(:func:`tinydistill.stream.epoch_order`) that is the same in all three modes for the same seed. The loop is timm's parts: ``create_model``,
+(:func:`tinydistill.stream.epoch_order`: store chunks dealt to ranks, batches inside a rank's
+share) that is the same in all three modes for the same seed. The loop is timm's parts: ``create_model``,
 ``create_optimizer_v2``, ``CosineLRScheduler`` with warmup, ``ModelEmaV3``, gradient
 clipping, AMP, DDP under torchrun.
 """
@@ -32,7 +33,7 @@ from .nodecache import node_local
 from .batch import Batch
 from .ranktargets import RankTargets
 from .render_device import DeviceRenderer
-from .stream import Meter, ViewStream, epoch_order, train_items
+from .stream import Meter, ViewStream, epoch_order, epoch_steps, train_items
 from .traintargets import target_provider
 from .views import Views, prepare
 
@@ -384,14 +385,19 @@ def _epoch(run: _Run, epoch: int, logs: "_Logs", on_step) -> dict:
     from tqdm import tqdm
 
     cfg, t0 = run.cfg, time.time()
-    # every epoch a fresh order of all rows, the same in every mode (stream.epoch_order)
+    # every epoch a fresh order: store chunks dealt to ranks at random, batches inside a rank's
+    # share (stream.epoch_order); the same in every mode for the same chunk rows
     view_epoch = epoch % run.store.epochs if run.store is not None else epoch
     spec = run.core.spec
-    order = epoch_order(len(run.source), spec.mix_group, spec.mixing, run.view_seed, view_epoch, cfg.seed, epoch)
-    items = train_items(order, view_epoch, cfg.batch_size, run.world, run.rank)
+    chunk_rows = run.store.chunk_rows if run.store is not None else None
+    order = epoch_order(len(run.source), spec.mix_group, spec.mixing, run.view_seed, view_epoch, cfg.seed, epoch,
+                        chunk_rows, run.world, run.rank)
+    items = train_items(order, view_epoch, cfg.batch_size, epoch_steps(len(run.source), cfg.batch_size, run.world))
     stream = ViewStream(run.core, items)  # the torch renderer: workers ship bytes + records
-    # each chunk once per rank; from object storage through a node-local mirror (once per node)
-    joined = RankTargets(node_local(run.store, view_epoch), items) if run.store is not None else None
+    # each chunk once per rank; from object storage through a node-local mirror (once per node),
+    # the next epoch's targets downloaded while this one trains
+    following = (epoch + 1) % run.store.epochs if run.store is not None and epoch + 1 < cfg.epochs else None
+    joined = RankTargets(node_local(run.store, view_epoch, following), items) if run.store is not None else None
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.workers,
                                          pin_memory=run.device.type == "cuda",
                                          prefetch_factor=4 if cfg.workers else None)
