@@ -12,6 +12,7 @@ clipping, AMP, DDP under torchrun.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -380,16 +381,24 @@ def _step(run: _Run, batch: Batch) -> tuple[torch.Tensor, dict]:
     return loss, parts
 
 
+@functools.lru_cache(maxsize=4)
+def _like_chunk_rows(like: str | None) -> int | None:
+    """The `like` store's chunk rows: no-KD and online runs deal ranks the same blocks as offline KD."""
+    from .store import open_store
+
+    return open_store(like).chunk_rows if like else None
+
+
 def _epoch(run: _Run, epoch: int, logs: "_Logs", on_step) -> dict:
     """One epoch over a fresh order of all rows; returns its metrics row."""
     from tqdm import tqdm
 
     cfg, t0 = run.cfg, time.time()
     # every epoch a fresh order: store chunks dealt to ranks at random, batches inside a rank's
-    # share (stream.epoch_order); the same in every mode for the same chunk rows
+    # share (stream.epoch_order); the same in every mode (no-KD / online: the `like` store's chunks)
     view_epoch = epoch % run.store.epochs if run.store is not None else epoch
     spec = run.core.spec
-    chunk_rows = run.store.chunk_rows if run.store is not None else None
+    chunk_rows = run.store.chunk_rows if run.store is not None else _like_chunk_rows(cfg.like)
     order = epoch_order(len(run.source), spec.mix_group, spec.mixing, run.view_seed, view_epoch, cfg.seed, epoch,
                         chunk_rows, run.world, run.rank)
     items = train_items(order, view_epoch, cfg.batch_size, epoch_steps(len(run.source), cfg.batch_size, run.world))

@@ -121,7 +121,7 @@ class ReadMixin:
             out.update(values)
             empty = missing if empty is None else empty | missing
         if empty is not None and empty.any():
-            rows_bad = (np.arange(self.num_rows)[sel] if isinstance(sel, slice) else sel)[empty]
+            rows_bad = (np.arange(sel.start, sel.stop) if isinstance(sel, slice) else sel)[empty]  # the rows read only
             if not (self._read(self._seed, epoch, rows_bad) == SEED_SKIPPED).all():
                 raise CorruptStoreError(
                     f"{self.path}: epoch {epoch} rows {rows_bad[:5].tolist()} are recorded complete "
