@@ -9,9 +9,11 @@ so every worker of every rank has work whatever the data size:
   ``batch_size`` rows, so a view's teacher output never depends on workers, ranks or resume).
   Shards are taken in *rounds* of ``world`` shards; a round's items are dealt to all ranks, and
   shard j of a round is gathered and written, whole, by rank j (one writer per shard).
-- training (:func:`epoch_order`, :func:`train_items`): every epoch is a fresh seeded order of
-  all rows (mix groups in random order, pairs or rows inside a group shuffled), cut into
-  global batches of ``batch_size * world``; one item is one rank's batch.
+- training (:func:`epoch_order`, :func:`train_items`): every epoch the store's chunks are dealt
+  to the ranks afresh (:func:`rank_span`), so a rank reads about 1/world of an epoch's targets;
+  each rank orders its share (mix groups in random order, pairs or rows inside a group
+  shuffled) and cuts it into batches, all ranks the same number (:func:`epoch_steps`); one item
+  is one batch.
 
 :class:`ViewStream` hands a rank's items to its DataLoader workers round-robin (item i to
 worker i % workers), which the DataLoader returns in item order: the batches a model sees do
@@ -113,7 +115,7 @@ def rank_span(num_rows: int, block: int, world: int, rank: int, order_seed: int,
 
     The epoch's blocks are dealt in a fresh seeded order (the same for every rank), laid end to
     end, and cut into ``world`` runs of equal rows (sizes differ by one at most): rank r takes run
-    r. A rank touches at most ``ceil(num_rows / world / block) + 1`` blocks, and every row
+    r. A rank touches at most ``ceil(num_rows / world / block) + 2`` blocks, and every row
     belongs to exactly one rank. O(blocks), not O(rows).
     """
     n_blocks = -(-num_rows // block)
@@ -127,7 +129,9 @@ def rank_span(num_rows: int, block: int, world: int, rank: int, order_seed: int,
         start = int(ends[i] - sizes[i])
         if start >= hi:
             break
-        out.append((int(deal[i]), max(lo - start, 0), min(hi - start, int(sizes[i]))))
+        a, z = max(lo - start, 0), min(hi - start, int(sizes[i]))
+        if z > a:
+            out.append((int(deal[i]), a, z))
     return out
 
 
