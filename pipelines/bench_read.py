@@ -89,7 +89,7 @@ def targets(n: int, batch: int, workers: int) -> dict:
             st.write_shard(0, s, np.log(rng.dirichlet(np.ones(10), b - a) * 0.9), ids, np.arange(a, b))
         stored = sum(v for k, v in st.bytes_on_disk().items() if k in ("logp", "index_gap"))
         st = td.open_store(f"{d}/t.zarr")
-        items = train_items(epoch_order(n, 64, False, 0, 0, 0, 0), 0, batch, 1, 0)
+        items = train_items(epoch_order(n, 64, False, 0, 0, 0, 0), 0, batch)
         zarr.storage.LocalStore.get = counting_get
         try:
             rt = RankTargets(st, items)

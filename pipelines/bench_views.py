@@ -170,7 +170,7 @@ def main(argv=None) -> int:
         spec = aug_spec(RECIPE)
         views = Views(source, spec, 0)
         res["A_us_per_view"] = a = part_a(views, len(source), args.rounds)
-        items = train_items(epoch_order(len(source), spec.mix_group, spec.mixing, 0, 0, 0, 0), 0, 64, 1, 0)
+        items = train_items(epoch_order(len(source), spec.mix_group, spec.mixing, 0, 0, 0, 0), 0, 64)
         res["B_loader"] = b = part_b(views, items, args.rounds)
     res["summary"] = report(a, b, len(items), args.rounds)
     write_json(args.out, res)

@@ -22,7 +22,12 @@ class S3Server:
     """``python -m moto.server`` on 127.0.0.1; ``endpoint`` is its URL. ``stop()`` kills it."""
 
     def __init__(self, **env):
+        import tempfile
+
         self.port = free_port()
+        # moto's request recorder (off until start_counting) writes here
+        self.recording = os.path.join(tempfile.mkdtemp(prefix="moto-"), "requests.jsonl")
+        env = {"MOTO_RECORDER_FILEPATH": self.recording, **env}
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **env})
@@ -46,6 +51,26 @@ class S3Server:
         boto3.client("s3", endpoint_url=self.endpoint, **{k.lower(): v for k, v in ENV.items()
                                                            if k != "AWS_DEFAULT_REGION"},
                      region_name="us-east-1").create_bucket(Bucket=name)
+
+    def start_counting(self) -> None:
+        """Record every request the server gets from now on (moto's recorder), forgetting earlier ones."""
+        for action in ("reset-recording", "start-recording"):
+            urllib.request.urlopen(urllib.request.Request(f"{self.endpoint}/moto-api/recorder/{action}",
+                                                          method="POST"), timeout=10).read()
+
+    def requests(self) -> list[tuple[str, str]]:
+        """(method, path) of each request recorded since :meth:`start_counting`, in order."""
+        import json
+        from urllib.parse import urlparse
+
+        data = urllib.request.urlopen(f"{self.endpoint}/moto-api/recorder/download-recording", timeout=10).read()
+        out = []
+        for line in data.decode().splitlines():
+            if line.strip():
+                entry = json.loads(line)
+                u = urlparse(entry["url"])
+                out.append((entry["method"], u.path + (f"?{u.query}" if u.query else "")))
+        return out
 
     def stop(self) -> None:
         if self.proc.poll() is None:

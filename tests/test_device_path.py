@@ -121,7 +121,7 @@ def test_verify_and_store_view_replay_the_encoded_store(stores, data, weights):
     assert v["renderer"] == "torch" and v["max_abs_logp_diff"] == 0.0 and v["topk_id_agreement"] == 1.0
     st = td.open_store(path)
     core = Views(open_source(data), st.spec, st.base_seed)
-    items = train_items(np.arange(64, 96), 1, 32, 1, 0)
+    items = train_items(np.arange(64, 96), 1, 32)
     batch = next(iter(torch.utils.data.DataLoader(ViewStream(core, items, encoded=False), batch_size=None)))
     for j in (0, 7, 31):
         view = st.view(1, int(batch.row[j]), data)
@@ -130,7 +130,7 @@ def test_verify_and_store_view_replay_the_encoded_store(stores, data, weights):
 
 def _encoded_loader(data, workers=2, batches=6):
     core = Views(open_source(data), SPEC, 5, decode="device")
-    items = train_items(epoch_order(N, 32, True, 5, 0, 1, 0), 0, 48, 1, 0)[:batches]
+    items = train_items(epoch_order(N, 32, True, 5, 0, 1, 0), 0, 48)[:batches]
     return core, items, torch.utils.data.DataLoader(ViewStream(core, items), batch_size=None, num_workers=workers)
 
 

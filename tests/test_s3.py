@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -254,3 +255,86 @@ def test_torchrun_two_ranks_write_and_train_from_s3(s3, weights, local_ref, tmp_
     shares = {m.name: json.loads(m.read_text()) for m in mirror.glob(".versions.*.json")}
     assert sorted(shares) == [".versions.0.json", ".versions.1.json"] and all(shares.values())
     assert not set(shares[".versions.0.json"]) & set(shares[".versions.1.json"])  # each object fetched once
+
+
+def _s3_store(url, epochs, n=256):
+    """A store on object storage through the store API: ``epochs`` x 4 shards of 64 rows (chunks of 32)."""
+    from helpers import fill
+
+    st = td.create_store(url, num_classes=10, k=3, epochs=epochs, keys=[f"k{i}" for i in range(n)],
+                         labels=np.arange(n) % 10, chunk_rows=32, shard_rows=64)
+    fill(st)
+    return td.open_store(url)
+
+
+def test_inspect_sizes_come_from_the_listing(s3, s3_server):
+    """`inspect`'s sizes: no HEAD per object; a store with 6x the objects costs the same requests."""
+    from tinydistill.summary import summarize
+
+    counts, objects, heads = [], [], []
+    for epochs in (1, 6):
+        url = f"{s3}/sizes{epochs}.zarr"
+        st = _s3_store(url, epochs)
+        keys = s3fs_().find(url.split("://", 1)[1])
+        s3_server.start_counting()
+        info = st.info
+        reqs = s3_server.requests()
+        assert not [r for r in reqs if r[0] == "HEAD"]
+        assert info["bytes_on_disk"] == sum(s3fs_().du(url.split("://", 1)[1], total=False).values())
+        counts.append(len(reqs))
+        objects.append(len(keys))
+        s3_server.start_counting()
+        summarize(st, max_views=64)  # what inspect prints: a few HEADs opening the label array
+        heads.append(len([r for r in s3_server.requests() if r[0] == "HEAD"]))
+    assert objects[1] > 3 * objects[0] and counts[1] == counts[0]  # listing pages, not objects
+    assert heads[1] == heads[0] <= 4
+
+
+def test_node_mirror_fetches_one_epoch_and_prefetches_the_next(s3, s3_server, monkeypatch):
+    """The mirror lists and downloads only the epoch in use (never every epoch's markers), and
+    downloads the next epoch in the background: the next epoch's start then downloads nothing."""
+    import threading
+
+    from tinydistill import nodecache
+
+    url = f"{s3}/mirror.zarr"
+    remote = _s3_store(url, epochs=4)
+    bucket_path = "/" + url.split("://", 1)[1] + "/"
+    gate = threading.Event()
+    real = nodecache.fetch_epoch
+
+    def gated(store, epoch, *a, **kw):
+        if epoch == 1:
+            assert gate.wait(60)  # the background download waits until the epoch-0 checks are done
+        return real(store, epoch, *a, **kw)
+
+    monkeypatch.setattr(nodecache, "fetch_epoch", gated)
+
+    def objects_got(reqs):  # the store's objects downloaded (listings are GETs of the bucket)
+        return [p[len(bucket_path):] for m, p in reqs if m == "GET" and p.startswith(bucket_path)]
+
+    def epochs_of(keys):
+        return {int(k.split("/")[2]) for k in keys if k.split("/")[0] != "seed" and "/c/" in k}
+
+    s3_server.start_counting()
+    m0 = nodecache.node_local(remote, 0, following=1)  # returns while epoch 1 is still blocked
+    got = objects_got(s3_server.requests())
+    assert epochs_of(got) == {0} and not [k for k in got if k.startswith("complete/c/") and k[11] != "0"]
+    assert not nodecache._pending[(url, 1)].done()
+    for a, b in zip(m0.topk(0, slice(None), order="stored"), remote.topk(0, slice(None), order="stored")):
+        assert np.array_equal(a, b)
+    gate.set()
+    nodecache._pending[(url, 1)].result()  # the prefetch ran, in the background thread
+    s3_server.start_counting()
+    m1 = nodecache.node_local(remote, 1, following=2)
+    nodecache._pending[(url, 2)].result()
+    reqs = s3_server.requests()
+    assert 1 not in epochs_of(objects_got(reqs))  # epoch 1 was on disk already
+    assert epochs_of(objects_got(reqs)) == {2}  # the background download of epoch 2
+    per_epoch = len(reqs)
+    assert per_epoch < len(s3fs_().find(url.split("://", 1)[1]))  # fewer than the store's objects
+    assert np.array_equal(m1.topk(1, slice(None))[0], remote.topk(1, slice(None))[0])
+    mirror = Path(m1.path)
+    files = lambda e: [f for f in mirror.glob(f"logp/c/{e}/**/*") if f.is_file()]  # noqa: E731
+    assert not files(0) and files(1) and files(2)  # epoch 0 deleted: this epoch and the next are kept
+    nodecache.clear(remote)

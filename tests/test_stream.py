@@ -12,7 +12,7 @@ from tinydistill.augment import AugSpec
 from tinydistill.generate import GenConfig, gen_logits
 from tinydistill.params import mix_pairs
 from tinydistill.store import create_store
-from tinydistill.stream import ChunkTargets, epoch_order, gen_plan, item_rows, train_items
+from tinydistill.stream import ChunkTargets, epoch_order, epoch_steps, gen_plan, item_rows, train_items
 from tinydistill.train import TrainConfig, train_student
 
 
@@ -42,18 +42,77 @@ def test_epoch_order_is_fresh_each_epoch_and_keeps_pairs_together():
     assert sorted(c) == list(range(n)) and np.mean(np.abs(np.diff(c)) == 1) < 0.1
 
 
-def test_train_items_same_rows_for_any_world_size():
-    order = epoch_order(1000, 32, True, 7, 0, 3, 0)
-    one = train_items(order, 0, 64, world=1, rank=0)
-    two = [train_items(order, 0, 32, world=2, rank=r) for r in range(2)]
-    assert len(two[0]) == len(two[1])  # DDP ranks take the same number of steps
-    # step t of two ranks with batch 32 sees the rows of batch t of one rank with batch 64
-    for t, it in enumerate(one):
-        assert np.array_equal(np.concatenate([two[0][t].rows, two[1][t].rows]), it.rows)
-    assert np.array_equal(np.concatenate([it.rows for it in one]), order)
-    # the last partial global batch is split evenly, not given to one rank
-    three = [train_items(order, 0, 64, world=3, rank=r) for r in range(3)]
-    assert len({len(x) for x in three}) == 1 and [len(x[-1].rows) for x in three] == [14, 13, 13]
+def _shares(n, g, cr, world, epoch, mixing=True, seed=3):
+    return [epoch_order(n, g, mixing, 7, 0, seed, epoch, cr, world, r) for r in range(world)]
+
+
+def test_ranks_share_every_row_once_in_equal_steps_and_keep_pairs():
+    n, g, cr, world, b = 2100, 16, 32, 8, 16  # 66 chunks, the last one partial
+    shares = _shares(n, g, cr, world, 0)
+    assert sorted(np.concatenate(shares).tolist()) == list(range(n))  # every row once per epoch
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+    steps = epoch_steps(n, b, world)
+    items = [train_items(s, 0, b, steps) for s in shares]
+    assert {len(it) for it in items} == {steps}  # DDP: every rank the same number of steps
+    assert all(0 < len(it.rows) <= b for rank in items for it in rank)
+    for rank, share in zip(items, shares):
+        assert np.array_equal(np.concatenate([it.rows for it in rank]), share)
+    # pairs stay side by side: only a pair cut by two shares' ends is split (at most 2 per rank)
+    for share in shares:
+        partner = {}
+        for grp in np.unique(share // g):
+            partner.update(mix_pairs(7, 0, int(grp), np.arange(grp * g, min((grp + 1) * g, n))))
+        pos = {int(r): i for i, r in enumerate(share)}
+        apart = [r for r in pos if partner[r] != r and abs(pos.get(partner[r], -9) - pos[r]) != 1]
+        assert len(apart) <= 2
+    # one rank and one batch size: the order the old global order gave (the digits results)
+    assert np.array_equal(epoch_order(n, g, True, 7, 0, 3, 0, cr, 1, 0), epoch_order(n, g, True, 7, 0, 3, 0))
+
+
+def test_a_rank_of_8_reads_at_most_1_5_of_8_of_an_epochs_chunks(tmp_path):
+    """Chunks dealt to ranks: through the real joiner (RankTargets), each of 8 ranks reads at most
+    1.5/8 of an epoch's chunks (a global order of mix groups made each read most of them)."""
+    from tinydistill.ranktargets import RankTargets
+
+    st = _store(tmp_path / "s.zarr", n=2100, chunk=32)
+    chunks = -(-st.num_rows // st.chunk_rows)
+    for epoch in (0, 1):
+        steps = epoch_steps(st.num_rows, 16, 8)
+        for r, share in enumerate(_shares(st.num_rows, 16, st.chunk_rows, 8, epoch, mixing=False)):
+            items = train_items(share, 1, 16, steps)
+            rt = RankTargets(st, items, threads=1)
+            for it in items:
+                rt.get(it.epoch, it.rows)
+            rt.close()
+            assert 0 < rt.reads <= 1.5 * chunks / 8, (epoch, r, rt.reads, chunks)
+
+
+def test_order_is_fresh_every_epoch_for_every_rank_and_worker_free():
+    n, g, cr, world = 4096, 16, 64, 8
+    epochs = [_shares(n, g, cr, world, e) for e in range(4)]
+    for r in range(world):
+        chunk_sets = [frozenset((ep[r] // cr).tolist()) for ep in epochs]
+        assert len(set(chunk_sets)) == 4  # a rank's chunks are dealt afresh every epoch
+        assert len({ep[r].tobytes() for ep in epochs}) == 4
+    assert all(np.array_equal(a, b) for a, b in zip(epochs[0], _shares(n, g, cr, world, 0)))  # seeded
+
+
+def test_batches_a_rank_sees_do_not_depend_on_its_worker_count():
+    from tinydistill.sources import open_source
+    from tinydistill.stream import ViewStream
+    from tinydistill.views import Views
+
+    spec = AugSpec(img_size=8, mixup=0.8, cutmix=1.0, mix_group=16)
+    src = open_source("digits")
+    share = epoch_order(len(src), 16, True, 7, 0, 3, 1, 64, 4, 2)  # rank 2 of 4
+    items = train_items(share, 0, 24, epoch_steps(len(src), 24, 4))[:5]
+    seen = {}
+    for workers in (0, 2):
+        loader = torch.utils.data.DataLoader(ViewStream(Views(src, spec, 7), items, encoded=False),
+                                             batch_size=None, num_workers=workers)
+        seen[workers] = [(b.row.tolist(), b.image) for b in loader]
+    assert [r for r, _ in seen[0]] == [r for r, _ in seen[2]] == [it.rows.tolist() for it in items]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(seen[0], seen[2]))
 
 
 # ---- targets: each chunk read once per worker per epoch ------------------------------------------
@@ -74,7 +133,7 @@ def _store(path, n=1000, k=4, chunk=64):
 def test_chunk_targets_read_each_chunk_once(tmp_path, monkeypatch):
     st = _store(tmp_path / "s.zarr")
     order = epoch_order(st.num_rows, 32, False, 0, 1, 5, 0)
-    items = train_items(order, 1, 16, 1, 0)[1::3]  # what worker 1 of 3 gets
+    items = train_items(order, 1, 16)[1::3]  # what worker 1 of 3 gets
     reads = []
     orig = type(st).targets
     monkeypatch.setattr(type(st), "targets", lambda self, e, rows, kinds=None: reads.append((e, rows.start)) or

@@ -372,21 +372,27 @@ def test_val_data_with_other_classes_is_refused_before_training(unlabeled, tmp_p
 
 # ---- a BatchNorm student and batches of one view ----------------------------------------------------
 
-def test_epoch_batches_give_every_rank_two_views_or_leave_the_rest_out():
-    from tinydistill.stream import train_items
-    from tinydistill.train import _epoch_batches
+def test_epoch_batches_give_every_rank_two_views_and_the_same_steps():
+    """Under BatchNorm (min_rows 2) no batch of any rank holds one view, every rank takes the
+    same steps, and every row of a share is trained on (a one-view rest merges into the batch
+    before it); the cut depends only on N, batch size and world size."""
+    from tinydistill.stream import epoch_order, epoch_steps, train_items
 
-    import numpy as np
-
-    for n, b in ((96, 19), (97, 16), (100, 16), (33, 16)):
+    for n, b in ((96, 19), (97, 16), (100, 16), (33, 16), (4096 * 2 + 1, 64)):
         for world in (1, 2, 3):
             for min_rows in (1, 2):
-                sizes = _epoch_batches(n, b, world, min_rows)
-                order = np.arange(n)[:sum(sizes)]
-                per_rank = [[len(it.rows) for it in train_items(order, 0, b, world, r)] for r in range(world)]
-                assert all(len(p) == len(sizes) for p in per_rank)  # every rank takes every step
+                steps = epoch_steps(n, b, world, min_rows)
+                per_rank = []
+                for r in range(world):
+                    order = epoch_order(n, 8, True, 5, 0, 1, 0, 4096, world, r)
+                    items = train_items(order, 0, b, steps, min_rows)
+                    assert sum(len(it.rows) for it in items) == len(order)  # nothing left out
+                    per_rank.append([len(it.rows) for it in items])
+                assert all(len(p) == steps for p in per_rank)  # every rank takes every step
                 assert min(min(p) for p in per_rank) >= min_rows  # never one view under BatchNorm
-    assert _epoch_batches(96, 19, 1, 2) == [19] * 5 and _epoch_batches(96, 19, 1, 1) == [19] * 5 + [1]
+    order = epoch_order(96, 8, True, 5, 0, 1, 0)
+    assert [len(it.rows) for it in train_items(order, 0, 19, epoch_steps(96, 19, 1, 2), 2)] == [19] * 4 + [10, 10]
+    assert [len(it.rows) for it in train_items(order, 0, 19, epoch_steps(96, 19, 1, 1), 1)] == [19] * 5 + [1]
 
 
 def _resnet(unlabeled, out, **kw):
@@ -396,8 +402,8 @@ def _resnet(unlabeled, out, **kw):
 def test_batchnorm_student_with_one_view_left_over_trains(unlabeled, tmp_path):
     from tinydistill.train import train_student
 
-    r = train_student(_resnet(unlabeled, tmp_path / "a", batch_size=19))  # 96 = 5 x 19 + 1
-    assert r["step"] == 5 and r["views"] == 95
+    r = train_student(_resnet(unlabeled, tmp_path / "a", batch_size=19))  # 96 = 5 x 19 + 1: 4 x 19 + 2 x 10
+    assert r["step"] == 6 and r["views"] == 96
 
 
 def test_batchnorm_student_with_a_batch_shrunk_to_one_view(unlabeled, tmp_path, monkeypatch):

@@ -9,9 +9,11 @@ so every worker of every rank has work whatever the data size:
   ``batch_size`` rows, so a view's teacher output never depends on workers, ranks or resume).
   Shards are taken in *rounds* of ``world`` shards; a round's items are dealt to all ranks, and
   shard j of a round is gathered and written, whole, by rank j (one writer per shard).
-- training (:func:`epoch_order`, :func:`train_items`): every epoch is a fresh seeded order of
-  all rows (mix groups in random order, pairs or rows inside a group shuffled), cut into
-  global batches of ``batch_size * world``; one item is one rank's batch.
+- training (:func:`epoch_order`, :func:`train_items`): every epoch the store's chunks are dealt
+  to the ranks afresh (:func:`rank_span`), so a rank reads about 1/world of an epoch's targets;
+  each rank orders its share (mix groups in random order, pairs or rows inside a group
+  shuffled) and cuts it into batches, all ranks the same number (:func:`epoch_steps`); one item
+  is one batch.
 
 :class:`ViewStream` hands a rank's items to its DataLoader workers round-robin (item i to
 worker i % workers), which the DataLoader returns in item order: the batches a model sees do
@@ -32,6 +34,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from .batch import Batch, Encoded
 from .params import pair_order
+from .store.format import DEFAULT_CHUNK_ROWS
 from .views import Views
 
 ENCODED_RENDERERS = {"torch"}  # renderers whose pixels are made in the main process (render_device)
@@ -100,41 +103,102 @@ def gen_plan(todo: Sequence[tuple[int, int]], shard_bounds: Callable[[int], tupl
 
 # ---- training order ---------------------------------------------------------------------------
 
-def epoch_order(num_rows: int, mix_group: int, mixing: bool, view_seed: int, view_epoch: int,
-                order_seed: int, epoch: int) -> np.ndarray:
-    """All rows of one training epoch in a fresh seeded order.
+def order_block(chunk_rows: int | None, mix_group: int) -> int:
+    """Rows dealt to ranks together: the store's chunk (``DEFAULT_CHUNK_ROWS`` without a
+    store), rounded up to whole mix groups."""
+    return math.lcm(int(chunk_rows or DEFAULT_CHUNK_ROWS), int(mix_group))
 
-    Mix groups come in a random order; inside a group rows are shuffled, and when the spec
-    mixes, each row sits next to its mix partner (pairs shuffled), so a batch holds both views
-    of a pair and renders no image twice. Depends on neither the store's chunking nor the
-    worker count nor the world size.
+
+def rank_span(num_rows: int, block: int, world: int, rank: int, order_seed: int, epoch: int
+              ) -> list[tuple[int, int, int]]:
+    """This rank's share of an epoch: ``(block, start, stop)`` row offsets into blocks.
+
+    The epoch's blocks are dealt in a fresh seeded order (the same for every rank), laid end to
+    end, and cut into ``world`` runs of equal rows (sizes differ by one at most): rank r takes run
+    r. A rank touches at most ``ceil(num_rows / world / block) + 2`` blocks, and every row
+    belongs to exactly one rank. O(blocks), not O(rows).
     """
-    rng = np.random.default_rng([int(order_seed), 0x6F72, int(epoch)])
-    n_groups = -(-num_rows // mix_group)
+    n_blocks = -(-num_rows // block)
+    deal = np.random.default_rng([int(order_seed), 0x6465616C, int(epoch)]).permutation(n_blocks)
+    sizes = np.minimum(block, num_rows - deal * block)
+    ends = np.cumsum(sizes)
+    lo, hi = rank * num_rows // world, (rank + 1) * num_rows // world
+    first = int(np.searchsorted(ends, lo, side="right"))
+    out = []
+    for i in range(first, n_blocks):
+        start = int(ends[i] - sizes[i])
+        if start >= hi:
+            break
+        a, z = max(lo - start, 0), min(hi - start, int(sizes[i]))
+        if z > a:
+            out.append((int(deal[i]), a, z))
+    return out
+
+
+def epoch_order(num_rows: int, mix_group: int, mixing: bool, view_seed: int, view_epoch: int,
+                order_seed: int, epoch: int, chunk_rows: int | None = None, world: int = 1,
+                rank: int = 0) -> np.ndarray:
+    """This rank's rows of one training epoch, in a fresh seeded order.
+
+    Store chunks (blocks of :func:`order_block` rows) are dealt to ranks at random every epoch
+    (:func:`rank_span`), so a rank reads about 1/world of an epoch's targets. Inside its share,
+    mix groups come in a random order; inside a group rows are shuffled and, when the spec
+    mixes, each row sits next to its mix partner (pairs shuffled), so a batch holds both views
+    of a pair and renders no image twice (only the pairs cut by a share's two ends are split).
+    Depends on neither the worker count nor anything but the seeds and ``epoch`` for a given
+    ``world``; ``world=1`` is one order of all rows.
+    """
+    g = int(mix_group)
+    block = order_block(chunk_rows, g)
+    pieces: dict[int, tuple[np.ndarray, int]] = {}  # group -> (its rows in pair order, first offset)
+    for b, a, z in rank_span(num_rows, block, world, rank, order_seed, epoch):
+        base = b * block
+        for grp in range((base + a) // g, (base + z - 1) // g + 1):
+            members = np.arange(grp * g, min((grp + 1) * g, num_rows))
+            seq = pair_order(view_seed, view_epoch, grp, members) if mixing else members
+            off, end = max(base + a - grp * g, 0), min(base + z - grp * g, len(members))
+            pieces[grp] = (seq[off:end], off)
+    rng = np.random.default_rng([int(order_seed), 0x6F72, int(epoch), int(rank)])
+    groups = sorted(pieces)
     parts = []
-    for g in rng.permutation(n_groups):
-        members = np.arange(g * mix_group, min((g + 1) * mix_group, num_rows))
-        if mixing:
-            seq = pair_order(view_seed, view_epoch, int(g), members)
-            n_pairs = len(seq) // 2
-            pairs = seq[:2 * n_pairs].reshape(n_pairs, 2)[rng.permutation(n_pairs)].ravel()
-            parts.append(np.concatenate([pairs, seq[2 * n_pairs:]]))
+    for i in rng.permutation(len(groups)):
+        seq, off = pieces[groups[int(i)]]
+        if mixing:  # whole pairs shuffled; a row whose partner is in another share goes last
+            head = off % 2
+            n_pairs = (len(seq) - head) // 2
+            pairs = seq[head:head + 2 * n_pairs].reshape(n_pairs, 2)[rng.permutation(n_pairs)].ravel()
+            parts.append(np.concatenate([pairs, seq[:head], seq[head + 2 * n_pairs:]]))
         else:
-            parts.append(members[rng.permutation(len(members))])
-    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+            parts.append(seq[rng.permutation(len(seq))])
+    return np.concatenate(parts).astype(np.int64, copy=False) if parts else np.zeros(0, np.int64)
 
 
-def train_items(order: np.ndarray, view_epoch: int, batch_size: int, world: int, rank: int) -> list[Item]:
-    """This rank's batches of an epoch: global batch t is ``order[t*B*W:(t+1)*B*W]``, rank r
-    takes its r-th slice of ``B``. A last partial global batch is split evenly over ranks (and
-    dropped when there are fewer rows than ranks), so every rank takes the same number of steps."""
-    step = batch_size * world
-    full = len(order) // step
-    out = [order[t * step + rank * batch_size: t * step + (rank + 1) * batch_size] for t in range(full)]
-    rest = order[full * step:]
-    if len(rest) >= world:
-        out.append(np.array_split(rest, world)[rank])
-    return [Item(int(view_epoch), rows, len(rows)) for rows in out]
+def epoch_steps(num_rows: int, batch_size: int, world: int, min_rows: int = 1) -> int:
+    """Steps every rank takes in an epoch (DDP: all the same): enough batches of ``batch_size``
+    for the largest share, and no more than the smallest share can fill with ``min_rows`` views
+    each (2 for a BatchNorm student, which cannot train on one view; 0 with fewer rows than
+    that: nothing to split evenly). Depends only on the row count, batch size and world size."""
+    least, most = num_rows // world, -(-num_rows // world)
+    return min(-(-most // batch_size), least // max(int(min_rows), 1))
+
+
+def train_items(order: np.ndarray, view_epoch: int, batch_size: int, steps: int | None = None,
+                min_rows: int = 1) -> list[Item]:
+    """A rank's batches of an epoch: ``order`` (its share, :func:`epoch_order`) cut into
+    ``steps`` batches (default: as many as it needs), full batches first; the rows left after
+    them are split evenly over the last ones, so every rank takes the same number of steps and
+    every row of the share is in one batch. No batch gets fewer than ``min_rows`` rows when the
+    share has them (a one-view rest of a BatchNorm student is merged into the batch before)."""
+    n, b, m = len(order), int(batch_size), max(int(min_rows), 1)
+    steps = -(-n // b) if steps is None else int(steps)
+    steps = min(steps, max(n // m, 1))
+    if steps <= 0 or n == 0:
+        return []
+    full = min(n // b, steps - 1)
+    while full > 0 and n - full * b < (steps - full) * m:  # every batch gets at least min_rows rows
+        full -= 1
+    cuts = [order[t * b:(t + 1) * b] for t in range(full)] + np.array_split(order[full * b:], steps - full)
+    return [Item(int(view_epoch), rows, len(rows)) for rows in cuts]
 
 
 # ---- targets ----------------------------------------------------------------------------------

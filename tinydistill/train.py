@@ -3,7 +3,8 @@
 Three modes share one loop, so comparisons are fair: offline KD from a store (default),
 ``no_kd`` (supervised on ground-truth labels) and ``online_teacher`` (the same loss with the
 teacher run every step on the same views). Every epoch visits all rows in a fresh seeded order
-(:func:`tinydistill.stream.epoch_order`) that is the same in all three modes for the same seed. The loop is timm's parts: ``create_model``,
+(:func:`tinydistill.stream.epoch_order`: store chunks dealt to ranks, batches inside a rank's
+share) that is the same in all three modes for the same seed. The loop is timm's parts: ``create_model``,
 ``create_optimizer_v2``, ``CosineLRScheduler`` with warmup, ``ModelEmaV3``, gradient
 clipping, AMP, DDP under torchrun.
 """
@@ -11,6 +12,7 @@ clipping, AMP, DDP under torchrun.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -36,7 +38,7 @@ from .batch import Batch
 from .ranktargets import RankTargets
 from .render_device import DeviceRenderer
 from .signals import ignore_in_worker
-from .stream import Meter, ViewStream, epoch_order, train_items
+from .stream import Meter, ViewStream, epoch_order, epoch_steps, train_items
 from .traintargets import target_provider
 from .views import Views, prepare
 
@@ -372,7 +374,7 @@ def _build(cfg: TrainConfig) -> tuple[_Run, int, dict | None, dict | None]:
     model.to(device)
     optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay)
     min_rows = 2 if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()) else 1
-    steps_per_epoch = len(_epoch_batches(len(source), cfg.batch_size, world, min_rows))
+    steps_per_epoch = epoch_steps(len(source), cfg.batch_size, world, min_rows)
     parts = {"model": model, "optimizer": optimizer,
              "scheduler": CosineLRScheduler(optimizer, t_initial=cfg.epochs * steps_per_epoch, lr_min=cfg.min_lr,
                                             warmup_lr_init=cfg.warmup_lr, t_in_epochs=False,
@@ -443,17 +445,6 @@ def _compared(config: dict) -> dict:
     return d
 
 
-def _epoch_batches(num_rows: int, batch_size: int, world: int, min_rows: int) -> list[int]:
-    """The global batches of an epoch, as row counts: full batches of ``batch_size * world``,
-    then the rest when it gives every rank at least ``min_rows`` views (2 for a BatchNorm
-    student, which cannot train on one view), else the rest is left out of that epoch (each
-    epoch's order is fresh, so other rows are left out each time). It depends only on the
-    row count, batch size and world size: every rank and every worker count cuts the same."""
-    step = batch_size * world
-    full, rest = divmod(num_rows, step)
-    return [step] * full + ([rest] if rest >= min_rows * world else [])
-
-
 def _step(run: _Run, batch: Batch) -> tuple[torch.Tensor, dict]:
     """One optimizer step on a batch; returns its loss and the loss's named terms
     (``attention_loss``), on the device (nothing waits for them)."""
@@ -488,6 +479,14 @@ def _step(run: _Run, batch: Batch) -> tuple[torch.Tensor, dict]:
     return loss, parts
 
 
+@functools.lru_cache(maxsize=4)
+def _like_chunk_rows(like: str | None) -> int | None:
+    """The `like` store's chunk rows: no-KD and online runs deal ranks the same blocks as offline KD."""
+    from .store import open_store
+
+    return open_store(like).chunk_rows if like else None
+
+
 def _epoch(run: _Run, epoch: int, logs: "_Logs", on_step, stop=None, partial: dict | None = None) -> tuple[dict, dict | None]:
     """One epoch over a fresh order of all rows, from its start or, resumed, from a checkpoint's
     place in it (``partial``); returns (its metrics row, None), or, when asked to ``stop``
@@ -495,17 +494,22 @@ def _epoch(run: _Run, epoch: int, logs: "_Logs", on_step, stop=None, partial: di
     from tqdm import tqdm
 
     cfg, t0 = run.cfg, time.time()
-    # every epoch a fresh order of all rows, the same in every mode (stream.epoch_order)
+    # every epoch a fresh order: store chunks dealt to ranks at random, batches inside a rank's
+    # share (stream.epoch_order); the same in every mode (no-KD / online: the `like` store's chunks)
     view_epoch = epoch % run.store.epochs if run.store is not None else epoch
     spec = run.core.spec
-    order = epoch_order(len(run.source), spec.mix_group, spec.mixing, run.view_seed, view_epoch, cfg.seed, epoch)
-    order = order[:sum(_epoch_batches(len(order), cfg.batch_size, run.world, run.min_rows))]
-    items = train_items(order, view_epoch, cfg.batch_size, run.world, run.rank)
+    chunk_rows = run.store.chunk_rows if run.store is not None else _like_chunk_rows(cfg.like)
+    order = epoch_order(len(run.source), spec.mix_group, spec.mixing, run.view_seed, view_epoch, cfg.seed, epoch,
+                        chunk_rows, run.world, run.rank)
+    items = train_items(order, view_epoch, cfg.batch_size,
+                        epoch_steps(len(run.source), cfg.batch_size, run.world, run.min_rows), run.min_rows)
     total, done = len(items), (partial or {}).get("seen", 0)
     items = items[done:]  # resumed mid-epoch: the batches not yet trained on
     stream = ViewStream(run.core, items)  # the torch renderer: workers ship bytes + records
-    # each chunk once per rank; from object storage through a node-local mirror (once per node)
-    joined = RankTargets(node_local(run.store, view_epoch), items) if run.store is not None else None
+    # each chunk once per rank; from object storage through a node-local mirror (once per node),
+    # the next epoch's targets downloaded while this one trains
+    following = (epoch + 1) % run.store.epochs if run.store is not None and epoch + 1 < cfg.epochs else None
+    joined = RankTargets(node_local(run.store, view_epoch, following), items) if run.store is not None else None
     # the loader's own generator: creating it draws nothing from the generators a checkpoint
     # restores, so a run resumed mid-epoch draws (drop-path) what an uninterrupted one does
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.workers,

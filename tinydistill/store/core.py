@@ -38,7 +38,7 @@ from .format import (
     encode_keys,
 )
 from .notebook import NotebookMixin
-from .read import ReadMixin
+from .read import ReadMixin, object_sizes
 from .write import WriteMixin
 
 _LISTING_CACHES = ("s3", "s3a", "gs", "gcs")  # fsspec backends that cache directory listings
@@ -433,14 +433,14 @@ class LogitStore(ReadMixin, WriteMixin, NotebookMixin):
         }
 
     def bytes_on_disk(self) -> dict[str, int]:
-        """Stored bytes per array (plus ``metadata`` for the zarr.json documents)."""
-        store = self._group.store
+        """Stored bytes per array (plus ``metadata`` for the zarr.json documents), sizes taken from
+        the listing (:func:`~tinydistill.store.read.object_sizes`: no request per object)."""
         out: dict[str, int] = {}
-        for key in sync(_list(store, "")):
+        for key, size in object_sizes(self._group.store).items():
             name = key.split("/", 1)[0] if "/" in key else "metadata"
             if key.endswith("zarr.json"):
                 name = "metadata"
-            out[name] = out.get(name, 0) + int(sync(store.getsize(key)))
+            out[name] = out.get(name, 0) + size
         return out
 
     # ---- completeness -----------------------------------------------------------------------

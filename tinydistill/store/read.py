@@ -12,6 +12,24 @@ from ..errors import CorruptStoreError, IncompleteError, StoreError, one_line
 from .format import SEED_SKIPPED, SEED_UNSET
 
 
+def object_sizes(zstore) -> dict[str, int]:
+    """Bytes of every object of a zarr store, by key. On object storage the sizes come with the
+    listing (one request per listing page, up to 1000 objects), never a request per object."""
+    from zarr.core.sync import sync
+
+    fs = getattr(zstore, "fs", None)
+    if fs is not None and hasattr(fs, "_find"):  # FsspecStore (s3://, gs://, memory://, ...)
+        root = zstore.path.rstrip("/")
+        found = sync(fs._find(root, detail=True))
+        return {p[len(root) + 1:]: int(info.get("size") or 0) for p, info in found.items()
+                if p.startswith(root + "/") and info.get("type", "file") == "file"}
+
+    async def sizes() -> dict[str, int]:  # a local store: a stat per file is cheap
+        return {k: int(await zstore.getsize(k)) async for k in zstore.list_prefix("")}
+
+    return sync(sizes())
+
+
 class ReadMixin:
     """Reading rows: :meth:`targets`, :meth:`topk`, :meth:`attention`, :meth:`seeds`, :meth:`dense`,
     :meth:`skipped`, :meth:`check`."""
@@ -103,7 +121,7 @@ class ReadMixin:
             out.update(values)
             empty = missing if empty is None else empty | missing
         if empty is not None and empty.any():
-            rows_bad = (np.arange(self.num_rows)[sel] if isinstance(sel, slice) else sel)[empty]
+            rows_bad = (np.arange(sel.start, sel.stop) if isinstance(sel, slice) else sel)[empty]  # the rows read only
             if not (self._read(self._seed, epoch, rows_bad) == SEED_SKIPPED).all():
                 raise CorruptStoreError(
                     f"{self.path}: epoch {epoch} rows {rows_bad[:5].tolist()} are recorded complete "
