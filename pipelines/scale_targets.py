@@ -100,6 +100,7 @@ def s3_requests(local: str, workdir: Path, epochs: int) -> dict:
         server.make_bucket("scale")
         import s3fs
 
+        s3fs.S3FileSystem.clear_instance_cache()  # a cached filesystem still points at the last size's server
         fs = s3fs.S3FileSystem(skip_instance_cache=True)
         fs.put(local, "scale/store.zarr", recursive=True)
         objects = len(fs.find("scale/store.zarr"))
