@@ -19,7 +19,8 @@ import torch
 _NP_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.int64: np.int64, torch.int32: np.int32,
               torch.bool: np.bool_}
 
-UPLOADS: collections.Counter = collections.Counter()  # "copies" and "bytes" moved host -> device by upload()
+# upload()'s copies host -> device: "copies", "bytes", and "copies@THREAD" per thread's name
+UPLOADS: collections.Counter = collections.Counter()
 _CONSTANTS: dict = {}
 _LOCK = threading.Lock()
 _ALIGN = 16  # every packed array starts on a 16-byte boundary (any dtype can view it)
@@ -40,8 +41,10 @@ def upload(*arrays, device) -> list[torch.Tensor]:
     for a, o in zip(arrs, offs):
         host[o:o + a.nbytes] = a.reshape(-1).view(np.uint8)
     dev = buf.to(device, non_blocking=True)
-    UPLOADS["copies"] += 1
-    UPLOADS["bytes"] += n
+    with _LOCK:
+        UPLOADS["copies"] += 1
+        UPLOADS["bytes"] += n
+        UPLOADS[f"copies@{threading.current_thread().name}"] += 1  # e.g. copies@MainThread
     return [dev[o:o + a.nbytes].view(torch.from_numpy(a[:0].reshape(-1)).dtype).view(a.shape)
             for a, o in zip(arrs, offs)]
 
