@@ -11,14 +11,24 @@ import torch.distributed as dist
 
 from .errors import TinydistillError
 
-# How long a rank waits for the others in a collective. torch's default (10 minutes) is shorter
-# than rank 0 may take to create a large store, or to write its last shards, while the other
-# ranks wait; TINYDISTILL_DIST_TIMEOUT_S overrides it.
+# How long a rank waits for the others in a gloo collective (barriers, objects). torch's default
+# (10 minutes) is shorter than rank 0 may take to create a large store, or to write its last
+# shards, while the other ranks wait; TINYDISTILL_DIST_TIMEOUT_S overrides it.
 TIMEOUT_S = 4 * 3600
+# NCCL collectives (DDP's all-reduces, the final counts) only run while every rank is stepping:
+# when one rank dies the others must stop soon, not hang for hours holding the GPUs.
+# TINYDISTILL_NCCL_TIMEOUT_MIN overrides it.
+NCCL_TIMEOUT_MIN = 30
 
 
 def timeout() -> timedelta:
+    """The gloo groups' timeout (long: rank 0 may be creating a store)."""
     return timedelta(seconds=float(os.environ.get("TINYDISTILL_DIST_TIMEOUT_S", TIMEOUT_S)))
+
+
+def nccl_timeout() -> timedelta:
+    """The NCCL group's timeout (short: a dead rank ends the job in minutes)."""
+    return timedelta(minutes=float(os.environ.get("TINYDISTILL_NCCL_TIMEOUT_MIN", NCCL_TIMEOUT_MIN)))
 
 
 def active() -> bool:
@@ -50,7 +60,7 @@ def setup(device: str, workers: int = 0) -> tuple[int, int, torch.device]:
     if world > 1 and not active():
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timeout())
+        dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=nccl_timeout() if cuda else timeout())
     rank, world = rank_world()
     if cuda and world > 1:
         return rank, world, torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
