@@ -67,6 +67,18 @@ def setup(device: str, workers: int = 0) -> tuple[int, int, torch.device]:
     return rank, world, torch.device(device)
 
 
+def gpu_defaults(benchmark: bool = False) -> None:
+    """What timm's scripts set on a GPU (flags only CUDA reads, so set alike on every device):
+    TF32 for float32 matmuls and convolutions (what ``--amp none`` runs in on Ampere and
+    later), and with ``benchmark`` cuDNN timing its algorithms once per input shape. Not for
+    stored values: the fastest algorithm by timing can change between runs, and ``verify``
+    must recompute a store's values to the bit."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    if benchmark:
+        torch.backends.cudnn.benchmark = True
+
+
 def amp_dtype(amp: str | None) -> torch.dtype | None:
     """The autocast dtype of an ``--amp`` value (None: no autocast)."""
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp or "none")

@@ -11,6 +11,7 @@ clipping, AMP, DDP under torchrun.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -33,6 +34,7 @@ from .batch import Batch
 from .ranktargets import RankTargets
 from .render_device import DeviceRenderer
 from .stream import Meter, ViewStream, epoch_order, train_items
+from .teachers import wants_channels_last
 from .traintargets import target_provider
 from .views import Views, prepare
 
@@ -286,6 +288,11 @@ class _Run:
     def view_seed(self) -> int:
         return self.core.base_seed
 
+    @functools.cached_property
+    def channels_last(self) -> bool:
+        """A CNN student: its weights and inputs NHWC (teachers.wants_channels_last)."""
+        return wants_channels_last(self.model)
+
 
 def _build(cfg: TrainConfig) -> tuple[_Run, int]:
     """Source, store, student, optimizer and the rest from a resolved config; (run, first epoch)."""
@@ -314,7 +321,8 @@ def _build(cfg: TrainConfig) -> tuple[_Run, int]:
     checkpoint.seed_rng(cfg.seed + rank)  # training draws (drop-path masks) differ across ranks, as in timm
     data_cfg = resolve_data_config({}, model=model)
     distilled = hasattr(model, "set_distilled_training")
-    model.to(device)
+    dist.gpu_defaults(benchmark=True)  # fixed shapes: cuDNN picks its fastest algorithms once
+    model.to(device, memory_format=torch.channels_last if wants_channels_last(model) else torch.preserve_format)
     optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, math.ceil(len(source) / (cfg.batch_size * world)))
     parts = {"model": model, "optimizer": optimizer,
@@ -358,7 +366,8 @@ def _step(run: _Run, batch: Batch) -> tuple[torch.Tensor, dict]:
                               smoothing=cfg.smoothing if cfg.no_kd else 0.0)
     targets = run.targets(batch, images)
     with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
-        outputs = run.ddp(prepare(images, run.input_size, run.mean, run.std))
+        x = prepare(images, run.input_size, run.mean, run.std)
+        outputs = run.ddp(x.contiguous(memory_format=torch.channels_last) if run.channels_last else x)
     maps = run.tap.pop() if run.tap is not None else None
     parts: dict = {}
     if len(batch):
