@@ -111,16 +111,19 @@ def _posterize(x, step):
     return torch.floor(x / step) * step
 
 
+AFFINE_DTYPE = torch.float64  # Pillow's: float32 changes pixels (measured; docs/render.md)
+
+
 def _affine(x: torch.Tensor, mats: torch.Tensor, fill: torch.Tensor, bicubic: bool) -> torch.Tensor:
     """``Image.transform(size, AFFINE, mats[i], resample, fillcolor=fill[i])`` for each sample:
     Pillow's GenericTransform with its bilinear / bicubic (a = -1) filters, in float64,
     edge-clamped taps, truncated; output pixels whose source is off the image get ``fill``.
     Taps are gathered a filter row at a time (one gather for the row's 2 or 4 columns)."""
     n, c, H, W = x.shape
-    dev = x.device
-    a = mats.to(torch.float64).view(n, 6, 1, 1).unbind(1)
-    xo = (torch.arange(W, device=dev, dtype=torch.float64) + 0.5).view(1, 1, W)
-    yo = (torch.arange(H, device=dev, dtype=torch.float64) + 0.5).view(1, H, 1)
+    dev, dt = x.device, AFFINE_DTYPE
+    a = mats.to(dt).view(n, 6, 1, 1).unbind(1)
+    xo = (torch.arange(W, device=dev, dtype=dt) + 0.5).view(1, 1, W)
+    yo = (torch.arange(H, device=dev, dtype=dt) + 0.5).view(1, H, 1)
     xin = (a[0] * xo + a[1] * yo) + a[2]  # [n, H, W]
     yin = (a[3] * xo + a[4] * yo) + a[5]
     valid = (xin >= 0) & (xin < W) & (yin >= 0) & (yin < H)
@@ -133,7 +136,7 @@ def _affine(x: torch.Tensor, mats: torch.Tensor, fill: torch.Tensor, bicubic: bo
     t = constant([-1, 0, 1, 2] if bicubic else [0, 1], dev, torch.int64).view(1, r, 1, 1)
     cols = (ix[:, None] + t).clamp_(0, W - 1)  # [n, r, H, W]
     rows = (iy[:, None] + t).clamp_(0, H - 1).mul_(W).unbind(1)  # r x [n, H, W]
-    src = x.reshape(n, c, H * W).double()
+    src = x.reshape(n, c, H * W).to(dt)
 
     def row(k):  # the r taps of filter row k: r x [n, c, H, W]
         idx = (cols + rows[k][:, None]).view(n, 1, r * H * W).expand(n, c, r * H * W)
