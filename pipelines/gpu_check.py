@@ -473,7 +473,7 @@ class SyncCounter:
         if self.cuda:
             self._cm = warnings.catch_warnings()
             self._cm.__enter__()
-            warnings.simplefilter("always")
+            warnings.filterwarnings("always", message=".*synchroniz")  # every sync, not once per place
             shown = warnings.showwarning
 
             def show(message, category, *a, **k):
