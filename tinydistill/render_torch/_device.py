@@ -26,9 +26,10 @@ _LOCK = threading.Lock()
 _ALIGN = 16  # every packed array starts on a 16-byte boundary (any dtype can view it)
 
 
-def upload(*arrays, device) -> list[torch.Tensor]:
+def upload(*arrays, device, wait: bool = False) -> list[torch.Tensor]:
     """Host arrays (numpy, or CPU tensors) on ``device``, in ONE copy: packed into one uint8
-    buffer (pinned on CUDA), moved with ``non_blocking``, viewed back as each array's dtype and
+    buffer (pinned on CUDA), moved with ``non_blocking`` (``wait``: a blocking copy, done when
+    this returns, so any stream may read the result), viewed back as each array's dtype and
     shape. Counted in ``UPLOADS`` (one copy per call, whatever the number of arrays)."""
     device = torch.device(device)
     arrs = [np.ascontiguousarray(a.numpy() if torch.is_tensor(a) else a) for a in arrays]
@@ -40,7 +41,7 @@ def upload(*arrays, device) -> list[torch.Tensor]:
     host = buf.numpy()
     for a, o in zip(arrs, offs):
         host[o:o + a.nbytes] = a.reshape(-1).view(np.uint8)
-    dev = buf.to(device, non_blocking=True)
+    dev = buf.to(device, non_blocking=not wait)
     with _LOCK:
         UPLOADS["copies"] += 1
         UPLOADS["bytes"] += n
@@ -56,7 +57,8 @@ def _dev(a: np.ndarray, device) -> torch.Tensor:
 
 def constant(values, device, dtype=torch.float32) -> torch.Tensor:
     """``values`` (a number, or nested sequences of numbers) as a tensor on ``device``, made
-    once per device and dtype and kept: no copy per call. Callers must not write into it."""
+    once per device and dtype and kept: no copy per call. Callers must not write into it.
+    Made with a blocking copy (once), so every thread's stream can use it."""
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
@@ -64,7 +66,7 @@ def constant(values, device, dtype=torch.float32) -> torch.Tensor:
     key = (str(device), dtype, a.shape, a.tobytes())
     t = _CONSTANTS.get(key)
     if t is None:
-        t = upload(a, device=device)[0]
+        t = upload(a, device=device, wait=True)[0]
         with _LOCK:
             t = _CONSTANTS.setdefault(key, t)
     return t
