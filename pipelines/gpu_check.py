@@ -34,6 +34,19 @@ later stages that need it are skipped; the script then exits 1):
   train online     ... `--online-teacher clip-vit-l14 --teacher-weights W --like STORE --k 100`.
   ops per view     top-level aten ops of Views.render_encoded on one render unit (1,024 views)
                    of the recipe's views (tinydistill.opcount.count_aten_ops), per view.
+  device path      in this process, on 2 x --render-rows of the photos plus a truncated
+                   JPEG (good header, cut body) and a CMYK JPEG: gen-logits (1 epoch, --skip-bad,
+                   --decode device: the JPEG bytes decoded in the main process) then
+                   train-student offline from that store, under
+                   torch.cuda.set_sync_debug_mode("warn"): host syncs per step of each loop and
+                   per render unit go to the JSON (`syncs_per_step`, `syncs_per_unit`; on the CPU
+                   the copies counted by render_torch.UPLOADS stand in). The truncated JPEG must
+                   be skipped and counted once, the CMYK one rendered.
+  cuda:1           with two GPUs or more: gen-logits (1 epoch) and verify on --device cuda:1.
+
+--compile needs a C compiler and Python's headers (triton builds its launcher, inductor its
+C++); when either is missing the check says so in one line, runs the compiled stages eager,
+and records which ran in the JSON (`compile`).
 
 Rates of the commands are steady-state, read from their progress bars: gen-logits from a
 quarter of its views on, train-student over the epochs after the first, each from its first
@@ -53,15 +66,19 @@ so the script cannot rot between GPU runs.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
 import re
 import shutil
 import sys
+import sysconfig
 import tempfile
+import threading
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 from benchlib import (CliError, MachineSampler, bench_parser, environment, forward_ceiling, last_json, loadavg, make_photo_folder,
@@ -130,6 +147,20 @@ def steady_rate(bars: dict, skip_first: bool = False, start_frac: float = 0.0,
 
 # ---- the run -----------------------------------------------------------------------------------
 
+def compile_missing() -> str | None:
+    """Why torch.compile cannot build on this machine, or None: triton compiles its launcher
+    (and inductor its C++) with a C compiler ($CC, else cc / gcc / clang on PATH) against
+    Python's headers (Python.h)."""
+    cc = os.environ.get("CC")
+    names = [cc] if cc else ["cc", "gcc", "clang"]
+    if not any(shutil.which(n) for n in names):
+        return f"no C compiler ({', '.join(names)}) on PATH"
+    inc = sysconfig.get_paths().get("include") or ""
+    if not (Path(inc) / "Python.h").exists():
+        return f"no Python headers ({Path(inc) / 'Python.h'} missing)"
+    return None
+
+
 class Check:
     """The run's options, paths and results; :meth:`stage` runs one stage and records it."""
 
@@ -143,6 +174,12 @@ class Check:
         self.weights: str | None = None
         self.ok: set[str] = set()
         self.res: dict = {"args": vars(args), "stages": {}}
+        why = None if args.gen_eager else compile_missing()
+        self.compile = not args.gen_eager and why is None
+        self.res["compile"] = {"requested": not args.gen_eager, "ran": "compiled" if self.compile else "eager",
+                               "why": why}
+        if why:
+            print(f"compile: {why}; triton cannot build its launcher, so the compiled stages run eager", flush=True)
 
     def stage(self, name: str, fn, *a, needs: tuple[str, ...] = ()) -> None:
         missing = [n for n in needs if n not in self.ok]
@@ -257,7 +294,7 @@ def teacher_forward(c: Check) -> None:
            "amp": c.amp("gen-logits")}
     grid = getattr(getattr(teacher.model, "patch_embed", None), "grid_size", (7,))[0]  # --attention-grid G
     out["attention_grid"] = int(grid)
-    for mode in ("eager", "eager_maps", "compiled"):
+    for mode in ("eager", "eager_maps", "compiled") if c.compile else ("eager", "eager_maps"):
         if mode != "eager":  # eager, then with its attention maps kept (hooks), then compiled in place
             teacher.place(dev, c.amp("gen-logits"), compile=mode == "compiled",
                           attention_grid=grid if mode == "eager_maps" else 0)
@@ -322,13 +359,18 @@ def _load(r: dict, m: MachineSampler, windows: list) -> dict:
             "cli_wall_s": round(r["wall_s"], 1)}
 
 
+def gen_args(c: Check) -> list[str]:
+    """gen-logits' command line: --compile only when this machine can compile."""
+    return ["gen-logits", "--config", c.recipe, "--out", c.store, "--overwrite", "--device", c.args.device,
+            *(["--compile"] if c.compile else [])]
+
+
 def gen_logits(c: Check) -> None:
-    r, m = c.cli("gen-logits", ["gen-logits", "--config", c.recipe, "--out", c.store, "--overwrite",
-                                "--device", c.args.device, *([] if c.args.gen_eager else ["--compile"])])
+    r, m = c.cli("gen-logits", gen_args(c))
     s = last_json(r["stdout"])
     rate, windows = steady_rate(progress(r["lines"]), start_frac=0.25)
     loop = s["views"] / s["load"]["wall_s"]
-    c.res["gen"] = {"compile": not c.args.gen_eager, "views_per_s": rate or loop,
+    c.res["gen"] = {"compile": c.compile, "views_per_s": rate or loop,
                     "rate_from": "progress" if rate else "loop", "loop_views_per_s": loop,
                     "command_views_per_s": s["views_per_s"], **_load(r, m, windows), "summary": s}
     print(f"   {s['views']} views: {rate or loop:.0f} views/s steady, {loop:.0f} loop, "
@@ -398,6 +440,153 @@ def ops_per_view(c: Check) -> None:
     c.res["ops_per_view"] = n / len(rows)
     print(f"   {len(rows)} views: {n} top-level aten ops ({n / len(rows):.2f} per view); "
           f"render {len(rows) / render_s:.0f} views/s, encode {len(rows) / encode_s:.0f} views/s (1 process)")
+
+
+# ---- the device path: bad photos, host syncs, a second GPU ---------------------------------------
+
+def add_bad_photos(folder: Path, good_jpeg: bytes) -> dict:
+    """A truncated JPEG (its header intact, its body cut: unreadable, to be skipped) and a
+    CMYK JPEG (readable: GPU decoders hand it to PIL) in ``folder``: {what: file name}."""
+    import io
+
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "zz-truncated.jpg").write_bytes(good_jpeg[:len(good_jpeg) // 2])
+    with Image.open(io.BytesIO(good_jpeg)) as im:
+        im.convert("CMYK").save(folder / "zz-cmyk.jpg", quality=90)
+    return {"truncated": "zz-truncated.jpg", "cmyk": "zz-cmyk.jpg"}
+
+
+class SyncCounter:
+    """Host syncs per thread while open: on CUDA the warnings of
+    ``torch.cuda.set_sync_debug_mode("warn")`` (every thread's), elsewhere the host -> device
+    copies counted by ``render_torch.UPLOADS`` (``copies@THREAD``). ``count(thread)`` reads
+    the running total."""
+
+    def __init__(self, cuda: bool):
+        self.cuda, self.seen = cuda, collections.Counter()
+
+    def __enter__(self):
+        import torch
+
+        if self.cuda:
+            self._cm = warnings.catch_warnings()
+            self._cm.__enter__()
+            warnings.filterwarnings("always", message=".*synchroniz")  # every sync, not once per place
+            shown = warnings.showwarning
+
+            def show(message, category, *a, **k):
+                if "synchroniz" in str(message):
+                    self.seen[threading.current_thread().name] += 1
+                else:
+                    shown(message, category, *a, **k)
+
+            warnings.showwarning = show
+            torch.cuda.set_sync_debug_mode("warn")
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        if self.cuda:
+            torch.cuda.set_sync_debug_mode("default")
+            self._cm.__exit__(*exc)
+
+    def count(self, thread: str) -> int:
+        from tinydistill import render_torch
+
+        return self.seen[thread] if self.cuda else render_torch.UPLOADS[f"copies@{thread}"]
+
+
+def _with_decode(cls, values: dict) -> dict:
+    """``decode="device"`` (JPEG bytes decoded in the main process, as on a GPU) where this
+    checkout has the option; recorded either way."""
+    has = any(f.name == "decode" for f in dataclasses.fields(cls))
+    return {**values, "decode": "device"} if has else values
+
+
+def _per(marks: list[int]) -> float | None:
+    """Syncs per step from the running counts at each step (the first step's set-up left out)."""
+    return (marks[-1] - marks[0]) / (len(marks) - 1) if len(marks) > 1 else None
+
+
+def device_path(c: Check) -> None:
+    """gen-logits and train-student in this process through the device path, over photos that
+    include a truncated and a CMYK JPEG, counting host syncs per step and per render unit."""
+    from tinydistill.augment import AugSpec
+    from tinydistill.generate import GenConfig
+    from tinydistill.generate import gen_logits as run_gen
+    from tinydistill.options import from_options
+    from tinydistill.render_device import DeviceRenderer
+    from tinydistill.train import TrainConfig, train_student
+
+    folder = c.work / "device-path"
+    shutil.rmtree(folder, ignore_errors=True)
+    photos = sorted(Path(c.data).rglob("*.jpg"))[:2 * c.args.render_rows]  # 2 units at the full size
+    for p in photos:
+        dst = folder / p.parent.name / p.name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.link(p, dst)
+    bad = add_bad_photos(folder / photos[-1].parent.name, photos[0].read_bytes())
+    spec = dataclasses.replace(AugSpec.from_yaml(c.recipe), renderer="torch")
+    store, units = str(c.work / "device-path.zarr"), collections.Counter()
+    render_unit = DeviceRenderer._render_unit
+
+    def counted(self, *a, **k):
+        units[threading.current_thread().name] += 1
+        return render_unit(self, *a, **k)
+
+    out, marks = {"photos": len(photos) + 2, "bad_photos": bad}, {"gen-logits": [], "train-student": []}
+    DeviceRenderer._render_unit = counted
+    try:
+        with SyncCounter(c.cuda) as syncs:
+            g = c.recipe_values("gen-logits")
+            gen = run_gen(from_options(GenConfig, _with_decode(GenConfig, {
+                **g, "data": str(folder), "out": store, "overwrite": True, "epochs": 1, "device": c.args.device,
+                "skip_bad": True, "compile": False, "amp": c.amp("gen-logits"), "teacher": c.args.teacher,
+                "teacher_weights": c.weights}), spec=spec, progress=False),
+                on_step=lambda _: marks["gen-logits"].append(syncs.count("MainThread")))
+            unit_syncs = {"gen-logits": (syncs.count("tinydistill-render"), units["tinydistill-render"])}
+            t = c.recipe_values("train-student")
+            train_student(from_options(TrainConfig, _with_decode(TrainConfig, {
+                **t, "data": str(folder), "logits": store, "out": str(c.work / "device-path-train"), "epochs": 1,
+                "device": c.args.device, "amp": c.amp("train-student"), "student": c.args.student}),
+                progress=False), on_step=lambda _: marks["train-student"].append(syncs.count("MainThread")))
+            s0, u0 = unit_syncs["gen-logits"]
+            unit_syncs["train-student"] = (syncs.count("tinydistill-render") - s0, units["tinydistill-render"] - u0)
+    finally:
+        DeviceRenderer._render_unit = render_unit
+    c.res["syncs_per_step"] = {k: _per(v) for k, v in marks.items()}
+    c.res["syncs_per_unit"] = {k: n / u if u else None for k, (n, u) in unit_syncs.items()}
+    c.res["syncs_counted"] = ("torch.cuda.set_sync_debug_mode('warn') warnings" if c.cuda
+                              else "render_torch.UPLOADS host -> device copies (no CUDA here)")
+    out.update(decode="device" if any(f.name == "decode" for f in dataclasses.fields(GenConfig)) else
+               "worker (this checkout has no `decode` option)", views=gen["views"],
+               skipped_views=gen["skipped_views"], steps=len(marks["train-student"]),
+               units={k: u for k, (_, u) in unit_syncs.items()})
+    c.res["device_path"] = out
+    print(f"   {gen['views']} views, {gen['skipped_views']} skipped; syncs per step {c.res['syncs_per_step']}, "
+          f"per render unit {c.res['syncs_per_unit']} ({c.res['syncs_counted']})")
+    if gen["skipped_views"] != 1:
+        raise RuntimeError(f"expected the truncated JPEG skipped once (--skip-bad), got {gen['skipped_views']} "
+                           f"skipped views")
+
+
+def second_gpu(c: Check) -> None:
+    """gen-logits and verify on cuda:1 (events, streams and copies on a device that is not the current one)."""
+    import torch
+
+    if not c.cuda or torch.cuda.device_count() < 2:
+        c.res["cuda1"] = {"ran": False, "why": "fewer than two GPUs" if c.cuda else "not on CUDA"}
+        print(f"   not run: {c.res['cuda1']['why']}")
+        return
+    store = str(c.work / "cuda1.zarr")
+    c.cli("gen-logits cuda:1", ["gen-logits", "--config", c.recipe, "--data", str(c.work / "device-path"), "--out",
+                                store, "--overwrite", "--epochs", "1", "--skip-bad", "--device", "cuda:1"])
+    r, _ = c.cli("verify cuda:1", ["verify", store, "--data", str(c.work / "device-path"), "--teacher",
+                                   c.args.teacher, "--teacher-weights", c.weights, "--device", "cuda:1"])
+    c.res["cuda1"] = {"ran": True, "verify": last_json(r["stdout"])}
 
 
 # ---- the table ---------------------------------------------------------------------------------
@@ -479,7 +668,8 @@ def finish(c: Check) -> int:
     missed = [r["figure"] for r in rows if r["status"] == "FAIL" and r["key"]]
     c.res.update(table=rows, failed_stages=failed, missed_targets=missed, elapsed_s=time.perf_counter() - c.t_start,
                  loadavg_at_end=loadavg())
-    c.res.setdefault("ops_per_view", None)
+    for k in ("ops_per_view", "syncs_per_step", "syncs_per_unit"):
+        c.res.setdefault(k, None)
     write_json(c.args.out, c.res)
     if not c.args.work_dir and not c.args.keep:
         shutil.rmtree(c.work, ignore_errors=True)
@@ -533,6 +723,8 @@ def main(argv=None) -> int:
     for mode in MODES:
         c.stage(f"train {mode}", train, mode, needs=("gen-logits",))
     c.stage("ops per view", ops_per_view, needs=("data", "recipe"))
+    c.stage("device path", device_path, needs=("data", "recipe"))
+    c.stage("cuda:1", second_gpu, needs=("device path",))
     return finish(c)
 
 

@@ -77,6 +77,7 @@ def test_table_and_exit_status(tmp_path, capsys):
     assert gpu_check.finish(c) == 2  # every stage ran, a target missed
     out = json.loads((tmp_path / "r.json").read_text())
     assert out["ops_per_view"] == 4.0 and out["missed_targets"] == ["CPU cores busy per GPU, train online"]
+    assert out["syncs_per_step"] is None and out["syncs_per_unit"] is None  # keys always present
     # on the CPU nothing is judged; a failed stage gives status 1 and its figures print as '-'
     res2 = {"stages": {"gen-logits": {"ok": False, "error": "boom"}}}
     c = _check(tmp_path, "cpu", res2)
@@ -84,3 +85,58 @@ def test_table_and_exit_status(tmp_path, capsys):
     assert rows["gen-logits (views/s)"]["text"] == "-" and rows["offline / online"]["status"] == "n/a"
     assert gpu_check.finish(c) == 1
     assert "n/a" in capsys.readouterr().out
+
+
+def test_compile_falls_back_to_eager_without_a_compiler(tmp_path, monkeypatch, capsys):
+    """No C compiler (or no Python.h): one line says so, gen-logits runs without --compile,
+    the compiled forward is not timed, and the JSON records which ran."""
+    args = ["--device", "cpu", "--work-dir", str(tmp_path / "w"), "--out", str(tmp_path / "r.json")]
+    c = gpu_check.Check(gpu_check.parse_args(args))
+    if c.compile:  # this machine can compile: the flag reaches the command line
+        assert "--compile" in gpu_check.gen_args(c) and c.res["compile"]["ran"] == "compiled"
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(gpu_check.shutil, "which", lambda name: None)
+    c = gpu_check.Check(gpu_check.parse_args(args))
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("compile:")]
+    assert len(line) == 1 and "no C compiler (cc, gcc, clang)" in line[0] and "eager" in line[0]
+    assert not c.compile and "--compile" not in gpu_check.gen_args(c)
+    assert c.res["compile"] == {"requested": True, "ran": "eager", "why": "no C compiler (cc, gcc, clang) on PATH"}
+    monkeypatch.setattr(gpu_check.shutil, "which", lambda name: "/usr/bin/" + name)
+    monkeypatch.setattr(gpu_check.sysconfig, "get_paths", lambda: {"include": str(tmp_path / "no-include")})
+    assert "Python headers" in gpu_check.compile_missing()
+    monkeypatch.setenv("CC", "my-cc")
+    monkeypatch.setattr(gpu_check.shutil, "which", lambda name: None)
+    assert gpu_check.compile_missing() == "no C compiler (my-cc) on PATH"
+    c = gpu_check.Check(gpu_check.parse_args(args + ["--gen-eager"]))  # asked for eager: no line, no reason
+    assert c.res["compile"] == {"requested": False, "ran": "eager", "why": None}
+
+
+def test_bad_photos_one_unreadable_one_cmyk(tmp_path):
+    import io
+
+    from PIL import Image
+
+    from tinydistill.sources import BadSampleError, open_source
+
+    good = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 30, 60)).save(good, format="JPEG", quality=90)
+    names = gpu_check.add_bad_photos(tmp_path / "c0", good.getvalue())
+    with Image.open(tmp_path / "c0" / names["cmyk"]) as im:
+        assert im.mode == "CMYK"
+    src = open_source(str(tmp_path))
+    got = dict(src.read(range(len(src))))
+    bad = [src.keys[r] for r, v in got.items() if isinstance(v, BadSampleError)]
+    assert len(got) == 2 and len(bad) == 1 and bad[0].endswith(names["truncated"])
+
+
+def test_sync_counter_on_the_cpu_reads_the_upload_counter():
+    """On the CPU the sync figures are render_torch.UPLOADS' copies, per thread."""
+    import numpy as np
+
+    from tinydistill import render_torch
+
+    with gpu_check.SyncCounter(cuda=False) as s:
+        before = s.count("MainThread")
+        render_torch.upload(np.zeros(3), device="cpu")
+        assert s.count("MainThread") == before + 1
+    assert gpu_check._per([5, 5, 5, 5]) == 0.0 and gpu_check._per([2, 4, 6]) == 2.0 and gpu_check._per([1]) is None

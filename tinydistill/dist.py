@@ -11,14 +11,24 @@ import torch.distributed as dist
 
 from .errors import TinydistillError
 
-# How long a rank waits for the others in a collective. torch's default (10 minutes) is shorter
-# than rank 0 may take to create a large store, or to write its last shards, while the other
-# ranks wait; TINYDISTILL_DIST_TIMEOUT_S overrides it.
+# How long a rank waits for the others in a gloo collective (barriers, objects). torch's default
+# (10 minutes) is shorter than rank 0 may take to create a large store, or to write its last
+# shards, while the other ranks wait; TINYDISTILL_DIST_TIMEOUT_S overrides it.
 TIMEOUT_S = 4 * 3600
+# NCCL collectives (DDP's all-reduces, the final counts) only run while every rank is stepping:
+# when one rank dies the others must stop soon, not hang for hours holding the GPUs.
+# TINYDISTILL_NCCL_TIMEOUT_MIN overrides it.
+NCCL_TIMEOUT_MIN = 30
 
 
 def timeout() -> timedelta:
+    """The gloo groups' timeout (long: rank 0 may be creating a store)."""
     return timedelta(seconds=float(os.environ.get("TINYDISTILL_DIST_TIMEOUT_S", TIMEOUT_S)))
+
+
+def nccl_timeout() -> timedelta:
+    """The NCCL group's timeout (short: a dead rank ends the job in minutes)."""
+    return timedelta(minutes=float(os.environ.get("TINYDISTILL_NCCL_TIMEOUT_MIN", NCCL_TIMEOUT_MIN)))
 
 
 def active() -> bool:
@@ -51,9 +61,21 @@ def setup(device: str, workers: int = 0) -> tuple[int, int, torch.device]:
 
     dev = select_device(device, world, int(os.environ.get("LOCAL_RANK", 0)))  # before NCCL: its rank's GPU
     if world > 1 and not active():
-        dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timeout())
+        dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=nccl_timeout() if cuda else timeout())
     rank, world = rank_world()
     return rank, world, dev
+
+
+def gpu_defaults(benchmark: bool = False) -> None:
+    """What timm's scripts set on a GPU (flags only CUDA reads, so set alike on every device):
+    TF32 for float32 matmuls and convolutions (what ``--amp none`` runs in on Ampere and
+    later), and with ``benchmark`` cuDNN timing its algorithms once per input shape. Not for
+    stored values: the fastest algorithm by timing can change between runs, and ``verify``
+    must recompute a store's values to the bit."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    if benchmark:
+        torch.backends.cudnn.benchmark = True
 
 
 def amp_dtype(amp: str | None) -> torch.dtype | None:

@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 
 from .attention import AttentionError, AttentionTap
-from .dist import amp_dtype
+from .dist import amp_dtype, gpu_defaults
 from .errors import TinydistillError, one_line
 
 ALIASES = {
@@ -50,14 +50,17 @@ class Teacher:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     amp: str = "none"
     tap: AttentionTap | None = None  # the attention maps of each forward (attention_grid > 0)
+    channels_last: bool = False  # a CNN: weights and inputs NHWC (wants_channels_last), set by place()
 
     def place(self, device, amp: str | None = "none", compile: bool = False, attention_grid: int = 0) -> "Teacher":
-        """Move the model to ``device`` (channels-last on CUDA, optionally compiled), set the
+        """Move the model to ``device`` (channels-last for a CNN, optionally compiled), set the
         autocast dtype every forward uses, and with ``attention_grid`` G > 0 keep each forward's
         G x G attention maps (:mod:`tinydistill.attention`; hooked before compiling)."""
         self.device, self.amp = torch.device(device), amp or "none"
+        gpu_defaults()  # TF32; no cudnn.benchmark: verify must recompute stored values to the bit
         self.model = self.model.to(self.device).eval()
-        if self.device.type == "cuda":
+        self.channels_last = wants_channels_last(self.model)
+        if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         if self.tap is not None:  # placed again: one set of hooks
             self.tap.remove()
@@ -84,7 +87,7 @@ class Teacher:
             images = torch.cat([images, images.new_zeros((pad_to - n,) + tuple(images.shape[1:]))])
         x = prepare(images.to(self.device, non_blocking=True), self.input_size, self.mean, self.std,
                     self.interpolation)
-        if self.device.type == "cuda":
+        if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         dt = amp_dtype(self.amp)
         with torch.autocast(self.device.type, dtype=dt, enabled=dt is not None):
@@ -109,6 +112,12 @@ class Teacher:
         return {"name": self.name, "weights_digest": self.weights_digest, "num_classes": self.num_classes,
                 "input_size": self.input_size, "mean": list(self.mean), "std": list(self.std),
                 "interpolation": self.interpolation, **self.meta}
+
+
+def wants_channels_last(model: torch.nn.Module) -> bool:
+    """Whether ``model`` runs channels-last (its weights and inputs NHWC): CNNs, i.e. more
+    than one 2-D convolution (a ViT has one, its patch embedding), on every device."""
+    return sum(isinstance(m, torch.nn.Conv2d) for m in model.modules()) > 1
 
 
 def file_digest(path: str | Path) -> str:

@@ -39,6 +39,7 @@ from .ranktargets import RankTargets
 from .render_device import DeviceRenderer
 from .signals import ignore_in_worker
 from .stream import Meter, ViewStream, epoch_order, epoch_steps, train_items
+from .teachers import wants_channels_last
 from .traintargets import target_provider
 from .views import Views, prepare
 
@@ -341,6 +342,11 @@ class _Run:
     def view_seed(self) -> int:
         return self.core.base_seed
 
+    @functools.cached_property
+    def channels_last(self) -> bool:
+        """A CNN student: its weights and inputs NHWC (teachers.wants_channels_last)."""
+        return wants_channels_last(self.model)
+
 
 def _build(cfg: TrainConfig) -> tuple[_Run, int, dict | None, dict | None]:
     """Source, store, student, optimizer and the rest from a resolved config; (run, first epoch,
@@ -371,10 +377,11 @@ def _build(cfg: TrainConfig) -> tuple[_Run, int, dict | None, dict | None]:
     checkpoint.seed_rng(cfg.seed + rank)  # training draws (drop-path masks) differ across ranks, as in timm
     data_cfg = resolve_data_config({}, model=model)
     distilled = hasattr(model, "set_distilled_training")
-    model.to(device)
+    dist.gpu_defaults(benchmark=True)  # fixed shapes: cuDNN picks its fastest algorithms once
+    model.to(device, memory_format=torch.channels_last if wants_channels_last(model) else torch.preserve_format)
     optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay)
     min_rows = 2 if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()) else 1
-    steps_per_epoch = epoch_steps(len(source), cfg.batch_size, world, min_rows)
+    steps_per_epoch = max(1, epoch_steps(len(source), cfg.batch_size, world, min_rows))
     parts = {"model": model, "optimizer": optimizer,
              "scheduler": CosineLRScheduler(optimizer, t_initial=cfg.epochs * steps_per_epoch, lr_min=cfg.min_lr,
                                             warmup_lr_init=cfg.warmup_lr, t_in_epochs=False,
@@ -458,7 +465,8 @@ def _step(run: _Run, batch: Batch) -> tuple[torch.Tensor, dict]:
                               smoothing=cfg.smoothing if cfg.no_kd else 0.0)
     targets = run.targets(batch, images)
     with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
-        outputs = run.ddp(prepare(images, run.input_size, run.mean, run.std))
+        x = prepare(images, run.input_size, run.mean, run.std)
+        outputs = run.ddp(x.contiguous(memory_format=torch.channels_last) if run.channels_last else x)
     maps = run.tap.pop() if run.tap is not None else None
     parts: dict = {}
     if len(batch):

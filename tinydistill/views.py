@@ -272,11 +272,11 @@ class Views:
         own, has = raw.slot[rows], raw.pslot[rows] >= 0
         rec = [raw.params[s] for s in own.tolist()]
         rec = [p if h or p.mix == "none" else _unmixed(p) for p, h in zip(rec, has.tolist())]
-        sel = torch.from_numpy(np.concatenate([own, np.where(has, raw.pslot[rows], own)])).to(device)
+        sel, at = render_torch.upload(np.concatenate([own, np.where(has, raw.pslot[rows], own)]), rows, device=device)
         both = base.index_select(0, sel)
         img = render_torch.mix(both[:len(rows)], both[len(rows):], rec)
         if len(rows) < n:
-            img = torch.zeros((n, 3, size, size), device=device).index_copy_(0, torch.from_numpy(rows).to(device), img)
+            img = torch.zeros((n, 3, size, size), device=device).index_copy_(0, at, img)
         out.image = img
         return out
 
@@ -450,10 +450,13 @@ def prepare(images: torch.Tensor, size: int, mean: Sequence[float], std: Sequenc
     Views are rendered once at the store's size; a teacher or student with another input
     size resizes here (antialiased), on whatever device ``images`` is on.
     """
+    from . import render_torch
+
     x = images.float()
     if x.shape[-1] != size or x.shape[-2] != size:
         mode = interpolation if interpolation in ("bilinear", "bicubic") else "bilinear"
         x = torch.nn.functional.interpolate(x, size=(size, size), mode=mode, antialias=True, align_corners=False)
-    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    # made once per device (render_torch.constant), not copied to the device on every call
+    m = render_torch.constant([[[v]] for v in mean], x.device, x.dtype)
+    s = render_torch.constant([[[v]] for v in std], x.device, x.dtype)
     return (x - m) / s

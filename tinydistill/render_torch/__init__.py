@@ -12,7 +12,9 @@ render one by one. Two rules shape it:
   uint8 image, and every op rounds where Pillow's C code does, in arithmetic that gives the
   same bits on any device and in any batch.
 
-Modules: :mod:`.decode` (decoding, packed :class:`Frames`), :mod:`.resample` (crop + resize),
+Modules: :mod:`._device` (:func:`upload`, the one way host tables reach the device, and its
+counter ``UPLOADS``; per-device constants), :mod:`.decode` (decoding, packed :class:`Frames`),
+:mod:`.resample` (crop + resize),
 :mod:`.ops` (policy ops, AugMix, colour jitter), :mod:`.mix` (erasing, mixing). Measurements
 and the design notes are in ``docs/render.md``.
 """
@@ -24,14 +26,14 @@ from typing import Sequence
 import torch
 
 from ..params import ViewParams
-from ._device import _const, _update_rows
+from ._device import UPLOADS, _const, _update_rows, constant, upload
 from .decode import Frames, _as_frames, _check_sizes, batchable, decode, decode_each, decode_frames, pack, pack_numpy
 from .mix import _write_erase, erase_fill, erase_fills, mix
 from .ops import _augmix, _jitter, _run_op_lists, apply_ops
 from .resample import _crop_resize, crop_resize
 
-__all__ = ["Frames", "apply_ops", "batchable", "crop_resize", "decode", "decode_each", "decode_frames", "erase_fill",
-           "erase_fills", "mix", "pack", "pack_numpy", "render_base"]
+__all__ = ["UPLOADS", "Frames", "apply_ops", "batchable", "constant", "crop_resize", "decode", "decode_each",
+           "decode_frames", "erase_fill", "erase_fills", "mix", "pack", "pack_numpy", "render_base", "upload"]
 
 
 def render_base(images, params: Sequence[ViewParams], size: int, erase=None) -> torch.Tensor:
@@ -46,7 +48,8 @@ def render_base(images, params: Sequence[ViewParams], size: int, erase=None) -> 
     draws them here (the same pixels, but per-view work on this process's CPU).
 
     The device ops are a fixed number per batch (per op kind, tap position and crop chunk),
-    never per view: every per-sample number goes to the device in one copy per step."""
+    never per view: every per-sample number goes to the device in one copy per step, through
+    :func:`upload` (counted in ``UPLOADS``), and nothing reads a device value back."""
     frames = _as_frames(images)
     _check_sizes(frames, params)
     if not params:

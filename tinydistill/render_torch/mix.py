@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..params import ViewParams
-from ._device import _NP_DTYPES, _dev
+from ._device import _NP_DTYPES, upload
 
 
 def erase_fill(p: ViewParams, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -68,8 +68,10 @@ def _write_erase(x: torch.Tensor, params: Sequence[ViewParams], size: int, erase
     if erase is not None and len(erase[0]):
         if not x.is_contiguous():
             x = x.contiguous()
-        idx, val = (torch.as_tensor(np.asarray(e) if not torch.is_tensor(e) else e) for e in erase)
-        x.view(-1).index_put_((idx.to(x.device, torch.int64),), val.to(x.device, torch.float32))
+        idx, val = erase
+        if not (torch.is_tensor(idx) and idx.device == x.device and torch.is_tensor(val) and val.device == x.device):
+            idx, val = upload(np.asarray(idx, np.int64), np.asarray(val, np.float32), device=x.device)
+        x.view(-1).index_put_((idx.to(torch.int64),), val.to(torch.float32))
     return x
 
 
@@ -77,24 +79,27 @@ def mix(x: torch.Tensor, partner: torch.Tensor, params: Sequence[ViewParams]) ->
     """Row i of ``x`` mixed with row i of ``partner`` as ``params[i]`` says: mixup
     ``x * lam + partner * (1 - lam)`` (float32, as render_pil), cutmix the partner's pixels in
     ``box`` = (top, left, h, w); rows with mix "none" unchanged. A fixed number of ops: the
-    boxes' row / column masks and the weights are built in numpy and moved once each."""
+    boxes' row / column masks and the weights are built in numpy and moved in one copy."""
     n, _, h, w = x.shape
     dev = x.device
     if len(params) != n or partner.shape != x.shape:
         raise ValueError(f"mix: {n} rows, {len(params)} records, partner {tuple(partner.shape)}")
     kinds = [p.mix for p in params]
     out = x
+    if "cutmix" not in kinds and "mixup" not in kinds:
+        return out
+    b = np.array([p.box if k == "cutmix" else (0, 0, 0, 0) for p, k in zip(params, kinds)], np.int64).reshape(n, 4)
+    ys, xs = np.arange(h)[None, :], np.arange(w)[None, :]
+    rin = (ys >= b[:, 0:1]) & (ys < b[:, 0:1] + b[:, 2:3])  # [n, h]
+    cin = (xs >= b[:, 1:2]) & (xs < b[:, 1:2] + b[:, 3:4])  # [n, w]
+    up = np.array([k == "mixup" for k in kinds])
+    lam = np.array([[p.lam, 1.0 - p.lam] if u else [1.0, 0.0] for p, u in zip(params, up)], np.float64)
+    rin, cin, lam, up = upload(rin.reshape(n, 1, h, 1), cin.reshape(n, 1, 1, w),  # the masks and weights: one copy
+                               lam.T.astype(_NP_DTYPES.get(x.dtype, np.float32)).reshape(2, n, 1, 1, 1),
+                               up.reshape(n, 1, 1, 1), device=dev)
     if "cutmix" in kinds:
-        b = np.array([p.box if k == "cutmix" else (0, 0, 0, 0) for p, k in zip(params, kinds)], np.int64).reshape(n, 4)
-        ys, xs = np.arange(h)[None, :], np.arange(w)[None, :]
-        rin = (ys >= b[:, 0:1]) & (ys < b[:, 0:1] + b[:, 2:3])  # [n, h]
-        cin = (xs >= b[:, 1:2]) & (xs < b[:, 1:2] + b[:, 3:4])  # [n, w]
-        inside = _dev(rin.reshape(n, 1, h, 1), dev) & _dev(cin.reshape(n, 1, 1, w), dev)
-        out = torch.where(inside, partner, out)
+        out = torch.where(rin & cin, partner, out)
     if "mixup" in kinds:
-        up = np.array([k == "mixup" for k in kinds])
-        lam = np.array([[p.lam, 1.0 - p.lam] if u else [1.0, 0.0] for p, u in zip(params, up)], np.float64)
-        a, r = _dev(lam.T.astype(_NP_DTYPES.get(x.dtype, np.float32)).reshape(2, n, 1, 1, 1),
-                    dev).unbind(0)
-        out = torch.where(_dev(up.reshape(n, 1, 1, 1), dev), x * a + partner * r, out)
+        a, r = lam.unbind(0)
+        out = torch.where(up, x * a + partner * r, out)
     return out

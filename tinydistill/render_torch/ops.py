@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..params import _GEOMETRIC, OpParams, blended_augmix_weights
-from ._device import _col, _const, _dev, _update_rows
+from ._device import _col, _const, _update_rows, constant, upload
 
 
 # ---- PIL's uint8 arithmetic, batched ------------------------------------------------------------
@@ -25,7 +25,7 @@ def _blend(a: torch.Tensor, b: torch.Tensor, alpha: torch.Tensor) -> torch.Tenso
     return (a + (b - a) * alpha).trunc_().clamp_(0, 255)
 
 
-_GREY_WEIGHTS = np.array([19595, 38470, 7471], np.float32).reshape(1, 3, 1, 1)
+_GREY_WEIGHTS = [[[[19595]], [[38470]], [[7471]]]]  # [1, 3, 1, 1]
 
 
 def _grey(x: torch.Tensor) -> torch.Tensor:
@@ -33,7 +33,7 @@ def _grey(x: torch.Tensor) -> torch.Tensor:
     product and partial sum is an integer below 2**24 (so any summation order gives the same
     bits), and the shift is a multiplication by 2**-16, exact as a power of two (the same
     bits as a division, on any device)."""
-    s = (x * _dev(_GREY_WEIGHTS, x.device)).sum(1, keepdim=True).add_(32768)
+    s = (x * constant(_GREY_WEIGHTS, x.device)).sum(1, keepdim=True).add_(32768)
     return s.mul_(1.0 / 65536).floor_()
 
 
@@ -89,8 +89,9 @@ def _equalize(x: torch.Tensor) -> torch.Tensor:
     """``ImageOps.equalize`` per sample and channel: histogram, Pillow's integer LUT."""
     n, c = x.shape[:2]
     v = x.to(torch.int64).view(n * c, -1)
-    keys = (torch.arange(n * c, device=x.device)[:, None] * 256 + v).view(-1)
-    h = torch.bincount(keys, minlength=n * c * 256).view(n * c, 256)
+    # a fixed 256-bin histogram per row: bincount's output size depends on the data, so on
+    # CUDA it reads its range back to the host; scatter_add_ needs no host read
+    h = torch.zeros((n * c, 256), dtype=torch.int64, device=x.device).scatter_add_(1, v, torch.ones_like(v))
     nz = h > 0
     last = 255 - torch.flip(nz, dims=[1]).to(torch.int64).argmax(dim=1)  # highest non-empty bin
     h_last = h.gather(1, last[:, None]).squeeze(1)
@@ -110,16 +111,19 @@ def _posterize(x, step):
     return torch.floor(x / step) * step
 
 
+AFFINE_DTYPE = torch.float64  # Pillow's: float32 changes pixels (measured; docs/render.md)
+
+
 def _affine(x: torch.Tensor, mats: torch.Tensor, fill: torch.Tensor, bicubic: bool) -> torch.Tensor:
     """``Image.transform(size, AFFINE, mats[i], resample, fillcolor=fill[i])`` for each sample:
     Pillow's GenericTransform with its bilinear / bicubic (a = -1) filters, in float64,
     edge-clamped taps, truncated; output pixels whose source is off the image get ``fill``.
     Taps are gathered a filter row at a time (one gather for the row's 2 or 4 columns)."""
     n, c, H, W = x.shape
-    dev = x.device
-    a = mats.to(torch.float64).view(n, 6, 1, 1).unbind(1)
-    xo = (torch.arange(W, device=dev, dtype=torch.float64) + 0.5).view(1, 1, W)
-    yo = (torch.arange(H, device=dev, dtype=torch.float64) + 0.5).view(1, H, 1)
+    dev, dt = x.device, AFFINE_DTYPE
+    a = mats.to(dt).view(n, 6, 1, 1).unbind(1)
+    xo = (torch.arange(W, device=dev, dtype=dt) + 0.5).view(1, 1, W)
+    yo = (torch.arange(H, device=dev, dtype=dt) + 0.5).view(1, H, 1)
     xin = (a[0] * xo + a[1] * yo) + a[2]  # [n, H, W]
     yin = (a[3] * xo + a[4] * yo) + a[5]
     valid = (xin >= 0) & (xin < W) & (yin >= 0) & (yin < H)
@@ -128,12 +132,11 @@ def _affine(x: torch.Tensor, mats: torch.Tensor, fill: torch.Tensor, bicubic: bo
     dx, dy = (xs - fx)[:, None], (ys - fy)[:, None]
     # far-off coordinates only matter through their clamp; keep them in int range
     ix, iy = fx.clamp(-4, W + 4).long(), fy.clamp(-4, H + 4).long()
-    taps = np.array([-1, 0, 1, 2] if bicubic else [0, 1], np.int64)
-    r = len(taps)
-    t = _dev(taps.reshape(1, r, 1, 1), dev)
+    r = 4 if bicubic else 2
+    t = constant([-1, 0, 1, 2] if bicubic else [0, 1], dev, torch.int64).view(1, r, 1, 1)
     cols = (ix[:, None] + t).clamp_(0, W - 1)  # [n, r, H, W]
     rows = (iy[:, None] + t).clamp_(0, H - 1).mul_(W).unbind(1)  # r x [n, H, W]
-    src = x.reshape(n, c, H * W).double()
+    src = x.reshape(n, c, H * W).to(dt)
 
     def row(k):  # the r taps of filter row k: r x [n, c, H, W]
         idx = (cols + rows[k][:, None]).view(n, 1, r * H * W).expand(n, c, r * H * W)
@@ -198,20 +201,26 @@ def _box_radius(radius: float, passes: int = 3) -> float:
     return float(f(l + a))
 
 
-def _box_blur_rows(x: torch.Tensor, radius: list[float]) -> torch.Tensor:
-    """One ``ImagingHorizontalBoxBlur`` pass along the last axis, per-sample radius, in
-    Pillow's 8.24 fixed point: taps inside the integer radius weigh ``ww``, the two just
-    outside weigh ``fw``, edges replicated, rounded."""
-    n, c, h, w = x.shape
-    dev = x.device
+def _box_tables(radius: list[float]) -> np.ndarray:
+    """Per-sample integer radius, inner weight ``ww`` and edge weight ``fw`` of Pillow's box
+    blur (8.24 fixed point): int64 [3, n, 1, 1, 1]."""
     r_int = [int(r) for r in radius]
     ww = [int(np.float32(1 << 24) / (np.float32(r) * np.float32(2) + np.float32(1))) for r in radius]
     fw = [((1 << 24) - (2 * ri + 1) * wi) // 2 for ri, wi in zip(r_int, ww)]
-    R = max(r_int) + 1
+    return np.array([r_int, ww, fw], np.int64).reshape(3, len(radius), 1, 1, 1)
+
+
+def _box_blur_rows(x: torch.Tensor, R: int, tables: torch.Tensor) -> torch.Tensor:
+    """One ``ImagingHorizontalBoxBlur`` pass along the last axis, per-sample radius, in
+    Pillow's 8.24 fixed point: taps inside the integer radius weigh ``ww``, the two just
+    outside weigh ``fw``, edges replicated, rounded. ``tables``: :func:`_box_tables` on the
+    device; ``R``: the largest integer radius + 1."""
+    n, c, h, w = x.shape
+    dev = x.device
     v = x.to(torch.int64)
     pad = torch.cat([v[..., :1].expand(n, c, h, R), v, v[..., -1:].expand(n, c, h, R)], dim=-1)
     csum = torch.nn.functional.pad(torch.cumsum(pad, -1), (1, 0))  # csum[k] = sum pad[:k]
-    ri, wwt, fwt = _dev(np.array([r_int, ww, fw], np.int64).reshape(3, n, 1, 1, 1), dev).unbind(0)
+    ri, wwt, fwt = tables.unbind(0)
     pos = torch.arange(w, device=dev).view(1, 1, 1, w) + R  # index of x in pad
     g = lambda t: t.expand(n, c, h, w)  # noqa: E731
     acc = csum.gather(-1, g(pos + ri + 1)) - csum.gather(-1, g(pos - ri))
@@ -223,13 +232,14 @@ def _box_blur_rows(x: torch.Tensor, radius: list[float]) -> torch.Tensor:
 
 def _gaussian_blur(x: torch.Tensor, radius: list[float]) -> torch.Tensor:
     rb = [_box_radius(r) for r in radius]
-    keep = _col([r == 0 for r in radius], x.device, torch.bool)
+    R = max(int(r) for r in rb) + 1
+    keep, tables = upload(np.array([r == 0 for r in radius]).reshape(-1, 1, 1, 1), _box_tables(rb), device=x.device)
     y = x
     for _ in range(3):
-        y = _box_blur_rows(y, rb)
+        y = _box_blur_rows(y, R, tables)
     y = y.transpose(-1, -2)
     for _ in range(3):
-        y = _box_blur_rows(y, rb)
+        y = _box_blur_rows(y, R, tables)
     y = y.transpose(-1, -2).contiguous()
     return torch.where(keep, x, y)
 
@@ -298,22 +308,22 @@ def _geometric(x: torch.Tensor, ops: Sequence[OpParams]) -> torch.Tensor:
     fast = [_rotate_fast_path(o) if o.name == "Rotate" else None for o in ops]
     groups = _affine_groups(ops, [i for i, a in enumerate(fast) if a is None])
 
-    def affine(idx, bicubic):
-        def run(xs):
-            mats = _dev(np.array([_affine_matrix(ops[i], size) for i in idx], np.float64), dev)
-            fill = _dev(np.array([list(ops[i].fill or (0, 0, 0)) for i in idx], np.float32), dev)
-            return _affine(xs, mats, fill, bicubic)
-        return run
+    def tables(idx):  # the rows' affine matrices and fills, and their positions: one copy
+        return upload(np.array([_affine_matrix(ops[i], size) for i in idx], np.float64),
+                      np.array([list(ops[i].fill or (0, 0, 0)) for i in idx], np.float32),
+                      np.array(idx, np.int64), device=dev)
 
     if len(groups) == 1 and len(groups[0][0]) == len(ops):  # the usual case: one pass over all
-        return affine(*groups[0])(x)
+        mats, fill, _ = tables(groups[0][0])
+        return _affine(x, mats, fill, groups[0][1])
     out = x.clone()
     for angle, k in ((90.0, 1), (180.0, 2), (270.0, 3)):
         idx = [i for i, a in enumerate(fast) if a == angle]
         if idx:  # transpose fast paths: exact rotations (counter-clockwise)
             _update_rows(out, idx, lambda xs, k=k: torch.rot90(xs, k, dims=(-2, -1)), src=x)
     for idx, bicubic in groups:
-        _update_rows(out, idx, affine(idx, bicubic), src=x)
+        mats, fill, t = tables(idx)
+        _update_rows(out, idx, lambda xs, m=mats, f=fill, b=bicubic: _affine(xs, m, f, b), src=x, t=t)
     return out
 
 

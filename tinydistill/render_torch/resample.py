@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ..params import ViewParams
-from ._device import _dev, _rows
+from ._device import _rows, upload
 from .decode import Frames, _as_frames
 
 CANVAS_BUDGET = 4 << 30  # bytes of the crop step's temporaries in one pass; bigger batches go in chunks
@@ -120,39 +120,51 @@ def _tap_tables(lengths: np.ndarray, filters: list[str], flip: list[bool], size:
     return idx, wts
 
 
-def _tap_pass(src: torch.Tensor, dim: int, idx: np.ndarray, wts: np.ndarray) -> torch.Tensor:
+def _tap_pass(src: torch.Tensor, dim: int, taps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """One of Pillow's 8-bit resampling passes along ``dim`` (3: columns, 2: rows) of uint8
     ``src`` [n, 3, H, W]: per output position the sum of its taps' pixels times their 22-bit
     weights, rounded, shifted, clipped to 0..255 (int32). One ``gather`` + ``addcmul_`` per tap
-    position, over the whole batch; the tables (:func:`_tap_tables`) move in one copy each."""
+    position, over the whole batch; ``taps`` / ``weights`` are :func:`_tap_tables` on the
+    device, shaped by :func:`_tap_view`."""
     n, c, h, w = src.shape
-    k, size = idx.shape[0], idx.shape[-1]
+    k, size = taps.shape[0], taps.shape[-1] if dim == 3 else taps.shape[-2]
     out_shape = (n, c, h, size) if dim == 3 else (n, c, size, w)
-    view = (k, n, 1, 1, size) if dim == 3 else (k, n, 1, size, 1)
     device = src.device
-    taps = _dev(idx.reshape(view), device).expand(k, *out_shape).unbind(0)
-    weights = _dev(wts.reshape(view), device).unbind(0)
+    taps = taps.expand(k, *out_shape).unbind(0)
+    weights = weights.unbind(0)
     acc = torch.full(out_shape, 1 << (_PRECISION_BITS - 1), dtype=torch.int32, device=device)
     for j in range(k):
         acc.addcmul_(src.gather(dim, taps[j]), weights[j])
     return acc.bitwise_right_shift_(_PRECISION_BITS).clamp_(0, 255)
 
 
-def _crop_rows(frames: Frames, top, left, h, wc: int) -> torch.Tensor:
-    """Every crop's rows as uint8 [n, 3, max h, wc], read from the packed buffer at (top, left):
-    one ``index_select`` from a sliding-window view of it (``unfold``: row r = buffer[r : r +
-    wc]), with the row starts built in numpy. Rows past a crop's height repeat its last one;
-    columns past its width are whatever follows in the buffer (they get zero weights)."""
-    n, hc = len(top), int(h.max())
+def _tap_view(a: np.ndarray, dim: int) -> np.ndarray:
+    """A [K, n, size] tap table shaped to broadcast over [n, 3, H, W] along ``dim``."""
+    k, n, size = a.shape
+    return a.reshape((k, n, 1, 1, size) if dim == 3 else (k, n, 1, size, 1))
+
+
+def _crop_starts(frames: Frames, top, left, h) -> np.ndarray:
+    """Where every crop row starts in the packed buffer: int64 [n, 3, max h]. Rows past a
+    crop's height repeat its last one."""
+    hc = int(h.max())
     H, W, off = frames.heights, frames.widths, frames.offsets
     rows = top[:, None] + np.minimum(np.arange(hc)[None, :], h[:, None] - 1)  # [n, hc]
-    start = ((off + left)[:, None, None] + (np.arange(3)[None, :, None] * (H * W)[:, None, None])
-             + (rows * W[:, None])[:, None, :])  # [n, 3, hc]
+    return ((off + left)[:, None, None] + (np.arange(3)[None, :, None] * (H * W)[:, None, None])
+            + (rows * W[:, None])[:, None, :])
+
+
+def _crop_rows(frames: Frames, start: np.ndarray, start_t: torch.Tensor, wc: int) -> torch.Tensor:
+    """Every crop's rows as uint8 [n, 3, max h, wc], read from the packed buffer at ``start``
+    (:func:`_crop_starts`; ``start_t`` the same on the device): one ``index_select`` from a
+    sliding-window view of it (``unfold``: row r = buffer[r : r + wc]). Columns past a crop's
+    width are whatever follows in the buffer (they get zero weights)."""
+    n, _, hc = start.shape
     flat = frames.flat
     need = int(start.max()) + wc
     if flat.numel() < need:  # the sliding window reads up to wc - 1 elements past a crop row
         flat = torch.nn.functional.pad(flat, (0, need - flat.numel()))
-    return flat.unfold(0, wc, 1).index_select(0, _dev(start.reshape(-1), flat.device)).view(n, 3, hc, wc)
+    return flat.unfold(0, wc, 1).index_select(0, start_t.view(-1)).view(n, 3, hc, wc)
 
 
 def _resize_pil(frames: Frames, params: Sequence[ViewParams], size: int, flips: bool = False) -> torch.Tensor:
@@ -165,10 +177,13 @@ def _resize_pil(frames: Frames, params: Sequence[ViewParams], size: int, flips: 
     top, left, h, w = (np.array([p.crop[k] for p in params], np.int64) for k in range(4))
     filters = [_filter_name(p.interpolation) for p in params]
     cx, wx = _tap_tables(w, filters, [flips and p.hflip for p in params], size)
-    crops = _crop_rows(frames, top, left, h, int(w.max()))
+    cy, wy = _tap_tables(h, filters, [flips and p.vflip for p in params], size)
+    start = _crop_starts(frames, top, left, h)
+    start_t, cx, wx, cy, wy = upload(start, _tap_view(cx, 3), _tap_view(wx, 3), _tap_view(cy, 2), _tap_view(wy, 2),
+                                     device=frames.device)  # the crop's tables: one copy
+    crops = _crop_rows(frames, start, start_t, int(w.max()))
     tmp = _tap_pass(crops, 3, cx, wx).to(torch.uint8)  # horizontal
     del crops
-    cy, wy = _tap_tables(h, filters, [flips and p.vflip for p in params], size)
     return _tap_pass(tmp, 2, cy, wy).float()  # vertical
 
 
