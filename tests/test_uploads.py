@@ -165,7 +165,7 @@ def test_a_render_unit_copies_a_fixed_number_of_times(data):
     from tinydistill.views import Views
 
     core = Views(open_source(data), SPEC, 5)
-    items = train_items(epoch_order(128, 32, True, 5, 0, 1, 0), 0, 32, 1, 0)
+    items = train_items(epoch_order(128, 32, True, 5, 0, 1, 0), 0, 32)
     loader = torch.utils.data.DataLoader(ViewStream(core, items), batch_size=None, num_workers=0)
     list(DeviceRenderer(core, "cpu", unit=128)(loader))  # constants made
     per_unit = {}
