@@ -124,9 +124,15 @@ class TrainConfig:
     overwrite: bool = option(False, "Start afresh in an --out that holds a run: its checkpoints and logs "
                                     "(last.pth, best.pth, metrics.jsonl, steps.jsonl, config.json, tb/) are deleted.")
     cycle_epochs: bool = option(False, "Reuse the store's epochs when --epochs exceeds them.")
-    loss: str = option("soft_ce", "soft_ce: TinyViT; kl: KL with temperature; hard: DeiT hard distillation.",
-                       type=click.Choice(["soft_ce", "kl", "hard"]))
-    temperature: float = option(1.0, "Temperature of --loss kl (and of soft_ce targets).")
+    loss: str = option("soft_ce", "soft_ce: TinyViT; kl: KL with temperature; hard: DeiT hard distillation; "
+                                  "dist: DIST (Pearson relations, Huang et al. 2022); bce: binary cross-entropy "
+                                  "on the teacher's probabilities (VanillaKD).",
+                       type=click.Choice(["soft_ce", "kl", "hard", "dist", "bce"]))
+    temperature: float = option(1.0, "Temperature of --loss kl and dist (and of the soft_ce/bce targets).")
+    dist_beta: float = option(1.0, "--loss dist: weight of the inter-class (per sample) relation.",
+                              type=click.FloatRange(min=0))
+    dist_gamma: float = option(1.0, "--loss dist: weight of the intra-class (per class, across the batch) "
+                                    "relation.", type=click.FloatRange(min=0))
     alpha: float = option(1.0, "Weight of the teacher term; 1 - alpha goes to ground truth.")
     attention_weight: float = option(0.0, "Weight W of the attention term: W x MSE between the student's "
                                            "spatial attention map and the teacher's (stored, or live with "

@@ -206,7 +206,7 @@ def require_labels(source, needed_by: str) -> None:
     if isinstance(source, WebDatasetSource):
         what += " (webdataset samples without a cls/label member)"
     raise TrainError(f"{source.name}: {what}; {needed_by} needs them (offline KD with the default `alpha` 1 "
-                     "and `loss` soft_ce or kl trains without labels)")
+                     "and `loss` soft_ce, kl, dist or bce trains without labels)")
 
 
 def _labels_needed_by(cfg: TrainConfig, two_heads: bool) -> str:
@@ -384,7 +384,8 @@ def _build(cfg: TrainConfig) -> tuple[_Run, int, dict | None, dict | None]:
     # after the EMA copy: the student's attention hooks stay on the trained model
     targets, attention, tap = target_provider(cfg, store, teacher, model, num_classes, device)
     objective = Objective(None if cfg.no_kd else
-                          DistillLoss(num_classes, kind=cfg.loss, temperature=cfg.temperature, alpha=cfg.alpha),
+                          DistillLoss(num_classes, kind=cfg.loss, temperature=cfg.temperature, alpha=cfg.alpha,
+                                      dist_beta=cfg.dist_beta, dist_gamma=cfg.dist_gamma),
                           terms=[(cfg.attention_weight, attention)] if attention is not None else None)
     use_labels = objective.needs_labels(two_heads=distilled)  # pure distillation trains on unlabeled data
     if use_labels:
