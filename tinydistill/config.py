@@ -98,7 +98,7 @@ class TrainConfig:
     """Options of ``train-student`` (each field is one command-line option; see :mod:`tinydistill.config`)."""
 
     data: str = option(help="SRC the store was made from (training data).")
-    student: str = option(help="timm model name (randomly initialised).")
+    student: str = option(help="timm model name (randomly initialised, unless --init or --pretrained).")
     out: str = option(help="Directory for checkpoints and metrics.", type=click.Path(file_okay=False))
     logits: str | None = option(None, "The logit store (offline KD). Not with --no-kd / --online-teacher.")
     val_data: str | None = option(None, "SRC evaluated (top-1/top-5) after every epoch.")
@@ -150,6 +150,12 @@ class TrainConfig:
                                     "so the baseline sees the same batches as offline KD from it (--no-kd: and the "
                                     "store's head size, when larger than the data's classes).", metavar="STORE")
     input_size: int | None = option(None, "Student input size [default: the views' size].", type=click.IntRange(min=1))
+    init: str | None = option(None, "Start the student from these weights: a train-student checkpoint (last.pth / "
+                                    "best.pth), a timm checkpoint or a state dict (.safetensors too). The classifier "
+                                    "is kept when its shape fits, re-initialised otherwise.",
+                              type=click.Path(dir_okay=False), metavar="PATH")
+    pretrained: bool = option(False, "Start the student from timm's pretrained weights, found in the local cache "
+                                     "(HF_HOME); never downloaded. The classifier as for --init.")
     model_kwargs: dict = option(factory=dict, help="Extra timm.create_model argument for the student, e.g. "
                                 "patch_size=4 (repeatable).", multiple=True, metavar="KEY=VALUE", convert=parse_kv)
     num_classes: int | None = option(None, "Student classes; must match the store's.", type=click.IntRange(min=1))
