@@ -19,11 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
+from tinydistill.checkpoint import RUN_ONLY, config_defaults
 from tinydistill.quickstart import STUDENT, STUDENT_KWARGS, _final
 from tinydistill.train import TrainConfig, train_student
 
-# options that may differ from the soft_ce student's: where it runs, and the loss itself
-FREE = {"out", "progress", "loss", "dist_beta", "dist_gamma", "workers", "overwrite"}
+# options that may differ from the soft_ce student's: those a resume may change, and the loss
+FREE = RUN_ONLY | {"loss", "dist_beta", "dist_gamma"}
 
 
 def student(seed: int, epochs: int, store: str, out: str, loss: str) -> TrainConfig:
@@ -50,6 +51,8 @@ def run_seed(d: Path, seed: int, epochs: int, losses: list[str]) -> dict:
             (out / "seconds").write_text(f"{time.time() - t:.1f}")
         cfg = json.loads((out / "config.json").read_text())
         cfg["logits"], base["logits"] = Path(cfg["logits"]).parent.name, Path(base["logits"]).parent.name  # the seed's store
+        defaults = json.loads(json.dumps(config_defaults(TrainConfig), default=str))  # options a run predates
+        cfg, base = {**defaults, **cfg}, {**defaults, **base}
         diff = sorted(k for k in set(cfg) | set(base) if k not in FREE and cfg.get(k) != base.get(k))
         if diff:
             raise SystemExit(f"{out}: options differ from the soft_ce student's in {diff}")
