@@ -52,10 +52,10 @@ def run_seed(d: Path, seed: int, epochs: int, losses: list[str]) -> dict:
             train_student(student(seed, qs["epochs"], str(d / "logits.zarr"), str(out), loss))
             (out / "seconds").write_text(f"{time.time() - t:.1f}")
         cfg = json.loads((out / "config.json").read_text())
-        cfg["logits"], base["logits"] = Path(cfg["logits"]).parent.name, Path(base["logits"]).parent.name  # the seed's store
         defaults = json.loads(json.dumps(config_defaults(TrainConfig), default=str))  # options a run predates
-        cfg, base = {**defaults, **cfg}, {**defaults, **base}
-        diff = sorted(k for k in set(cfg) | set(base) if k not in FREE and cfg.get(k) != base.get(k))
+        a, b = {**defaults, **cfg}, {**defaults, **base}
+        a["logits"], b["logits"] = Path(a["logits"]).parent.name, Path(b["logits"]).parent.name  # the seed's store
+        diff = sorted(k for k in set(a) | set(b) if k not in FREE and a.get(k) != b.get(k))
         if diff:
             raise SystemExit(f"{out}: options differ from the soft_ce student's in {diff}")
         if loss == "soft_ce":
