@@ -98,7 +98,7 @@ class TrainConfig:
     """Options of ``train-student`` (each field is one command-line option; see :mod:`tinydistill.config`)."""
 
     data: str = option(help="SRC the store was made from (training data).")
-    student: str = option(help="timm model name (randomly initialised).")
+    student: str = option(help="timm model name (randomly initialised, unless --init or --pretrained).")
     out: str = option(help="Directory for checkpoints and metrics.", type=click.Path(file_okay=False))
     logits: str | None = option(None, "The logit store (offline KD). Not with --no-kd / --online-teacher.")
     val_data: str | None = option(None, "SRC evaluated (top-1/top-5) after every epoch.")
@@ -124,9 +124,15 @@ class TrainConfig:
     overwrite: bool = option(False, "Start afresh in an --out that holds a run: its checkpoints and logs "
                                     "(last.pth, best.pth, metrics.jsonl, steps.jsonl, config.json, tb/) are deleted.")
     cycle_epochs: bool = option(False, "Reuse the store's epochs when --epochs exceeds them.")
-    loss: str = option("soft_ce", "soft_ce: TinyViT; kl: KL with temperature; hard: DeiT hard distillation.",
-                       type=click.Choice(["soft_ce", "kl", "hard"]))
-    temperature: float = option(1.0, "Temperature of --loss kl (and of soft_ce targets).")
+    loss: str = option("soft_ce", "soft_ce: TinyViT; kl: KL with temperature; hard: DeiT hard distillation; "
+                                  "dist: DIST (Pearson relations, Huang et al. 2022); bce: binary cross-entropy "
+                                  "on the teacher's probabilities (VanillaKD).",
+                       type=click.Choice(["soft_ce", "kl", "hard", "dist", "bce"]))
+    temperature: float = option(1.0, "Temperature of --loss kl and dist (and of the soft_ce/bce targets).")
+    dist_beta: float = option(1.0, "--loss dist: weight of the inter-class (per sample) relation.",
+                              type=click.FloatRange(min=0))
+    dist_gamma: float = option(1.0, "--loss dist: weight of the intra-class (per class, across the batch) "
+                                    "relation.", type=click.FloatRange(min=0))
     alpha: float = option(1.0, "Weight of the teacher term; 1 - alpha goes to ground truth.")
     attention_weight: float = option(0.0, "Weight W of the attention term: W x MSE between the student's "
                                            "spatial attention map and the teacher's (stored, or live with "
@@ -144,6 +150,12 @@ class TrainConfig:
                                     "so the baseline sees the same batches as offline KD from it (--no-kd: and the "
                                     "store's head size, when larger than the data's classes).", metavar="STORE")
     input_size: int | None = option(None, "Student input size [default: the views' size].", type=click.IntRange(min=1))
+    init: str | None = option(None, "Start the student from these weights: a train-student checkpoint (last.pth / "
+                                    "best.pth), a timm checkpoint or a state dict (.safetensors too). The classifier "
+                                    "is kept when its shape fits, re-initialised otherwise.",
+                              type=click.Path(dir_okay=False), metavar="PATH")
+    pretrained: bool = option(False, "Start the student from timm's pretrained weights, found in the local cache "
+                                     "(HF_HOME); never downloaded. The classifier as for --init.")
     model_kwargs: dict = option(factory=dict, help="Extra timm.create_model argument for the student, e.g. "
                                 "patch_size=4 (repeatable).", multiple=True, metavar="KEY=VALUE", convert=parse_kv)
     num_classes: int | None = option(None, "Student classes; must match the store's.", type=click.IntRange(min=1))

@@ -4,6 +4,14 @@
 - ``kl``: KL(teacher_T || student_T) * T^2, with the teacher's smoothed targets at temperature T.
 - an optional ground-truth term (DeiT's soft form): (1 - alpha) * CE(student, labels) + alpha * KD.
 - ``hard``: DeiT hard distillation, 0.5 * CE(student, labels) + 0.5 * CE(student, teacher top-1).
+- ``dist``: DIST (Huang et al. 2022), T^2 * (beta * (1 - inter) + gamma * (1 - intra)): Pearson
+  correlation of student and teacher probabilities per sample (inter-class) and per class across
+  the batch (intra-class), both at temperature T.
+- ``bce``: binary cross-entropy with logits, each class's teacher probability its target
+  (VanillaKD's ``--bce-loss``; timm's BinaryCrossEntropy), mean over samples and classes.
+The teacher side of soft_ce, kl, dist and bce is the smoothed dense target of
+:func:`tinydistill.targets.dense_targets`: the mass outside the stored top-K is spread evenly
+over the other classes.
 Labels may be soft (mixed views give mixed labels).
 """
 
@@ -31,15 +39,37 @@ def mixed_labels(label: torch.Tensor, partner_label: torch.Tensor, lam: torch.Te
     return a * lam + b * (1 - lam)
 
 
+def pearson(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Pearson correlation of the rows of ``a`` and ``b`` [n, d] -> [n]."""
+    a = a - a.mean(-1, keepdim=True)
+    b = b - b.mean(-1, keepdim=True)
+    return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1) + eps)
+
+
+def dist_loss(logits: torch.Tensor, target: torch.Tensor, temperature: float = 1.0, beta: float = 1.0,
+              gamma: float = 1.0) -> torch.Tensor:
+    """DIST against teacher probabilities ``target`` [B, C] (already at the temperature):
+    relations, not values, so a student need not match a much stronger teacher exactly."""
+    student = F.softmax(logits.float() / temperature, dim=-1)
+    inter = 1 - pearson(student, target).mean()
+    intra = 1 - pearson(student.t(), target.t()).mean()
+    return temperature**2 * (beta * inter + gamma * intra)
+
+
+LOSSES = ("soft_ce", "kl", "hard", "dist", "bce")
+
+
 class DistillLoss:
     """The student's loss against stored (or online) sparse teacher outputs."""
 
-    def __init__(self, num_classes: int, kind: str = "soft_ce", temperature: float = 1.0, alpha: float = 1.0):
-        if kind not in ("soft_ce", "kl", "hard"):
+    def __init__(self, num_classes: int, kind: str = "soft_ce", temperature: float = 1.0, alpha: float = 1.0,
+                 dist_beta: float = 1.0, dist_gamma: float = 1.0):
+        if kind not in LOSSES:
             raise ValueError(f"unknown distillation loss {kind!r}")
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
         self.num_classes, self.kind, self.t, self.alpha = num_classes, kind, float(temperature), float(alpha)
+        self.beta, self.gamma = float(dist_beta), float(dist_gamma)
 
     @property
     def needs_labels(self) -> bool:
@@ -55,6 +85,10 @@ class DistillLoss:
         if self.kind == "soft_ce":
             return soft_cross_entropy(logits, dense_targets(logp, index, self.num_classes, self.t))
         target = dense_targets(logp, index, self.num_classes, self.t)
+        if self.kind == "dist":
+            return dist_loss(logits, target, self.t, self.beta, self.gamma)
+        if self.kind == "bce":
+            return F.binary_cross_entropy_with_logits(logits.float(), target)
         student = F.log_softmax(logits.float() / self.t, dim=-1)
         return F.kl_div(student, target, reduction="batchmean") * self.t**2
 

@@ -108,21 +108,36 @@ def _views_and_targets(cfg: TrainConfig, source, device="cpu"):
     return store, spec, store.base_seed, store.num_classes, None
 
 
-def create_student(cfg: TrainConfig, num_classes: int, input_size: int):
+def create_student(cfg: TrainConfig, num_classes: int, input_size: int, load_weights: bool = True):
+    """The student, randomly initialised from the seed set before, then (``load_weights``: not
+    on a resume, whose checkpoint replaces them) from ``init`` or timm's ``pretrained`` weights."""
     import timm
+
+    from .weights import load_init, log_pretrained, pretrained_file
 
     arch = cfg.student.split(":", 1)[1] if cfg.student.startswith("timm:") else cfg.student
     if not timm.is_model(arch.split(".")[0]):
         raise TrainError(f"{cfg.student}: unknown student (not a timm model)")
+    if cfg.init and cfg.pretrained:
+        raise TrainError("`init` and `pretrained` exclude each other")
     kw = dict(pretrained=False, num_classes=num_classes, drop_path_rate=cfg.drop_path, **cfg.model_kwargs)
+    if cfg.pretrained and load_weights:  # timm loads the cached file (its own key remapping, head drop)
+        path, classes = pretrained_file(cfg.student, arch)
+        kw.update(pretrained=True, pretrained_cfg_overlay={"file": path})
     try:
         try:
-            return timm.create_model(arch, img_size=input_size, **kw)
+            model = timm.create_model(arch, img_size=input_size, **kw)
         except TypeError:  # models without an img_size argument (CNNs)
-            return timm.create_model(arch, **kw)
-    except (TypeError, ValueError, AssertionError, RuntimeError) as e:
-        raise TrainError(f"{cfg.student}: cannot build with {cfg.model_kwargs or 'default arguments'} "
-                         f"({one_line(e)})") from e
+            model = timm.create_model(arch, **kw)
+    except (TypeError, ValueError, AssertionError, RuntimeError, OSError, KeyError) as e:
+        what = f"its pretrained weights {kw['pretrained_cfg_overlay']['file']}" if kw["pretrained"] else \
+            (cfg.model_kwargs or "default arguments")
+        raise TrainError(f"{cfg.student}: cannot build with {what} ({one_line(e)})") from e
+    if kw["pretrained"]:
+        log_pretrained(arch, path, classes, num_classes)
+    if cfg.init and load_weights:
+        load_init(model, cfg.init, cfg.student)
+    return model
 
 
 def val_labels(source, head_names: list[str], head: str) -> np.ndarray:
@@ -207,7 +222,7 @@ def require_labels(source, needed_by: str) -> None:
     if isinstance(source, WebDatasetSource):
         what += " (webdataset samples without a cls/label member)"
     raise TrainError(f"{source.name}: {what}; {needed_by} needs them (offline KD with the default `alpha` 1 "
-                     "and `loss` soft_ce or kl trains without labels)")
+                     "and `loss` soft_ce, kl, dist or bce trains without labels)")
 
 
 def _labels_needed_by(cfg: TrainConfig, two_heads: bool) -> str:
@@ -373,7 +388,7 @@ def _build(cfg: TrainConfig) -> tuple[_Run, int, dict | None, dict | None]:
     input_size = cfg.input_size or spec.img_size
 
     torch.manual_seed(cfg.seed)
-    model = create_student(cfg, num_classes, input_size)  # the same initial weights on every rank
+    model = create_student(cfg, num_classes, input_size, load_weights=ck is None)  # the same on every rank
     checkpoint.seed_rng(cfg.seed + rank)  # training draws (drop-path masks) differ across ranks, as in timm
     data_cfg = resolve_data_config({}, model=model)
     distilled = hasattr(model, "set_distilled_training")
@@ -391,7 +406,8 @@ def _build(cfg: TrainConfig) -> tuple[_Run, int, dict | None, dict | None]:
     # after the EMA copy: the student's attention hooks stay on the trained model
     targets, attention, tap = target_provider(cfg, store, teacher, model, num_classes, device)
     objective = Objective(None if cfg.no_kd else
-                          DistillLoss(num_classes, kind=cfg.loss, temperature=cfg.temperature, alpha=cfg.alpha),
+                          DistillLoss(num_classes, kind=cfg.loss, temperature=cfg.temperature, alpha=cfg.alpha,
+                                      dist_beta=cfg.dist_beta, dist_gamma=cfg.dist_gamma),
                           terms=[(cfg.attention_weight, attention)] if attention is not None else None)
     use_labels = objective.needs_labels(two_heads=distilled)  # pure distillation trains on unlabeled data
     if use_labels:
