@@ -139,25 +139,16 @@ def state_dict_digest(model: torch.nn.Module) -> str:
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    p = Path(path)
-    if not p.is_file():
-        raise TeacherError(f"{path}: teacher weights file not found")
-    try:
-        if p.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    """A teacher's weights file as a state dict (a checkpoint's ``state_dict``, ``model`` or
+    ``model_ema`` taken out of it)."""
+    from .weights import read_file, tensors_only
 
-            sd = load_file(str(p))
-        else:
-            sd = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise TeacherError(f"{path}: cannot load teacher weights ({one_line(e)})") from e
+    sd = read_file(path, TeacherError, "teacher weights", verb="load")
     for key in ("state_dict", "model", "model_ema"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
             break
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise TeacherError(f"{path}: not a state_dict of tensors")
-    return {k.removeprefix("module."): v for k, v in sd.items()}
+    return tensors_only(sd, path, TeacherError)
 
 
 def resolve_name(name: str) -> tuple[str, str]:

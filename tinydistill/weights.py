@@ -27,23 +27,35 @@ def _classifiers(model) -> list[str]:
     return list(clf) if isinstance(clf, (list, tuple)) else [clf]
 
 
+def read_file(path: str | Path, error: type[Exception], role: str, verb: str = "read"):
+    """What a weights file holds (``.safetensors``, or a torch file read with
+    ``weights_only``); a missing or unreadable file is ``error`` naming ``path`` and ``role``."""
+    p = Path(path)
+    if not p.is_file():
+        raise error(f"{path}: {role} file not found")
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(p))
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise error(f"{path}: cannot {verb} {role} ({one_line(e)})") from e
+
+
+def tensors_only(sd, path: str | Path, error: type[Exception]) -> dict[str, torch.Tensor]:
+    """``sd`` as a state dict of tensors with DDP's ``module.`` prefix removed, or ``error``."""
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise error(f"{path}: not a state dict of tensors (nor a checkpoint holding one)")
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
 def read_state_dict(path: str) -> tuple[dict[str, torch.Tensor], str]:
     """(state dict, what it is) from ``path``. A train-student checkpoint gives the weights it
     scored as its best: the EMA's when its last validation rated the EMA higher (its
     ``ema_val_top1`` above ``val_top1``), else the trained model's. A timm checkpoint gives its
     ``state_dict`` (or ``model``)."""
-    p = Path(path)
-    if not p.is_file():
-        raise TrainError(f"{path}: `init` weights file not found")
-    try:
-        if p.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            ck = load_file(str(p))
-        else:
-            ck = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise TrainError(f"{path}: cannot read `init` weights ({one_line(e)})") from e
+    ck = read_file(path, TrainError, "`init` weights")
     what = "state dict"
     if isinstance(ck, dict) and isinstance(ck.get("model"), dict) and "config" in ck and "step" in ck:
         row = ck.get("metrics") or {}
@@ -55,9 +67,7 @@ def read_state_dict(path: str) -> tuple[dict[str, torch.Tensor], str]:
             if isinstance(ck, dict) and isinstance(ck.get(key), dict):
                 ck, what = ck[key], f"checkpoint's {key!r}"
                 break
-    if not isinstance(ck, dict) or not ck or not all(isinstance(v, torch.Tensor) for v in ck.values()):
-        raise TrainError(f"{path}: not a state dict of tensors (nor a checkpoint holding one)")
-    return {k.removeprefix("module."): v for k, v in ck.items()}, what
+    return tensors_only(ck, path, TrainError), what
 
 
 def load_init(model, path: str, student: str) -> None:
